@@ -1,0 +1,874 @@
+// The client crate's own targets declare a raised recursion limit: its deeply
+// nested futures need one in every crate that awaits them.
+#![recursion_limit = "512"]
+
+//! Golden captures from a real third-party RocketMQ client.
+//!
+//! `rust_client_bytes_decode_with_our_codec` starts a loopback TCP server that
+//! plays both nameserver and broker (`broker-a` at the same address), records
+//! every byte each accepted connection sends, decodes the frames live with our
+//! `RemotingCodec`, and answers just enough for a real `DefaultMQProducer`
+//! (`rocketmq-client-rust` 1.0.0) to send a few messages and a real
+//! `DefaultMQPushConsumer` to heartbeat, rebalance and pull. Afterwards every
+//! captured byte stream is decoded again from scratch: it must split into
+//! whole frames with no error and no leftover bytes.
+//!
+//! With `ROCKETMESH_WRITE_CAPTURES=1` the producer-side and consumer-side
+//! captures are written to `tests/data/`; `committed_captures_decode` checks
+//! those files when they exist.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio_util::codec::{Decoder, Framed};
+
+use rocketmesh::remoting::{RemotingCodec, RemotingCommand, RequestCode, ResponseCode};
+
+use rocketmq_client_rust::{
+    ClientConfig, ClientResult, ClientRuntime, ClientRuntimeConfig, ConsumeConcurrentlyContext,
+    ConsumeConcurrentlyStatus, DefaultMQProducer, DefaultMQPushConsumer, MQPushConsumer,
+    MessageListenerConcurrently,
+};
+use rocketmq_model::common::consumer::consume_from_where::ConsumeFromWhere;
+use rocketmq_model::common::message::message_ext::MessageExt;
+use rocketmq_model::common::message::message_single::Message;
+use rocketmq_protocol::protocol::heartbeat::message_model::MessageModel;
+use rocketmq_runtime::{RuntimeConfig, RuntimeOwner};
+
+const TOPIC: &str = "GoldenTopic";
+const PRODUCER_GROUP: &str = "golden_producer_group";
+const CONSUMER_GROUP: &str = "golden_consumer_group";
+const BROKER_NAME: &str = "broker-a";
+const CLUSTER_NAME: &str = "DefaultCluster";
+const QUEUE_NUMS: u32 = 4;
+const MESSAGE_COUNT: usize = 5;
+
+/// Protocol delay before a pull is answered with PULL_NOT_FOUND, like a broker
+/// whose long-polling window ends without a message. Not synchronisation.
+const PULL_HOLD: Duration = Duration::from_millis(200);
+/// Upper bound for the whole client conversation.
+const CONVERSATION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Upper bound for one client shutdown, and for the client to close its sockets.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
+
+const PRODUCER_CAPTURE: &str = "tests/data/rust-client-producer.bin";
+const CONSUMER_CAPTURE: &str = "tests/data/rust-client-push-consumer.bin";
+
+// Request codes (checked against our `RequestCode` constants in `codes_match_our_constants`).
+const SEND_MESSAGE: i32 = 10;
+const PULL_MESSAGE: i32 = 11;
+const QUERY_CONSUMER_OFFSET: i32 = 14;
+const UPDATE_CONSUMER_OFFSET: i32 = 15;
+const SEARCH_OFFSET_BY_TIMESTAMP: i32 = 29;
+const GET_MAX_OFFSET: i32 = 30;
+const GET_MIN_OFFSET: i32 = 31;
+const HEART_BEAT: i32 = 34;
+const UNREGISTER_CLIENT: i32 = 35;
+const GET_CONSUMER_LIST_BY_GROUP: i32 = 38;
+const GET_ROUTEINFO_BY_TOPIC: i32 = 105;
+const SEND_MESSAGE_V2: i32 = 310;
+const SEND_BATCH_MESSAGE: i32 = 320;
+
+// Response codes.
+const SUCCESS: i32 = 0;
+const REQUEST_CODE_NOT_SUPPORTED: i32 = 3;
+const PULL_NOT_FOUND: i32 = 19;
+
+/// Which client a connection belongs to: the side that was running when the
+/// server accepted it (the producer runs alone first, then the consumer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Producer,
+    Consumer,
+}
+
+/// Everything one accepted connection sent, in order.
+struct ConnCapture {
+    side: Side,
+    peer: SocketAddr,
+    bytes: Arc<Mutex<Vec<u8>>>,
+    /// Set when our codec failed on the live stream.
+    live_error: Arc<Mutex<Option<String>>>,
+}
+
+/// What the server has seen so far; waiters watch it.
+#[derive(Debug, Default, Clone)]
+struct Progress {
+    /// Request code -> number of requests, over all connections.
+    codes: BTreeMap<i32, usize>,
+    /// Connections accepted and not yet closed by the client.
+    open: usize,
+}
+
+struct Server {
+    addr: SocketAddr,
+    side: Mutex<Side>,
+    captures: Mutex<Vec<ConnCapture>>,
+    /// Consumer group -> client IDs announced in heartbeats.
+    consumers: Mutex<BTreeMap<String, BTreeSet<String>>>,
+    next_queue_offset: AtomicI64,
+    progress: watch::Sender<Progress>,
+    stop: watch::Sender<bool>,
+}
+
+/// A read half that appends every byte it yields to a shared log.
+struct Recording<S> {
+    inner: S,
+    log: Arc<Mutex<Vec<u8>>>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Recording<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            let fresh = &buf.filled()[before..];
+            self.log.lock().unwrap().extend_from_slice(fresh);
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Recording<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// How the server answers one request.
+enum Reply {
+    None,
+    Now(RemotingCommand),
+    After(Duration, RemotingCommand),
+}
+
+impl Server {
+    async fn start() -> (Arc<Server>, tokio::task::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = Arc::new(Server {
+            addr,
+            side: Mutex::new(Side::Producer),
+            captures: Mutex::new(Vec::new()),
+            consumers: Mutex::new(BTreeMap::new()),
+            next_queue_offset: AtomicI64::new(0),
+            progress: watch::channel(Progress::default()).0,
+            stop: watch::channel(false).0,
+        });
+        let acceptor = tokio::spawn(Arc::clone(&server).accept_loop(listener));
+        (server, acceptor)
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    eprintln!("golden server: accept failed: {error}");
+                    continue;
+                }
+            };
+            let bytes = Arc::new(Mutex::new(Vec::new()));
+            let live_error = Arc::new(Mutex::new(None));
+            let side = *self.side.lock().unwrap();
+            self.captures.lock().unwrap().push(ConnCapture {
+                side,
+                peer,
+                bytes: Arc::clone(&bytes),
+                live_error: Arc::clone(&live_error),
+            });
+            self.progress.send_modify(|p| p.open += 1);
+            tokio::spawn(Arc::clone(&self).serve_connection(stream, bytes, live_error));
+        }
+    }
+
+    async fn serve_connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        bytes: Arc<Mutex<Vec<u8>>>,
+        live_error: Arc<Mutex<Option<String>>>,
+    ) {
+        let recording = Recording {
+            inner: stream,
+            log: bytes,
+        };
+        let (mut sink, mut frames) = Framed::new(recording, RemotingCodec::default()).split();
+        let (reply_tx, mut reply_rx) = mpsc::unbounded_channel::<RemotingCommand>();
+        // Responses go through one writer so that delayed pull answers do not
+        // hold up the other requests multiplexed on this connection.
+        let writer = tokio::spawn(async move {
+            while let Some(response) = reply_rx.recv().await {
+                if let Err(error) = sink.send(response).await {
+                    eprintln!("golden server: write failed: {error}");
+                    break;
+                }
+            }
+        });
+        let mut stop = self.stop.subscribe();
+        loop {
+            let next = tokio::select! {
+                next = frames.next() => next,
+                _ = stop.wait_for(|stopped| *stopped) => break,
+            };
+            let request = match next {
+                None => break,
+                Some(Ok(request)) => request,
+                Some(Err(error)) => {
+                    *live_error.lock().unwrap() = Some(error.to_string());
+                    break;
+                }
+            };
+            let reply = self.answer(&request);
+            self.progress
+                .send_modify(|p| *p.codes.entry(request.code).or_default() += 1);
+            match reply {
+                Reply::None => {}
+                Reply::Now(response) => {
+                    let _ = reply_tx.send(response);
+                }
+                Reply::After(delay, response) => {
+                    let reply_tx = reply_tx.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        let _ = reply_tx.send(response);
+                    });
+                }
+            }
+        }
+        drop(reply_tx);
+        self.progress.send_modify(|p| p.open -= 1);
+        // The writer ends once the pending delayed replies are sent or dropped.
+        let _ = tokio::time::timeout(PULL_HOLD * 5, writer).await;
+    }
+
+    fn answer(&self, request: &RemotingCommand) -> Reply {
+        let oneway = request.is_oneway();
+        // Side effects first: a oneway heartbeat still registers its client.
+        if request.code == HEART_BEAT {
+            self.register_heartbeat(&request.body);
+        }
+        if oneway {
+            return Reply::None;
+        }
+        match request.code {
+            GET_ROUTEINFO_BY_TOPIC => {
+                let mut response = RemotingCommand::response_to(request, SUCCESS);
+                response.body = self.route_json().into();
+                Reply::Now(response)
+            }
+            HEART_BEAT | UNREGISTER_CLIENT | UPDATE_CONSUMER_OFFSET => {
+                Reply::Now(RemotingCommand::response_to(request, SUCCESS))
+            }
+            SEND_MESSAGE | SEND_MESSAGE_V2 | SEND_BATCH_MESSAGE => {
+                Reply::Now(self.send_response(request))
+            }
+            GET_CONSUMER_LIST_BY_GROUP => {
+                let group = request
+                    .ext_fields
+                    .get("consumerGroup")
+                    .cloned()
+                    .unwrap_or_default();
+                let ids: Vec<String> = self
+                    .consumers
+                    .lock()
+                    .unwrap()
+                    .get(&group)
+                    .map(|ids| ids.iter().cloned().collect())
+                    .unwrap_or_default();
+                let mut response = RemotingCommand::response_to(request, SUCCESS);
+                response.body = serde_json::to_vec(&serde_json::json!({ "consumerIdList": ids }))
+                    .unwrap()
+                    .into();
+                Reply::Now(response)
+            }
+            QUERY_CONSUMER_OFFSET
+            | GET_MAX_OFFSET
+            | GET_MIN_OFFSET
+            | SEARCH_OFFSET_BY_TIMESTAMP => {
+                let mut response = RemotingCommand::response_to(request, SUCCESS);
+                response.ext_fields.insert("offset".into(), "0".into());
+                Reply::Now(response)
+            }
+            PULL_MESSAGE => {
+                let mut response = RemotingCommand::response_to(request, PULL_NOT_FOUND);
+                for (key, value) in [
+                    ("suggestWhichBrokerId", "0"),
+                    ("nextBeginOffset", "0"),
+                    ("minOffset", "0"),
+                    ("maxOffset", "0"),
+                ] {
+                    response.ext_fields.insert(key.into(), value.into());
+                }
+                response.remark = Some("NO_MESSAGE_IN_QUEUE".into());
+                Reply::After(PULL_HOLD, response)
+            }
+            other => {
+                let mut response =
+                    RemotingCommand::response_to(request, REQUEST_CODE_NOT_SUPPORTED);
+                response.remark = Some(format!(" request type {other} not supported"));
+                Reply::Now(response)
+            }
+        }
+    }
+
+    /// Remembers the client ID of every consumer group named in a heartbeat.
+    fn register_heartbeat(&self, body: &[u8]) {
+        let Ok(heartbeat) = serde_json::from_slice::<serde_json::Value>(body) else {
+            eprintln!(
+                "golden server: heartbeat body is not JSON: {}",
+                String::from_utf8_lossy(body)
+            );
+            return;
+        };
+        let Some(client_id) = heartbeat.get("clientID").and_then(|id| id.as_str()) else {
+            return;
+        };
+        let groups = heartbeat
+            .get("consumerDataSet")
+            .and_then(|set| set.as_array())
+            .into_iter()
+            .flatten()
+            .filter_map(|consumer| consumer.get("groupName").and_then(|g| g.as_str()));
+        let mut consumers = self.consumers.lock().unwrap();
+        for group in groups {
+            consumers
+                .entry(group.to_string())
+                .or_default()
+                .insert(client_id.to_string());
+        }
+    }
+
+    /// Java-namesrv-shaped route: every topic lives on `broker-a`, which is us.
+    fn route_json(&self) -> Vec<u8> {
+        let route = serde_json::json!({
+            "brokerDatas": [{
+                "brokerAddrs": { "0": self.addr.to_string() },
+                "brokerName": BROKER_NAME,
+                "cluster": CLUSTER_NAME,
+                "enableActingMaster": false,
+            }],
+            "filterServerTable": {},
+            "queueDatas": [{
+                "brokerName": BROKER_NAME,
+                "perm": 6,
+                "readQueueNums": QUEUE_NUMS,
+                "topicSysFlag": 0,
+                "writeQueueNums": QUEUE_NUMS,
+            }],
+        });
+        serde_json::to_vec(&route).unwrap()
+    }
+
+    fn send_response(&self, request: &RemotingCommand) -> RemotingCommand {
+        // SEND_MESSAGE_V2 / SEND_BATCH_MESSAGE abbreviate queueId as "e".
+        let queue_id = request
+            .ext_fields
+            .get("queueId")
+            .or_else(|| request.ext_fields.get("e"))
+            .cloned()
+            .unwrap_or_else(|| "0".to_string());
+        let queue_offset = self.next_queue_offset.fetch_add(1, Ordering::Relaxed);
+        let mut response = RemotingCommand::response_to(request, SUCCESS);
+        let fields = &mut response.ext_fields;
+        fields.insert("msgId".into(), self.offset_msg_id(queue_offset));
+        fields.insert("queueId".into(), queue_id);
+        fields.insert("queueOffset".into(), queue_offset.to_string());
+        fields.insert("MSG_REGION".into(), "DefaultRegion".into());
+        response
+    }
+
+    /// Java's offset message ID: store host IPv4 and port, then commit-log offset, in hex.
+    fn offset_msg_id(&self, offset: i64) -> String {
+        let ip = match self.addr.ip() {
+            std::net::IpAddr::V4(ip) => ip.octets(),
+            std::net::IpAddr::V6(_) => [127, 0, 0, 1],
+        };
+        let mut raw = Vec::with_capacity(16);
+        raw.extend_from_slice(&ip);
+        raw.extend_from_slice(&i32::from(self.addr.port()).to_be_bytes());
+        raw.extend_from_slice(&(offset * 256).to_be_bytes());
+        hex::encode_upper(raw)
+    }
+
+    fn progress(&self) -> Progress {
+        self.progress.borrow().clone()
+    }
+
+    /// Waits, bounded, until the client has closed every connection accepted so far.
+    async fn wait_all_closed(&self, what: &str) -> bool {
+        let mut rx = self.progress.subscribe();
+        let closed = tokio::time::timeout(SHUTDOWN_TIMEOUT, rx.wait_for(|p| p.open == 0)).await;
+        if closed.is_err() {
+            eprintln!(
+                "golden server: {what}: {} connection(s) still open after {SHUTDOWN_TIMEOUT:?}",
+                self.progress().open
+            );
+        }
+        closed.is_ok()
+    }
+}
+
+/// Decodes one connection's byte stream (or several whole streams back to
+/// back) with a fresh codec. Every byte must belong to a whole frame.
+fn decode_all(stream: &[u8]) -> Result<Vec<RemotingCommand>, String> {
+    let mut codec = RemotingCodec::default();
+    let mut buf = BytesMut::from(stream);
+    let mut frames = Vec::new();
+    loop {
+        match codec.decode(&mut buf) {
+            Ok(Some(frame)) => frames.push(frame),
+            Ok(None) => break,
+            Err(error) => {
+                return Err(format!(
+                    "decode error after {} frame(s) at byte {}: {error}",
+                    frames.len(),
+                    stream.len() - buf.len()
+                ));
+            }
+        }
+    }
+    if !buf.is_empty() {
+        return Err(format!(
+            "{} leftover byte(s) after {} frame(s)",
+            buf.len(),
+            frames.len()
+        ));
+    }
+    Ok(frames)
+}
+
+fn count_codes(frames: &[RemotingCommand]) -> BTreeMap<i32, usize> {
+    let mut codes = BTreeMap::new();
+    for frame in frames {
+        *codes.entry(frame.code).or_default() += 1;
+    }
+    codes
+}
+
+fn format_codes(codes: &BTreeMap<i32, usize>) -> String {
+    codes
+        .iter()
+        .map(|(code, count)| format!("{code}x{count}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Checks the frames a client sent: all requests, and the codes `required`
+/// (each inner slice is a set of alternatives) are present.
+fn check_client_frames(
+    name: &str,
+    frames: &[RemotingCommand],
+    required: &[&[i32]],
+) -> BTreeMap<i32, usize> {
+    for (index, frame) in frames.iter().enumerate() {
+        assert!(
+            !frame.is_response(),
+            "{name}: frame #{index} (code {}) is a response, but the client only sends requests",
+            frame.code
+        );
+    }
+    let codes = count_codes(frames);
+    for alternatives in required {
+        assert!(
+            alternatives.iter().any(|code| codes.contains_key(code)),
+            "{name}: none of the request codes {alternatives:?} was seen; codes: {}",
+            format_codes(&codes)
+        );
+    }
+    codes
+}
+
+const PRODUCER_REQUIRED: &[&[i32]] = &[&[GET_ROUTEINFO_BY_TOPIC], &[SEND_MESSAGE_V2, SEND_MESSAGE]];
+const CONSUMER_REQUIRED: &[&[i32]] = &[
+    &[GET_ROUTEINFO_BY_TOPIC],
+    &[HEART_BEAT],
+    &[GET_CONSUMER_LIST_BY_GROUP],
+    &[PULL_MESSAGE],
+];
+
+/// The client runtime, its owner and its telemetry, torn down together.
+struct ClientHarness {
+    owner: RuntimeOwner,
+    runtime: Arc<ClientRuntime>,
+    telemetry: rocketmq_observability::TelemetryRuntimeGuard,
+}
+
+impl ClientHarness {
+    fn start() -> ClientHarness {
+        let mut config = RuntimeConfig {
+            thread_name: "golden-client".to_string(),
+            worker_threads: 2,
+            ..Default::default()
+        };
+        // Push-consumer listeners run on the metadata-io blocking lane; its
+        // default queue depth (16 on two cores) is known to reject under load.
+        config.blocking_lane_policies.metadata_io.max_queue_depth = 1024;
+        let owner = RuntimeOwner::plan(config).unwrap().build().unwrap();
+
+        // Keep the client quiet unless asked: ROCKETMESH_CLIENT_LOG=info etc.
+        let mut telemetry_config = rocketmq_observability::TelemetryBootstrapConfig::default();
+        telemetry_config.logging.filter =
+            std::env::var("ROCKETMESH_CLIENT_LOG").unwrap_or_else(|_| "warn".to_string());
+        telemetry_config.logging.console.ansi = false;
+        let telemetry = rocketmq_observability::install_global(&telemetry_config).unwrap();
+
+        let runtime = ClientRuntime::try_new(
+            owner.root_context().component("golden-client"),
+            ClientRuntimeConfig {
+                // Twice the default share of the process budget.
+                managed_memory_numerator: 1,
+                managed_memory_denominator: 2,
+                ..Default::default()
+            },
+            telemetry.handle(),
+        )
+        .unwrap();
+        ClientHarness {
+            owner,
+            runtime,
+            telemetry,
+        }
+    }
+
+    async fn shutdown(self) {
+        let client = self.runtime.shutdown().await;
+        if !client.is_healthy() {
+            eprintln!("client runtime shutdown: {}", client.to_json());
+        }
+        let tasks = self.owner.shutdown_tasks().await;
+        if !tasks.is_healthy() {
+            eprintln!("client runtime owner tasks: {}", tasks.to_json());
+        }
+        let background = self.owner.shutdown_background();
+        if !background.is_healthy() {
+            eprintln!("client runtime owner background: {}", background.to_json());
+        }
+        let telemetry = self.telemetry.shutdown();
+        if !telemetry.is_healthy() {
+            eprintln!("client telemetry: {}", telemetry.to_json());
+        }
+    }
+}
+
+fn client_config(server: SocketAddr, instance_name: &str) -> ClientConfig {
+    ClientConfig::builder()
+        .namesrv_addr(server.to_string())
+        // Fixed identity: keeps the host's address out of committed captures
+        // and gives producer and consumer separate client instances.
+        .client_ip("127.0.0.1")
+        .instance_name(instance_name)
+        .build()
+        .unwrap()
+}
+
+struct IgnoreMessages;
+
+impl MessageListenerConcurrently for IgnoreMessages {
+    fn consume_message(
+        &self,
+        _msgs: &[&MessageExt],
+        _context: &ConsumeConcurrentlyContext,
+    ) -> ClientResult<ConsumeConcurrentlyStatus> {
+        Ok(ConsumeConcurrentlyStatus::ConsumeSuccess)
+    }
+}
+
+async fn bounded<F: std::future::Future>(what: &str, limit: Duration, future: F) -> F::Output {
+    match tokio::time::timeout(limit, future).await {
+        Ok(output) => output,
+        Err(_) => panic!("{what} did not finish within {limit:?}"),
+    }
+}
+
+/// Concatenated raw bytes of one side's connections, plus the per-connection streams.
+fn side_streams(server: &Server, side: Side) -> Vec<(SocketAddr, Vec<u8>, Option<String>)> {
+    server
+        .captures
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|capture| capture.side == side)
+        .map(|capture| {
+            (
+                capture.peer,
+                capture.bytes.lock().unwrap().clone(),
+                capture.live_error.lock().unwrap().clone(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_client_bytes_decode_with_our_codec() {
+    let (server, acceptor) = Server::start().await;
+    let harness = ClientHarness::start();
+    let addr = server.addr;
+
+    // Phase 1: a producer sends a few messages, then shuts down.
+    let mut producer = DefaultMQProducer::builder(harness.runtime.clone())
+        .client_config(client_config(addr, "golden-producer"))
+        .producer_group(PRODUCER_GROUP)
+        .send_msg_timeout(3000)
+        .build();
+    bounded("producer start", CONVERSATION_TIMEOUT, producer.start())
+        .await
+        .unwrap();
+    for index in 0..MESSAGE_COUNT {
+        let message = Message::builder()
+            .topic(TOPIC)
+            .tags(if index % 2 == 0 { "TagA" } else { "TagB" })
+            .key(format!("golden-key-{index}"))
+            .body_slice(format!("golden message {index}").as_bytes())
+            .build()
+            .unwrap();
+        let result = bounded(
+            "producer send",
+            CONVERSATION_TIMEOUT,
+            producer.send(message),
+        )
+        .await
+        .unwrap_or_else(|error| panic!("send #{index} failed: {error}"))
+        .expect("a sync send returns a result");
+        assert_eq!(
+            result.queue_offset, index as u64,
+            "send #{index} came back with another queue offset: {result:?}"
+        );
+    }
+    bounded("producer shutdown", SHUTDOWN_TIMEOUT, producer.shutdown()).await;
+    let producer_closed = server.wait_all_closed("after producer shutdown").await;
+
+    // Phase 2: a push consumer starts and runs until it has heartbeated,
+    // rebalanced and pulled.
+    *server.side.lock().unwrap() = Side::Consumer;
+    let mut consumer = DefaultMQPushConsumer::builder(harness.runtime.clone())
+        .client_config(client_config(addr, "golden-consumer"))
+        .consumer_group(CONSUMER_GROUP)
+        .message_model(MessageModel::Clustering)
+        .consume_from_where(ConsumeFromWhere::ConsumeFromLastOffset)
+        .build();
+    consumer.subscribe(TOPIC, "*").await.unwrap();
+    consumer.register_message_listener_concurrently(IgnoreMessages);
+    bounded("consumer start", CONVERSATION_TIMEOUT, consumer.start())
+        .await
+        .unwrap();
+
+    let mut progress = server.progress.subscribe();
+    let wanted = [
+        &[GET_ROUTEINFO_BY_TOPIC][..],
+        &[HEART_BEAT],
+        &[SEND_MESSAGE_V2, SEND_MESSAGE],
+        &[GET_CONSUMER_LIST_BY_GROUP],
+        &[PULL_MESSAGE],
+    ];
+    let seen_all = tokio::time::timeout(
+        CONVERSATION_TIMEOUT,
+        progress.wait_for(|p| {
+            wanted
+                .iter()
+                .all(|alternatives| alternatives.iter().any(|code| p.codes.contains_key(code)))
+        }),
+    )
+    .await
+    .is_ok();
+    drop(progress);
+
+    bounded("consumer shutdown", SHUTDOWN_TIMEOUT, consumer.shutdown()).await;
+    bounded(
+        "client runtime shutdown",
+        SHUTDOWN_TIMEOUT,
+        harness.shutdown(),
+    )
+    .await;
+    let all_closed = server.wait_all_closed("after client shutdown").await;
+    server.stop.send_replace(true);
+    acceptor.abort();
+
+    let live = server.progress();
+    assert!(
+        seen_all,
+        "the server did not see all of {wanted:?} within {CONVERSATION_TIMEOUT:?}; seen: {}",
+        format_codes(&live.codes)
+    );
+
+    // Re-decode every connection's raw bytes from scratch.
+    let mut summary = Vec::new();
+    let mut languages = BTreeSet::new();
+    let mut versions = BTreeSet::new();
+    let mut serialize_types = BTreeSet::new();
+    let mut side_bytes: BTreeMap<&str, Vec<u8>> = BTreeMap::new();
+    let mut side_frames: BTreeMap<&str, Vec<RemotingCommand>> = BTreeMap::new();
+    for (side, name) in [(Side::Producer, "producer"), (Side::Consumer, "consumer")] {
+        for (index, (peer, stream, live_error)) in
+            side_streams(&server, side).into_iter().enumerate()
+        {
+            assert_eq!(
+                live_error, None,
+                "{name} connection #{index} from {peer}: our codec failed on the live stream"
+            );
+            let frames = decode_all(&stream)
+                .unwrap_or_else(|error| panic!("{name} connection #{index} from {peer}: {error}"));
+            for frame in &frames {
+                languages.insert(format!("{:?}", frame.language));
+                versions.insert(frame.version);
+                serialize_types.insert(format!("{:?}", frame.serialize_type));
+            }
+            summary.push(format!(
+                "  {name} conn #{index}: {} bytes, {} frames: {}",
+                stream.len(),
+                frames.len(),
+                format_codes(&count_codes(&frames))
+            ));
+            side_bytes
+                .entry(name)
+                .or_default()
+                .extend_from_slice(&stream);
+            side_frames.entry(name).or_default().extend(frames);
+        }
+    }
+    let producer_frames = side_frames.remove("producer").unwrap_or_default();
+    let consumer_frames = side_frames.remove("consumer").unwrap_or_default();
+    let producer_codes = check_client_frames("producer", &producer_frames, PRODUCER_REQUIRED);
+    let consumer_codes = check_client_frames("consumer", &consumer_frames, CONSUMER_REQUIRED);
+    let sends = producer_codes.get(&SEND_MESSAGE_V2).copied().unwrap_or(0)
+        + producer_codes.get(&SEND_MESSAGE).copied().unwrap_or(0);
+    assert_eq!(sends, MESSAGE_COUNT, "one send request per message");
+
+    // What the server decoded live must be what the re-decode found.
+    let mut redecoded = producer_codes.clone();
+    for (code, count) in &consumer_codes {
+        *redecoded.entry(*code).or_default() += count;
+    }
+    assert_eq!(
+        redecoded, live.codes,
+        "live decode and re-decode of the captures disagree"
+    );
+
+    println!("golden capture against rocketmq-client-rust 1.0.0 on {addr}:");
+    for line in &summary {
+        println!("{line}");
+    }
+    println!("  producer codes: {}", format_codes(&producer_codes));
+    println!("  consumer codes: {}", format_codes(&consumer_codes));
+    println!("  languages {languages:?}, versions {versions:?}, header types {serialize_types:?}");
+    println!(
+        "  connections closed by the client: after producer {producer_closed}, at end {all_closed}"
+    );
+
+    if std::env::var("ROCKETMESH_WRITE_CAPTURES").as_deref() == Ok("1") {
+        for (name, path) in [
+            ("producer", PRODUCER_CAPTURE),
+            ("consumer", CONSUMER_CAPTURE),
+        ] {
+            let path = manifest_path(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            let bytes = side_bytes.remove(name).unwrap_or_default();
+            std::fs::write(&path, &bytes).unwrap();
+            println!("  wrote {} ({} bytes)", path.display(), bytes.len());
+        }
+    }
+}
+
+fn manifest_path(relative: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+/// The committed captures (written by the test above with
+/// `ROCKETMESH_WRITE_CAPTURES=1`) must keep decoding as the codec evolves.
+#[test]
+fn committed_captures_decode() {
+    for (path, required) in [
+        (PRODUCER_CAPTURE, PRODUCER_REQUIRED),
+        (CONSUMER_CAPTURE, CONSUMER_REQUIRED),
+    ] {
+        let path = manifest_path(path);
+        let Ok(bytes) = std::fs::read(&path) else {
+            println!("{} not present, skipped", path.display());
+            continue;
+        };
+        assert!(!bytes.is_empty(), "{} is empty", path.display());
+        let frames =
+            decode_all(&bytes).unwrap_or_else(|error| panic!("{}: {error}", path.display()));
+        let codes = check_client_frames(&path.display().to_string(), &frames, required);
+        println!(
+            "{}: {} bytes, {} frames: {}",
+            path.display(),
+            bytes.len(),
+            frames.len(),
+            format_codes(&codes)
+        );
+    }
+}
+
+/// The request codes this test hard-codes are the ones our codec names.
+#[test]
+fn codes_match_our_constants() {
+    let pairs = [
+        (RequestCode::SEND_MESSAGE.0, SEND_MESSAGE),
+        (RequestCode::PULL_MESSAGE.0, PULL_MESSAGE),
+        (RequestCode::QUERY_CONSUMER_OFFSET.0, QUERY_CONSUMER_OFFSET),
+        (
+            RequestCode::UPDATE_CONSUMER_OFFSET.0,
+            UPDATE_CONSUMER_OFFSET,
+        ),
+        (
+            RequestCode::SEARCH_OFFSET_BY_TIMESTAMP.0,
+            SEARCH_OFFSET_BY_TIMESTAMP,
+        ),
+        (RequestCode::GET_MAX_OFFSET.0, GET_MAX_OFFSET),
+        (RequestCode::GET_MIN_OFFSET.0, GET_MIN_OFFSET),
+        (RequestCode::HEART_BEAT.0, HEART_BEAT),
+        (RequestCode::UNREGISTER_CLIENT.0, UNREGISTER_CLIENT),
+        (
+            RequestCode::GET_CONSUMER_LIST_BY_GROUP.0,
+            GET_CONSUMER_LIST_BY_GROUP,
+        ),
+        (
+            RequestCode::GET_ROUTEINFO_BY_TOPIC.0,
+            GET_ROUTEINFO_BY_TOPIC,
+        ),
+        (RequestCode::SEND_MESSAGE_V2.0, SEND_MESSAGE_V2),
+        (RequestCode::SEND_BATCH_MESSAGE.0, SEND_BATCH_MESSAGE),
+        (ResponseCode::SUCCESS.0, SUCCESS),
+        (
+            ResponseCode::REQUEST_CODE_NOT_SUPPORTED.0,
+            REQUEST_CODE_NOT_SUPPORTED,
+        ),
+        (ResponseCode::PULL_NOT_FOUND.0, PULL_NOT_FOUND),
+    ];
+    for (ours, here) in pairs {
+        assert_eq!(ours, here);
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_bytes_body(command: &RemotingCommand) -> &Bytes {
+    &command.body
+}
