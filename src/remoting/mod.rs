@@ -5,11 +5,13 @@
 pub mod body;
 pub mod code;
 pub mod command;
+pub mod extra_info;
 pub mod fastjson;
 pub mod frame;
 pub mod header;
 pub mod header_binary;
 pub mod header_json;
+pub mod message;
 
 pub use code::{LanguageCode, RequestCode, ResponseCode};
 pub use command::{ExtFields, FLAG_ONEWAY, FLAG_RESPONSE, RemotingCommand, SerializeType};
