@@ -1,1 +1,38 @@
-fn main() {}
+//! The `rocketmesh` command.
+
+mod cli;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "rocketmesh", version, about = "A service-mesh sidecar and toolkit for Apache RocketMQ")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Decode a raw remoting byte stream (a TCP capture) into one JSON object per frame.
+    Decode(cli::decode::DecodeArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Decode(args) => match cli::decode::run(&args) {
+            Ok(summary) => {
+                eprintln!("decoded {} frames, {} errors", summary.frames, summary.errors);
+                if summary.errors == 0 {
+                    std::process::ExitCode::SUCCESS
+                } else {
+                    std::process::ExitCode::from(1)
+                }
+            }
+            Err(error) => {
+                eprintln!("rocketmesh decode: {error:#}");
+                std::process::ExitCode::from(2)
+            }
+        },
+    }
+}

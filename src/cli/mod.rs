@@ -1,0 +1,3 @@
+//! Command-line wiring: each subcommand parses its arguments and calls into the library.
+
+pub mod decode;
