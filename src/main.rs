@@ -5,7 +5,11 @@ mod cli;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "rocketmesh", version, about = "A service-mesh sidecar and toolkit for Apache RocketMQ")]
+#[command(
+    name = "rocketmesh",
+    version,
+    about = "A service-mesh sidecar and toolkit for Apache RocketMQ"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -22,7 +26,10 @@ fn main() -> std::process::ExitCode {
     match cli.command {
         Command::Decode(args) => match cli::decode::run(&args) {
             Ok(summary) => {
-                eprintln!("decoded {} frames, {} errors", summary.frames, summary.errors);
+                eprintln!(
+                    "decoded {} frames, {} errors",
+                    summary.frames, summary.errors
+                );
                 if summary.errors == 0 {
                     std::process::ExitCode::SUCCESS
                 } else {

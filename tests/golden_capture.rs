@@ -40,6 +40,9 @@ use rocketmesh::remoting::header::{
     SendMessageRequestHeader, SendMessageRequestHeaderV2, SendMessageResponseHeader,
     UnregisterClientRequestHeader, UpdateConsumerOffsetRequestHeader,
 };
+use rocketmesh::remoting::message::{
+    OffsetMessageId, Properties, UniqKey, decode_batch, parse_properties, property,
+};
 use rocketmesh::remoting::{
     CommandHeader, RemotingCodec, RemotingCommand, RequestCode, ResponseCode,
 };
@@ -181,8 +184,9 @@ impl Server {
             let (stream, peer) = match listener.accept().await {
                 Ok(accepted) => accepted,
                 Err(error) => {
+                    // The client then fails to connect and the test reports it.
                     eprintln!("golden server: accept failed: {error}");
-                    continue;
+                    return;
                 }
             };
             let bytes = Arc::new(Mutex::new(Vec::new()));
@@ -384,17 +388,13 @@ impl Server {
         }
     }
 
-    /// Java's offset message ID: store host IPv4 and port, then commit-log offset, in hex.
+    /// The broker-style message id of a message stored at `offset` on this server.
     fn offset_msg_id(&self, offset: i64) -> String {
-        let ip = match self.addr.ip() {
-            std::net::IpAddr::V4(ip) => ip.octets(),
-            std::net::IpAddr::V6(_) => [127, 0, 0, 1],
-        };
-        let mut raw = Vec::with_capacity(16);
-        raw.extend_from_slice(&ip);
-        raw.extend_from_slice(&i32::from(self.addr.port()).to_be_bytes());
-        raw.extend_from_slice(&(offset * 256).to_be_bytes());
-        hex::encode_upper(raw)
+        OffsetMessageId {
+            store_host: self.addr,
+            commit_log_offset: offset * 256,
+        }
+        .to_string()
     }
 
     fn progress(&self) -> Progress {
@@ -465,35 +465,78 @@ fn has_any(codes: &BTreeMap<i32, usize>, alternatives: &[RequestCode]) -> bool {
     alternatives.iter().any(|code| codes.contains_key(&code.0))
 }
 
-/// Reads the typed header (and JSON body) of a request whose code we model,
-/// so the captures also pin down the field names and value formats the
-/// client uses.
+/// Reads the typed header, and the JSON or message body, of a request whose
+/// code we model, so the captures also pin down the field names and value
+/// formats the client uses.
 fn check_typed_parts(frame: &RemotingCommand) -> Result<(), String> {
-    fn header<H: CommandHeader>(frame: &RemotingCommand) -> Result<(), String> {
+    fn header<H: CommandHeader>(frame: &RemotingCommand) -> Result<H, String> {
         frame
             .decode_header::<H>()
-            .map(drop)
             .map_err(|error| error.to_string())
     }
+    /// What every message the producer sends carries.
+    fn message_properties(properties: &Properties) -> Result<(), String> {
+        let uniq_key = properties
+            .get(property::UNIQ_KEY)
+            .ok_or("no UNIQ_KEY property")?;
+        uniq_key
+            .parse::<UniqKey>()
+            .map_err(|error| error.to_string())?;
+        for key in [property::TAGS, property::KEYS] {
+            if !properties.contains_key(key) {
+                return Err(format!("no {key} property in {properties:?}"));
+            }
+        }
+        Ok(())
+    }
     match frame.request_code() {
-        RequestCode::GET_ROUTEINFO_BY_TOPIC => header::<GetRouteInfoRequestHeader>(frame),
-        RequestCode::SEND_MESSAGE => header::<SendMessageRequestHeader>(frame),
-        RequestCode::SEND_MESSAGE_V2 | RequestCode::SEND_BATCH_MESSAGE => {
-            header::<SendMessageRequestHeaderV2>(frame)
+        RequestCode::GET_ROUTEINFO_BY_TOPIC => header::<GetRouteInfoRequestHeader>(frame).map(drop),
+        RequestCode::SEND_MESSAGE => {
+            let header = header::<SendMessageRequestHeader>(frame)?;
+            message_properties(&parse_properties(
+                header.properties.as_deref().unwrap_or_default(),
+            ))
         }
-        RequestCode::PULL_MESSAGE => header::<PullMessageRequestHeader>(frame),
-        RequestCode::QUERY_CONSUMER_OFFSET => header::<QueryConsumerOffsetRequestHeader>(frame),
-        RequestCode::UPDATE_CONSUMER_OFFSET => header::<UpdateConsumerOffsetRequestHeader>(frame),
-        RequestCode::GET_MAX_OFFSET => header::<GetMaxOffsetRequestHeader>(frame),
-        RequestCode::GET_MIN_OFFSET => header::<GetMinOffsetRequestHeader>(frame),
-        RequestCode::SEARCH_OFFSET_BY_TIMESTAMP => header::<SearchOffsetRequestHeader>(frame),
-        RequestCode::UNREGISTER_CLIENT => header::<UnregisterClientRequestHeader>(frame),
+        RequestCode::SEND_MESSAGE_V2 => {
+            let header = header::<SendMessageRequestHeaderV2>(frame)?;
+            message_properties(&parse_properties(
+                header.properties.as_deref().unwrap_or_default(),
+            ))
+        }
+        RequestCode::SEND_BATCH_MESSAGE => {
+            header::<SendMessageRequestHeaderV2>(frame)?;
+            let entries = decode_batch(&frame.body).map_err(|error| error.to_string())?;
+            if entries.is_empty() {
+                return Err("empty batch body".to_string());
+            }
+            entries
+                .iter()
+                .try_for_each(|entry| message_properties(&entry.properties))
+        }
+        RequestCode::PULL_MESSAGE => header::<PullMessageRequestHeader>(frame).map(drop),
+        RequestCode::QUERY_CONSUMER_OFFSET => {
+            header::<QueryConsumerOffsetRequestHeader>(frame).map(drop)
+        }
+        RequestCode::UPDATE_CONSUMER_OFFSET => {
+            header::<UpdateConsumerOffsetRequestHeader>(frame).map(drop)
+        }
+        RequestCode::GET_MAX_OFFSET => header::<GetMaxOffsetRequestHeader>(frame).map(drop),
+        RequestCode::GET_MIN_OFFSET => header::<GetMinOffsetRequestHeader>(frame).map(drop),
+        RequestCode::SEARCH_OFFSET_BY_TIMESTAMP => {
+            header::<SearchOffsetRequestHeader>(frame).map(drop)
+        }
+        RequestCode::UNREGISTER_CLIENT => header::<UnregisterClientRequestHeader>(frame).map(drop),
         RequestCode::GET_CONSUMER_LIST_BY_GROUP => {
-            header::<GetConsumerListByGroupRequestHeader>(frame)
+            header::<GetConsumerListByGroupRequestHeader>(frame).map(drop)
         }
-        RequestCode::HEART_BEAT => HeartbeatData::from_json(&frame.body)
-            .map(drop)
-            .map_err(|error| error.to_string()),
+        RequestCode::HEART_BEAT => {
+            let heartbeat =
+                HeartbeatData::from_json(&frame.body).map_err(|error| error.to_string())?;
+            if heartbeat.client_id.is_empty() {
+                return Err("heartbeat without clientID".to_string());
+            }
+            Ok(())
+        }
         _ => Ok(()),
     }
 }

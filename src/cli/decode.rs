@@ -7,9 +7,10 @@ use std::path::PathBuf;
 use anyhow::Context;
 use bytes::{Bytes, BytesMut};
 use rocketmesh::remoting::body::{
-    BatchAckMessageRequestBody, ClusterInfo, ConsumerList, HeartbeatData, JsonBody, LockBatchRequestBody,
-    LockBatchResponseBody, QueryAssignmentRequestBody, QueryAssignmentResponseBody, SetMessageRequestModeRequestBody,
-    TopicRouteData, UnlockBatchRequestBody,
+    BatchAckMessageRequestBody, ClusterInfo, ConsumerList, HeartbeatData, JsonBody,
+    LockBatchRequestBody, LockBatchResponseBody, QueryAssignmentRequestBody,
+    QueryAssignmentResponseBody, SetMessageRequestModeRequestBody, TopicRouteData,
+    UnlockBatchRequestBody,
 };
 use rocketmesh::remoting::extra_info::ExtraInfo;
 use rocketmesh::remoting::frame::{FrameLimits, decode_frame, split_frame};
@@ -50,9 +51,9 @@ pub struct Summary {
 
 pub fn run(args: &DecodeArgs) -> anyhow::Result<Summary> {
     let mut input: Box<dyn Read> = match &args.input {
-        Some(path) if path.as_os_str() != "-" => {
-            Box::new(std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?)
-        }
+        Some(path) if path.as_os_str() != "-" => Box::new(
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?,
+        ),
         _ => Box::new(std::io::stdin().lock()),
     };
     let stdout = std::io::stdout();
@@ -62,7 +63,9 @@ pub fn run(args: &DecodeArgs) -> anyhow::Result<Summary> {
 
     if args.hex {
         let mut text = String::new();
-        input.read_to_string(&mut text).context("cannot read hex input")?;
+        input
+            .read_to_string(&mut text)
+            .context("cannot read hex input")?;
         let compact: String = text.split_whitespace().collect();
         let bytes = hex::decode(&compact).context("input is not valid hexadecimal")?;
         decoder.feed(&bytes, &mut out)?;
@@ -137,10 +140,15 @@ impl<'a> StreamDecoder<'a> {
                         }
                         Err(error) => {
                             self.summary.errors += 1;
-                            let object = json!({"offset": at, "length": size, "error": error.to_string()});
+                            let object =
+                                json!({"offset": at, "length": size, "error": error.to_string()});
                             self.emit(out, &object)?;
                             if self.args.stop_on_error {
-                                return self.stop(out, at, "stopped at the first malformed frame (--stop-on-error)");
+                                return self.stop(
+                                    out,
+                                    at,
+                                    "stopped at the first malformed frame (--stop-on-error)",
+                                );
                             }
                         }
                     }
@@ -149,10 +157,15 @@ impl<'a> StreamDecoder<'a> {
                 Err(error) => {
                     // The length prefix itself is bad: there is no way to find the next frame.
                     self.summary.errors += 1;
-                    let object = json!({"offset": self.offset, "error": error.to_string(), "fatal": true});
+                    let object =
+                        json!({"offset": self.offset, "error": error.to_string(), "fatal": true});
                     self.emit(out, &object)?;
                     let at = self.offset;
-                    return self.stop(out, at, "cannot find the next frame after a bad length prefix");
+                    return self.stop(
+                        out,
+                        at,
+                        "cannot find the next frame after a bad length prefix",
+                    );
                 }
             }
         }
@@ -169,10 +182,9 @@ impl<'a> StreamDecoder<'a> {
     fn finish(&mut self, out: &mut impl Write) -> anyhow::Result<()> {
         if !self.stopped && !self.buffer.is_empty() {
             self.summary.errors += 1;
-            let declared = self
-                .buffer
-                .get(..4)
-                .map(|prefix| i32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as i64 + 4);
+            let declared = self.buffer.get(..4).map(|prefix| {
+                i32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as i64 + 4
+            });
             let object = json!({
                 "offset": self.offset,
                 "error": format!("truncated frame: the input ends after {} of its bytes", self.buffer.len()),
@@ -206,7 +218,10 @@ impl<'a> StreamDecoder<'a> {
         let mut object = Map::new();
         object.insert("offset".into(), json!(offset));
         object.insert("length".into(), json!(size));
-        object.insert("type".into(), json!(if response { "response" } else { "request" }));
+        object.insert(
+            "type".into(),
+            json!(if response { "response" } else { "request" }),
+        );
         object.insert("code".into(), json!(command.code));
         object.insert("name".into(), json!(command.code_name()));
         if let Some(request) = answers {
@@ -233,7 +248,11 @@ impl<'a> StreamDecoder<'a> {
         }
         object.insert("body_length".into(), json!(command.body.len()));
         if !command.body.is_empty() {
-            let code = if response { answers } else { Some(command.request_code()) };
+            let code = if response {
+                answers
+            } else {
+                Some(command.request_code())
+            };
             let (key, body) = self.describe_body(code, response, &command.body);
             object.insert(key.into(), body);
         }
@@ -254,26 +273,49 @@ impl<'a> StreamDecoder<'a> {
         (!details.is_empty()).then_some(Value::Object(details))
     }
 
-    fn describe_body(&self, code: Option<RequestCode>, response: bool, body: &Bytes) -> (&'static str, Value) {
+    fn describe_body(
+        &self,
+        code: Option<RequestCode>,
+        response: bool,
+        body: &Bytes,
+    ) -> (&'static str, Value) {
         let typed = match (code, response) {
             (Some(RequestCode::HEART_BEAT), false) => Some(json_body::<HeartbeatData>(body)),
             (Some(RequestCode::SEND_BATCH_MESSAGE), false) => Some(self.batch(body)),
             (Some(RequestCode::CHECK_TRANSACTION_STATE), false) => Some(self.records(body)),
-            (Some(RequestCode::LOCK_BATCH_MQ), false) => Some(json_body::<LockBatchRequestBody>(body)),
-            (Some(RequestCode::UNLOCK_BATCH_MQ), false) => Some(json_body::<UnlockBatchRequestBody>(body)),
-            (Some(RequestCode::BATCH_ACK_MESSAGE), false) => Some(json_body::<BatchAckMessageRequestBody>(body)),
-            (Some(RequestCode::QUERY_ASSIGNMENT), false) => Some(json_body::<QueryAssignmentRequestBody>(body)),
+            (Some(RequestCode::LOCK_BATCH_MQ), false) => {
+                Some(json_body::<LockBatchRequestBody>(body))
+            }
+            (Some(RequestCode::UNLOCK_BATCH_MQ), false) => {
+                Some(json_body::<UnlockBatchRequestBody>(body))
+            }
+            (Some(RequestCode::BATCH_ACK_MESSAGE), false) => {
+                Some(json_body::<BatchAckMessageRequestBody>(body))
+            }
+            (Some(RequestCode::QUERY_ASSIGNMENT), false) => {
+                Some(json_body::<QueryAssignmentRequestBody>(body))
+            }
             (Some(RequestCode::SET_MESSAGE_REQUEST_MODE), false) => {
                 Some(json_body::<SetMessageRequestModeRequestBody>(body))
             }
             (Some(RequestCode::SEND_MESSAGE | RequestCode::SEND_MESSAGE_V2), false) => {
                 return ("body", self.payload(body));
             }
-            (Some(RequestCode::GET_ROUTEINFO_BY_TOPIC), true) => Some(json_body::<TopicRouteData>(body)),
-            (Some(RequestCode::GET_BROKER_CLUSTER_INFO), true) => Some(json_body::<ClusterInfo>(body)),
-            (Some(RequestCode::GET_CONSUMER_LIST_BY_GROUP), true) => Some(json_body::<ConsumerList>(body)),
-            (Some(RequestCode::LOCK_BATCH_MQ), true) => Some(json_body::<LockBatchResponseBody>(body)),
-            (Some(RequestCode::QUERY_ASSIGNMENT), true) => Some(json_body::<QueryAssignmentResponseBody>(body)),
+            (Some(RequestCode::GET_ROUTEINFO_BY_TOPIC), true) => {
+                Some(json_body::<TopicRouteData>(body))
+            }
+            (Some(RequestCode::GET_BROKER_CLUSTER_INFO), true) => {
+                Some(json_body::<ClusterInfo>(body))
+            }
+            (Some(RequestCode::GET_CONSUMER_LIST_BY_GROUP), true) => {
+                Some(json_body::<ConsumerList>(body))
+            }
+            (Some(RequestCode::LOCK_BATCH_MQ), true) => {
+                Some(json_body::<LockBatchResponseBody>(body))
+            }
+            (Some(RequestCode::QUERY_ASSIGNMENT), true) => {
+                Some(json_body::<QueryAssignmentResponseBody>(body))
+            }
             (
                 Some(
                     RequestCode::PULL_MESSAGE
@@ -289,7 +331,10 @@ impl<'a> StreamDecoder<'a> {
         };
         match typed {
             Some(Ok(value)) => ("body_decoded", value),
-            Some(Err(error)) => ("body_error", json!({"error": error, "preview": self.payload(body)})),
+            Some(Err(error)) => (
+                "body_error",
+                json!({"error": error, "preview": self.payload(body)}),
+            ),
             None => ("body_guess", self.guess(body)),
         }
     }
@@ -309,7 +354,9 @@ impl<'a> StreamDecoder<'a> {
 
     fn records(&self, body: &Bytes) -> Result<Value, String> {
         let records = message::decode_records(body, true).map_err(|error| error.to_string())?;
-        Ok(Value::Array(records.iter().map(|record| self.record(record)).collect()))
+        Ok(Value::Array(
+            records.iter().map(|record| self.record(record)).collect(),
+        ))
     }
 
     fn record(&self, record: &MessageRecord) -> Value {

@@ -28,6 +28,8 @@ pub enum CodecError {
     HeaderLongerThanFrame { header: usize, available: usize },
     #[error("header of {size} bytes exceeds the limit of {max} bytes")]
     HeaderTooLarge { size: usize, max: usize },
+    #[error("truncated frame: the stream ended after {have} of its {need} bytes")]
+    Truncated { have: usize, need: usize },
     #[error("unknown serialize type {0}")]
     UnknownSerializeType(u8),
     #[error(transparent)]
@@ -42,7 +44,10 @@ impl CodecError {
     pub fn is_fatal(&self) -> bool {
         matches!(
             self,
-            CodecError::Io(_) | CodecError::FrameTooShort { .. } | CodecError::FrameTooLarge { .. }
+            CodecError::Io(_)
+                | CodecError::FrameTooShort { .. }
+                | CodecError::FrameTooLarge { .. }
+                | CodecError::Truncated { .. }
         )
     }
 }
@@ -192,6 +197,23 @@ impl Decoder for RemotingCodec {
         match split_frame(src, &self.limits)? {
             Some(frame) => decode_frame(frame, &self.limits).map(Some),
             None => Ok(None),
+        }
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<RemotingCommand>, CodecError> {
+        match self.decode(src)? {
+            Some(command) => Ok(Some(command)),
+            None if src.is_empty() => Ok(None),
+            None => {
+                let need = src
+                    .get(..LENGTH_PREFIX)
+                    .map(|p| i32::from_be_bytes([p[0], p[1], p[2], p[3]]) as usize + LENGTH_PREFIX)
+                    .unwrap_or(LENGTH_PREFIX);
+                Err(CodecError::Truncated {
+                    have: src.len(),
+                    need,
+                })
+            }
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod command;
 pub mod extra_info;
 pub mod fastjson;
 pub mod frame;
+pub mod fuzzing;
 pub mod header;
 pub mod header_binary;
 pub mod header_json;
