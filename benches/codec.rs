@@ -1,1 +1,84 @@
-fn main() {}
+//! Encode and decode of a SEND_MESSAGE_V2 request with a 1 KiB body, JSON and binary headers.
+
+use bytes::{Bytes, BytesMut};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use rocketmesh::remoting::header::SendMessageRequestHeaderV2;
+use rocketmesh::remoting::{RemotingCodec, RemotingCommand, RequestCode, SerializeType};
+use std::hint::black_box;
+use tokio_util::codec::{Decoder, Encoder};
+
+fn send_v2(serialize_type: SerializeType) -> RemotingCommand {
+    let header = SendMessageRequestHeaderV2 {
+        producer_group: "please_rename_unique_group_name".into(),
+        topic: "TopicTest".into(),
+        default_topic: "TBW102".into(),
+        default_topic_queue_nums: 4,
+        queue_id: 3,
+        sys_flag: 0,
+        born_timestamp: 1_763_700_000_000,
+        flag: 0,
+        properties: Some(
+            "TAGS\u{1}TagA\u{2}WAIT\u{1}true\u{2}UNIQ_KEY\u{1}7F00000100002A9F0000000000001234\u{2}KEYS\u{1}order-42\u{2}"
+                .into(),
+        ),
+        reconsume_times: Some(0),
+        unit_mode: Some(false),
+        max_reconsume_times: None,
+        batch: Some(false),
+        broker_name: Some("broker-a".into()),
+    };
+    let mut command = RemotingCommand::request(RequestCode::SEND_MESSAGE_V2, 1234)
+        .with_header(&header)
+        .with_body(Bytes::from(vec![b'x'; 1024]));
+    command.serialize_type = serialize_type;
+    command
+}
+
+fn codec(c: &mut Criterion) {
+    let mut group = c.benchmark_group("send_message_v2_1KiB");
+    group.throughput(Throughput::Elements(1));
+    for (name, serialize_type) in [
+        ("json", SerializeType::Json),
+        ("binary", SerializeType::Binary),
+    ] {
+        let command = send_v2(serialize_type);
+        let mut codec = RemotingCodec::default();
+        let mut encoded = BytesMut::new();
+        codec.encode(&command, &mut encoded).expect("encode");
+        let encoded = encoded.freeze();
+
+        group.bench_with_input(BenchmarkId::new("encode", name), &command, |b, command| {
+            let mut out = BytesMut::with_capacity(4096);
+            b.iter(|| {
+                out.clear();
+                codec.encode(black_box(command), &mut out).expect("encode");
+                black_box(out.len())
+            })
+        });
+        group.bench_with_input(BenchmarkId::new("decode", name), &encoded, |b, encoded| {
+            b.iter(|| {
+                let mut buffer = BytesMut::from(&encoded[..]);
+                black_box(codec.decode(&mut buffer).expect("decode"))
+            })
+        });
+        group.bench_with_input(
+            BenchmarkId::new("decode_typed_header", name),
+            &encoded,
+            |b, encoded| {
+                b.iter(|| {
+                    let mut buffer = BytesMut::from(&encoded[..]);
+                    let command = codec.decode(&mut buffer).expect("decode").expect("frame");
+                    black_box(
+                        command
+                            .decode_header::<SendMessageRequestHeaderV2>()
+                            .expect("header"),
+                    )
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, codec);
+criterion_main!(benches);

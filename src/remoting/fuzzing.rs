@@ -139,8 +139,11 @@ fn info_round_trip<T: extra_info::InfoItem + PartialEq + std::fmt::Debug>(text: 
     }
 }
 
+/// A fuzz entry point.
+pub type FuzzTarget = fn(&[u8]);
+
 /// Every target by the name of its fuzz target and corpus directory.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, FuzzTarget)] = &[
     ("frame", frame_stream),
     ("json_header", json_header),
     ("binary_header", binary_header),
