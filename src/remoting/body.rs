@@ -21,6 +21,10 @@ pub enum BodyError {
     Fastjson(#[from] FastjsonError),
     #[error("invalid base64 bit set {value:?}: {reason}")]
     Base64 { value: String, reason: String },
+    #[error(
+        "offset {offset} is outside the {MAX_BATCH_ACK_SPAN} offsets a batch ack starting at {start} may cover"
+    )]
+    AckOutOfRange { start: i64, offset: i64 },
 }
 
 /// A JSON body type.
@@ -339,6 +343,10 @@ fn to_fastjson<T: Serialize>(body: &T) -> Result<Vec<u8>, BodyError> {
     Ok(out)
 }
 
+/// How far past its start offset one batch ack may reach. A pop returns at most 32 messages per
+/// queue; the cap keeps a hostile bit set from asking for gigabytes.
+pub const MAX_BATCH_ACK_SPAN: i64 = 1 << 16;
+
 impl BatchAck {
     /// The acknowledged queue offsets.
     pub fn offsets(&self) -> Result<Vec<i64>, BodyError> {
@@ -352,20 +360,34 @@ impl BatchAck {
         for (byte_index, byte) in bytes.iter().enumerate() {
             for bit in 0..8 {
                 if byte & (1 << bit) != 0 {
-                    offsets.push(self.start_offset + (byte_index * 8 + bit) as i64);
+                    let position = (byte_index * 8 + bit) as i64;
+                    let offset = self
+                        .start_offset
+                        .checked_add(position)
+                        .filter(|_| position < MAX_BATCH_ACK_SPAN);
+                    offsets.push(offset.ok_or(BodyError::AckOutOfRange {
+                        start: self.start_offset,
+                        offset: self.start_offset.saturating_add(position),
+                    })?);
                 }
             }
         }
         Ok(offsets)
     }
 
-    /// Sets the bit set from offsets; offsets below `start_offset` are ignored.
-    pub fn set_offsets(&mut self, offsets: impl IntoIterator<Item = i64>) {
+    /// Sets the bit set from offsets, which must lie within
+    /// `start_offset .. start_offset + MAX_BATCH_ACK_SPAN`.
+    pub fn set_offsets(&mut self, offsets: impl IntoIterator<Item = i64>) -> Result<(), BodyError> {
         let mut bytes: Vec<u8> = Vec::new();
         for offset in offsets {
-            let Ok(position) = usize::try_from(offset - self.start_offset) else {
-                continue;
-            };
+            let position = offset
+                .checked_sub(self.start_offset)
+                .filter(|delta| (0..MAX_BATCH_ACK_SPAN).contains(delta))
+                .and_then(|delta| usize::try_from(delta).ok())
+                .ok_or(BodyError::AckOutOfRange {
+                    start: self.start_offset,
+                    offset,
+                })?;
             let (byte_index, bit) = (position / 8, position % 8);
             if bytes.len() <= byte_index {
                 bytes.resize(byte_index + 1, 0);
@@ -373,6 +395,7 @@ impl BatchAck {
             bytes[byte_index] |= 1 << bit;
         }
         self.bit_set = base64::engine::general_purpose::STANDARD.encode(bytes);
+        Ok(())
     }
 }
 
@@ -477,13 +500,27 @@ mod tests {
             start_offset: 100,
             ..BatchAck::default()
         };
-        ack.set_offsets([100, 102, 109]);
+        ack.set_offsets([100, 102, 109]).expect("in range");
         // bits 0 and 2 in byte 0 (0b101 = 5), bit 1 in byte 1 (2): what BitSet.toByteArray gives.
         assert_eq!(
             ack.bit_set,
             base64::engine::general_purpose::STANDARD.encode([5u8, 2])
         );
         assert_eq!(ack.offsets().expect("offsets"), vec![100, 102, 109]);
+        assert!(matches!(
+            ack.set_offsets([99]),
+            Err(BodyError::AckOutOfRange { .. })
+        ));
+        assert!(matches!(
+            ack.set_offsets([100 + MAX_BATCH_ACK_SPAN]),
+            Err(BodyError::AckOutOfRange { .. })
+        ));
+        ack.start_offset = i64::MAX;
+        ack.bit_set = base64::engine::general_purpose::STANDARD.encode([2u8]);
+        assert!(matches!(
+            ack.offsets(),
+            Err(BodyError::AckOutOfRange { .. })
+        ));
         ack.bit_set = "!!".into();
         assert!(matches!(ack.offsets(), Err(BodyError::Base64 { .. })));
     }
@@ -528,7 +565,7 @@ mod tests {
         fn batch_ack_offsets_round_trip(start in 0i64..1_000_000, deltas in proptest::collection::btree_set(0i64..512, 0..40)) {
             let mut ack = BatchAck { start_offset: start, ..BatchAck::default() };
             let offsets: Vec<i64> = deltas.iter().map(|d| start + d).collect();
-            ack.set_offsets(offsets.clone());
+            ack.set_offsets(offsets.clone()).expect("in range");
             prop_assert_eq!(ack.offsets().expect("offsets"), offsets);
         }
     }

@@ -207,8 +207,10 @@ impl Decoder for RemotingCodec {
             None => {
                 let need = src
                     .get(..LENGTH_PREFIX)
-                    .map(|p| i32::from_be_bytes([p[0], p[1], p[2], p[3]]) as usize + LENGTH_PREFIX)
-                    .unwrap_or(LENGTH_PREFIX);
+                    .and_then(|p| {
+                        usize::try_from(i32::from_be_bytes([p[0], p[1], p[2], p[3]])).ok()
+                    })
+                    .map_or(LENGTH_PREFIX, |length| length.saturating_add(LENGTH_PREFIX));
                 Err(CodecError::Truncated {
                     have: src.len(),
                     need,

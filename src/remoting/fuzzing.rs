@@ -6,7 +6,9 @@
 use bytes::{Bytes, BytesMut};
 use tokio_util::codec::Decoder;
 
-use super::body::{ClusterInfo, ConsumerList, HeartbeatData, JsonBody, TopicRouteData};
+use super::body::{
+    BatchAckMessageRequestBody, ClusterInfo, ConsumerList, HeartbeatData, JsonBody, TopicRouteData,
+};
 use super::extra_info::{self, ExtraInfo, MsgOffsetEntry, OrderCountEntry, StartOffsetEntry};
 use super::frame::{self, FrameLimits, RemotingCodec};
 use super::message::{self, MessageRecord};
@@ -86,12 +88,29 @@ pub fn batch_body(data: &[u8]) {
     }
 }
 
-/// Route, heartbeat, cluster and consumer-list JSON, standard or fastjson.
+/// Route, heartbeat, cluster, consumer-list and batch-ack JSON, standard or fastjson.
 pub fn json_bodies(data: &[u8]) {
     body_round_trip::<TopicRouteData>(data);
     body_round_trip::<HeartbeatData>(data);
     body_round_trip::<ClusterInfo>(data);
     body_round_trip::<ConsumerList>(data);
+    body_round_trip::<BatchAckMessageRequestBody>(data);
+    if let Ok(batch) = BatchAckMessageRequestBody::from_json(data) {
+        for ack in &batch.acks {
+            if let Ok(offsets) = ack.offsets() {
+                let mut rebuilt = ack.clone();
+                assert!(
+                    rebuilt.set_offsets(offsets.iter().copied()).is_ok(),
+                    "decoded offsets are in range"
+                );
+                assert_eq!(
+                    rebuilt.offsets().ok().as_ref(),
+                    Some(&offsets),
+                    "batch ack bits round trip"
+                );
+            }
+        }
+    }
     if let Ok(route) = TopicRouteData::from_json(data)
         && let Ok(fast) = route.to_fastjson()
     {
