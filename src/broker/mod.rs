@@ -1,0 +1,3 @@
+//! The bundled RocketMQ-compatible broker (`rocketmesh broker`).
+
+pub mod store;
