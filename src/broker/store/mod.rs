@@ -1,5 +1,7 @@
 //! The bundled broker's storage: files on disk and the indexes over them. No network code.
 
 pub mod commit_log;
+pub mod consume_queue;
 
 pub use commit_log::{Appended, CommitLog, CommitLogConfig, FlushPolicy, Retention, StoreError};
+pub use consume_queue::{ConsumeQueue, QueueEntry};

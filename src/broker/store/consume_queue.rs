@@ -1,0 +1,395 @@
+//! The consume queue of one (topic, queue): entry N says where message N of that queue sits in the
+//! commit log.
+//!
+//! Entries are 20 bytes, `commit_offset:u64 | size:u32 | tag_code:i64`, in files of a fixed number
+//! of entries named by the 20-digit queue offset of their first entry. The queue is an index derived
+//! from the commit log, so it carries no CRC and is flushed lazily: recovery drops a partial entry,
+//! zeroed entries, and every entry that points at or past the commit log's end, and the dispatcher
+//! then re-adds whatever the commit log holds beyond [`ConsumeQueue::dispatched_up_to`].
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::commit_log::StoreError;
+
+/// Bytes per entry.
+pub const ENTRY_SIZE: u64 = 20;
+const FILE_NAME_DIGITS: usize = 20;
+
+/// Where one message of the queue sits in the commit log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueEntry {
+    pub commit_offset: u64,
+    pub size: u32,
+    /// Java `String.hashCode` of the message's tag (0 without a tag); filters compare it first.
+    pub tag_code: i64,
+}
+
+impl QueueEntry {
+    fn encode(&self) -> [u8; ENTRY_SIZE as usize] {
+        let mut bytes = [0u8; ENTRY_SIZE as usize];
+        bytes[..8].copy_from_slice(&self.commit_offset.to_be_bytes());
+        bytes[8..12].copy_from_slice(&self.size.to_be_bytes());
+        bytes[12..].copy_from_slice(&self.tag_code.to_be_bytes());
+        bytes
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let commit_offset = u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?);
+        let size = u32::from_be_bytes(bytes.get(8..12)?.try_into().ok()?);
+        let tag_code = i64::from_be_bytes(bytes.get(12..20)?.try_into().ok()?);
+        Some(Self {
+            commit_offset,
+            size,
+            tag_code,
+        })
+    }
+}
+
+struct QueueFile {
+    path: PathBuf,
+    file: File,
+}
+
+/// One queue's index. Mutation takes `&mut self`; reads take `&self` and use positional reads.
+pub struct ConsumeQueue {
+    dir: PathBuf,
+    entries_per_file: u64,
+    files: BTreeMap<u64, QueueFile>,
+    /// The queue offset the next entry gets.
+    max_offset: u64,
+    /// The first queue offset still stored.
+    min_offset: u64,
+    /// Commit-log offset just past the last entry's message.
+    dispatched_up_to: Option<u64>,
+}
+
+fn io_error<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        action,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl ConsumeQueue {
+    /// Opens the queue in `dir`, keeping only entries that lie wholly below `commit_log_end` and
+    /// above `commit_log_min`.
+    pub fn open(
+        dir: impl Into<PathBuf>,
+        entries_per_file: u64,
+        commit_log_min: u64,
+        commit_log_end: u64,
+    ) -> Result<Self, StoreError> {
+        let dir = dir.into();
+        let entries_per_file = entries_per_file.max(1);
+        fs::create_dir_all(&dir).map_err(io_error("create directory", &dir))?;
+        let mut files = BTreeMap::new();
+        for entry in fs::read_dir(&dir).map_err(io_error("list", &dir))? {
+            let entry = entry.map_err(io_error("list", &dir))?;
+            let name = entry.file_name();
+            let Some(base) = name
+                .to_str()
+                .filter(|name| {
+                    name.len() == FILE_NAME_DIGITS && name.bytes().all(|b| b.is_ascii_digit())
+                })
+                .and_then(|name| name.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let path = entry.path();
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(io_error("open", &path))?;
+            files.insert(base, QueueFile { path, file });
+        }
+        let mut queue = Self {
+            dir,
+            entries_per_file,
+            files,
+            max_offset: 0,
+            min_offset: 0,
+            dispatched_up_to: None,
+        };
+        queue.recover(commit_log_min, commit_log_end)?;
+        Ok(queue)
+    }
+
+    fn recover(&mut self, commit_log_min: u64, commit_log_end: u64) -> Result<(), StoreError> {
+        let bases: Vec<u64> = self.files.keys().copied().collect();
+        let mut expected: Option<u64> = None;
+        let mut cut_from: Option<u64> = None;
+        for base in bases {
+            if expected.is_some_and(|expected| expected != base) {
+                cut_from = Some(base);
+                break;
+            }
+            let Some(queue_file) = self.files.get(&base) else {
+                continue;
+            };
+            let length = queue_file
+                .file
+                .metadata()
+                .map_err(io_error("stat", &queue_file.path))?
+                .len();
+            let whole = (length / ENTRY_SIZE).min(self.entries_per_file);
+            let mut bytes = vec![0u8; (whole * ENTRY_SIZE) as usize];
+            queue_file
+                .file
+                .read_exact_at(&mut bytes, 0)
+                .map_err(io_error("read", &queue_file.path))?;
+            let mut valid = 0;
+            for chunk in bytes.chunks_exact(ENTRY_SIZE as usize) {
+                match QueueEntry::decode(chunk) {
+                    Some(entry)
+                        if entry.size > 0
+                            && entry.commit_offset.saturating_add(u64::from(entry.size))
+                                <= commit_log_end =>
+                    {
+                        self.dispatched_up_to = Some(entry.commit_offset + u64::from(entry.size));
+                        valid += 1;
+                    }
+                    _ => break,
+                }
+            }
+            if valid * ENTRY_SIZE < length {
+                queue_file
+                    .file
+                    .set_len(valid * ENTRY_SIZE)
+                    .map_err(io_error("truncate", &queue_file.path))?;
+            }
+            self.max_offset = base + valid;
+            expected = Some(base + valid);
+            if valid < self.entries_per_file {
+                cut_from = Some(base + 1);
+                break;
+            }
+        }
+        if let Some(cut) = cut_from {
+            let doomed: Vec<u64> = self.files.range(cut..).map(|(base, _)| *base).collect();
+            for base in doomed {
+                if let Some(queue_file) = self.files.remove(&base) {
+                    fs::remove_file(&queue_file.path)
+                        .map_err(io_error("delete", &queue_file.path))?;
+                }
+            }
+        }
+        self.min_offset = self.files.keys().next().copied().unwrap_or(self.max_offset);
+        self.delete_below_commit_offset(commit_log_min)?;
+        Ok(())
+    }
+
+    /// The queue offset the next entry gets.
+    pub fn max_offset(&self) -> u64 {
+        self.max_offset
+    }
+
+    /// The first queue offset still stored.
+    pub fn min_offset(&self) -> u64 {
+        self.min_offset
+    }
+
+    /// The commit-log offset just past the last indexed message; the dispatcher resumes there.
+    pub fn dispatched_up_to(&self) -> Option<u64> {
+        self.dispatched_up_to
+    }
+
+    /// Adds the entry for queue offset `queue_offset`. Re-dispatching an entry already present is a
+    /// no-op, so recovery can replay the commit log; a gap is an error.
+    pub fn append(&mut self, queue_offset: u64, entry: QueueEntry) -> Result<(), StoreError> {
+        if queue_offset < self.max_offset {
+            return Ok(());
+        }
+        if queue_offset > self.max_offset {
+            return Err(StoreError::Corrupt {
+                offset: queue_offset,
+                reason: "consume queue entry would leave a gap",
+            });
+        }
+        let base = queue_offset - queue_offset % self.entries_per_file;
+        if !self.files.contains_key(&base) {
+            let path = self
+                .dir
+                .join(format!("{base:0width$}", width = FILE_NAME_DIGITS));
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .map_err(io_error("create", &path))?;
+            self.files.insert(base, QueueFile { path, file });
+        }
+        let Some(queue_file) = self.files.get(&base) else {
+            return Err(StoreError::Closed);
+        };
+        queue_file
+            .file
+            .write_all_at(&entry.encode(), (queue_offset - base) * ENTRY_SIZE)
+            .map_err(io_error("append to", &queue_file.path))?;
+        self.max_offset = queue_offset + 1;
+        self.dispatched_up_to = Some(entry.commit_offset + u64::from(entry.size));
+        Ok(())
+    }
+
+    /// Up to `max` entries starting at `from`, fewer at the end of the queue or of a file.
+    pub fn read(&self, from: u64, max: usize) -> Result<Vec<QueueEntry>, StoreError> {
+        if from < self.min_offset || from >= self.max_offset || max == 0 {
+            return Ok(Vec::new());
+        }
+        let base = from - from % self.entries_per_file;
+        let Some(queue_file) = self.files.get(&base) else {
+            return Ok(Vec::new());
+        };
+        let end = self
+            .max_offset
+            .min(base + self.entries_per_file)
+            .min(from + max as u64);
+        let mut bytes = vec![0u8; ((end - from) * ENTRY_SIZE) as usize];
+        queue_file
+            .file
+            .read_exact_at(&mut bytes, (from - base) * ENTRY_SIZE)
+            .map_err(io_error("read", &queue_file.path))?;
+        Ok(bytes
+            .chunks_exact(ENTRY_SIZE as usize)
+            .filter_map(QueueEntry::decode)
+            .collect())
+    }
+
+    /// The entry at `queue_offset`, if stored.
+    pub fn get(&self, queue_offset: u64) -> Result<Option<QueueEntry>, StoreError> {
+        Ok(self.read(queue_offset, 1)?.into_iter().next())
+    }
+
+    /// fsyncs every file; the queue can always be rebuilt, so this is only about restart time.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        for queue_file in self.files.values() {
+            queue_file
+                .file
+                .sync_data()
+                .map_err(io_error("fsync", &queue_file.path))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes whole files whose entries all point below `commit_log_min`, after commit-log
+    /// retention removed what they index. Returns how many files went.
+    pub fn delete_below_commit_offset(&mut self, commit_log_min: u64) -> Result<usize, StoreError> {
+        let mut deleted = 0;
+        loop {
+            let Some((&base, _)) = self.files.iter().next() else {
+                break;
+            };
+            let last_in_file = (base + self.entries_per_file).min(self.max_offset);
+            if last_in_file == 0 || last_in_file >= self.max_offset {
+                break; // never delete the file being written
+            }
+            let Some(last) = self.get(last_in_file - 1)? else {
+                break;
+            };
+            if last.commit_offset >= commit_log_min {
+                break;
+            }
+            if let Some(queue_file) = self.files.remove(&base) {
+                fs::remove_file(&queue_file.path).map_err(io_error("delete", &queue_file.path))?;
+                deleted += 1;
+            }
+            self.min_offset = base + self.entries_per_file;
+        }
+        Ok(deleted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(index: u64) -> QueueEntry {
+        QueueEntry {
+            commit_offset: index * 100,
+            size: 100,
+            tag_code: index as i64 % 3,
+        }
+    }
+
+    fn filled(dir: &Path, count: u64) -> ConsumeQueue {
+        let mut queue = ConsumeQueue::open(dir, 8, 0, u64::MAX).expect("open");
+        for index in 0..count {
+            queue.append(index, entry(index)).expect("append");
+        }
+        queue
+    }
+
+    #[test]
+    fn entries_read_back_across_files_and_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let queue = filled(dir.path(), 30);
+        assert_eq!(
+            queue.read(0, 100).expect("read").len(),
+            8,
+            "one file per read"
+        );
+        assert_eq!(queue.read(6, 4).expect("read"), vec![entry(6), entry(7)]);
+        assert_eq!(queue.get(29).expect("get"), Some(entry(29)));
+        assert_eq!(queue.get(30).expect("get"), None);
+        drop(queue);
+        let queue = ConsumeQueue::open(dir.path(), 8, 0, 30 * 100).expect("reopen");
+        assert_eq!((queue.min_offset(), queue.max_offset()), (0, 30));
+        assert_eq!(queue.dispatched_up_to(), Some(3000));
+        assert_eq!(queue.get(17).expect("get"), Some(entry(17)));
+    }
+
+    #[test]
+    fn recovery_drops_torn_zeroed_and_unbacked_entries() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(filled(dir.path(), 20));
+        // The commit log only holds the first 18 messages: entries 18 and 19 must go.
+        let mut queue = ConsumeQueue::open(dir.path(), 8, 0, 18 * 100).expect("reopen");
+        assert_eq!(queue.max_offset(), 18);
+        assert!(!dir.path().join(format!("{:020}", 24)).exists());
+        // Re-dispatch is idempotent below the end and continues from it.
+        queue.append(17, entry(17)).expect("replay");
+        queue.append(18, entry(18)).expect("continue");
+        assert!(matches!(
+            queue.append(20, entry(20)),
+            Err(StoreError::Corrupt { .. })
+        ));
+        drop(queue);
+        let last = dir.path().join(format!("{:020}", 16));
+        let mut bytes = fs::read(&last).expect("read");
+        bytes.extend_from_slice(&[0u8; 20]);
+        bytes.extend_from_slice(&[1, 2, 3]);
+        fs::write(&last, bytes).expect("write");
+        let queue = ConsumeQueue::open(dir.path(), 8, 0, u64::MAX).expect("reopen");
+        assert_eq!(queue.max_offset(), 19);
+    }
+
+    #[test]
+    fn retention_follows_the_commit_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut queue = filled(dir.path(), 30);
+        assert_eq!(
+            queue.delete_below_commit_offset(1000).expect("retention"),
+            1
+        );
+        assert_eq!(queue.min_offset(), 8);
+        assert!(queue.read(3, 1).expect("read").is_empty());
+        assert_eq!(
+            queue
+                .delete_below_commit_offset(u64::MAX)
+                .expect("retention"),
+            2
+        );
+        assert_eq!(queue.min_offset(), 24, "the file being written stays");
+        drop(queue);
+        let queue = ConsumeQueue::open(dir.path(), 8, 2500, u64::MAX).expect("reopen");
+        assert_eq!((queue.min_offset(), queue.max_offset()), (24, 30));
+    }
+}
