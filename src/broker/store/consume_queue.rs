@@ -283,10 +283,7 @@ impl ConsumeQueue {
     /// retention removed what they index. Returns how many files went.
     pub fn delete_below_commit_offset(&mut self, commit_log_min: u64) -> Result<usize, StoreError> {
         let mut deleted = 0;
-        loop {
-            let Some((&base, _)) = self.files.iter().next() else {
-                break;
-            };
+        while let Some((&base, _)) = self.files.iter().next() {
             let last_in_file = (base + self.entries_per_file).min(self.max_offset);
             if last_in_file == 0 || last_in_file >= self.max_offset {
                 break; // never delete the file being written
