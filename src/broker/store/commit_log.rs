@@ -95,6 +95,8 @@ pub enum StoreError {
     Failed,
     #[error("the commit log is closed")]
     Closed,
+    #[error("invalid message record: {0}")]
+    InvalidRecord(#[from] crate::remoting::message::RecordError),
 }
 
 fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {

@@ -2,6 +2,8 @@
 
 pub mod commit_log;
 pub mod consume_queue;
+pub mod message_store;
 
 pub use commit_log::{Appended, CommitLog, CommitLogConfig, FlushPolicy, Retention, StoreError};
 pub use consume_queue::{ConsumeQueue, QueueEntry};
+pub use message_store::{MessageStore, MessageStoreConfig, PutResult};
