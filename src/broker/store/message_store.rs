@@ -21,11 +21,14 @@ use bytes::{Bytes, BytesMut};
 
 use super::commit_log::{CommitLog, CommitLogConfig, StoreError};
 use super::consume_queue::{ConsumeQueue, QueueEntry};
+use super::key_index::KeyIndex;
 use crate::remoting::message::{MessageRecord, java_string_hash};
 
 const COMMIT_LOG_DIR: &str = "commitlog";
 const CONSUME_QUEUE_DIR: &str = "consumequeue";
+const KEY_INDEX_DIR: &str = "index";
 const DISPATCH_CHECKPOINT: &str = "dispatch.checkpoint";
+const KEY_INDEX_ENTRIES_PER_FILE: u64 = 1 << 20;
 
 /// Message store settings.
 #[derive(Debug, Clone)]
@@ -66,7 +69,17 @@ pub struct MessageStore {
     config: MessageStoreConfig,
     commit_log: CommitLog,
     queues: RwLock<HashMap<QueueKey, Arc<RwLock<ConsumeQueue>>>>,
+    keys: RwLock<KeyIndex>,
     put_lock: Mutex<()>,
+}
+
+/// The index keys of a message: each of its KEYS and its UNIQ_KEY.
+fn index_keys(record: &MessageRecord) -> impl Iterator<Item = &str> {
+    record
+        .keys()
+        .into_iter()
+        .flat_map(|keys| keys.split(' '))
+        .chain(record.uniq_key())
 }
 
 fn now_millis() -> i64 {
@@ -94,8 +107,14 @@ impl MessageStore {
             config.commit_log.dir = config.data_dir.join(COMMIT_LOG_DIR);
         }
         let commit_log = CommitLog::open(config.commit_log.clone())?;
+        let keys = KeyIndex::open(
+            config.data_dir.join(KEY_INDEX_DIR),
+            KEY_INDEX_ENTRIES_PER_FILE,
+            commit_log.max_offset(),
+        )?;
         let store = Self {
             queues: RwLock::new(HashMap::new()),
+            keys: RwLock::new(keys),
             put_lock: Mutex::new(()),
             commit_log,
             config,
@@ -188,6 +207,10 @@ impl MessageStore {
                         tag_code: tag_code(&record),
                     },
                 )?;
+            self.keys
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .add(&record.topic, index_keys(&record), offset)?;
             offset = next;
         }
         Ok(())
@@ -228,6 +251,10 @@ impl MessageStore {
                 tag_code,
             },
         )?;
+        self.keys
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .add(&record.topic, index_keys(&record), appended.offset)?;
         Ok(PutResult {
             commit_offset: appended.offset,
             queue_offset,
@@ -288,6 +315,50 @@ impl MessageStore {
             .collect()
     }
 
+    /// Stored records of `topic` whose KEYS contain `key` (or, with `unique`, whose UNIQ_KEY is
+    /// `key`), stored within `[begin_ms, end_ms]`, newest first, at most `max`.
+    pub fn query_by_key(
+        &self,
+        topic: &str,
+        key: &str,
+        unique: bool,
+        begin_ms: i64,
+        end_ms: i64,
+        max: usize,
+    ) -> Result<Vec<Bytes>, StoreError> {
+        let candidates = self
+            .keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .candidates(topic, key);
+        let mut found = Vec::new();
+        for offset in candidates {
+            if found.len() >= max {
+                break;
+            }
+            let Ok(raw) = self.read_at(offset) else {
+                continue;
+            };
+            let Ok((record, _)) = MessageRecord::decode(&raw, false) else {
+                continue;
+            };
+            let matches = if unique {
+                record.uniq_key() == Some(key)
+            } else {
+                record
+                    .keys()
+                    .is_some_and(|keys| keys.split(' ').any(|k| k == key))
+            };
+            if matches
+                && record.topic == topic
+                && (begin_ms..=end_ms).contains(&record.store_timestamp)
+            {
+                found.push(raw);
+            }
+        }
+        Ok(found)
+    }
+
     /// (min, max) queue offsets of a queue; (0, 0) for a queue never written.
     pub fn queue_offsets(&self, topic: &str, queue_id: i32) -> (u64, u64) {
         self.queue(topic, queue_id).map_or((0, 0), |queue| {
@@ -320,6 +391,10 @@ impl MessageStore {
                 .unwrap_or_else(PoisonError::into_inner)
                 .flush()?;
         }
+        self.keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .flush()?;
         write_offset(&self.config.data_dir, DISPATCH_CHECKPOINT, dispatched)
     }
 }
@@ -468,6 +543,59 @@ mod tests {
         let raw = store.read_queue("T", 2, 16, 1, |_| true).expect("read");
         let (record, _) = MessageRecord::decode(&raw[0], true).expect("record");
         assert_eq!(record.body, Bytes::from("body-50"));
+    }
+
+    #[test]
+    fn messages_are_found_by_key_and_unique_key_after_a_rebuild() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = MessageStore::open(config(dir.path())).expect("open");
+            for index in 0..12 {
+                let mut record = message("T", 0, index);
+                record
+                    .properties
+                    .insert(property::UNIQ_KEY.into(), format!("U{index}"));
+                store.put(record).expect("put");
+            }
+        }
+        fs::remove_dir_all(dir.path().join(KEY_INDEX_DIR)).expect("lose the index");
+        fs::remove_file(dir.path().join(DISPATCH_CHECKPOINT)).expect("remove checkpoint");
+        let store = MessageStore::open(config(dir.path())).expect("reopen");
+        let by_key = store
+            .query_by_key("T", "key-5", false, 0, i64::MAX, 10)
+            .expect("query");
+        assert_eq!(by_key.len(), 1);
+        let (record, _) = MessageRecord::decode(&by_key[0], true).expect("record");
+        assert_eq!(record.body, Bytes::from("body-5"));
+        let by_uniq = store
+            .query_by_key("T", "U7", true, 0, i64::MAX, 10)
+            .expect("query");
+        assert_eq!(
+            MessageRecord::decode(&by_uniq[0], true)
+                .expect("record")
+                .0
+                .body,
+            Bytes::from("body-7")
+        );
+        assert!(
+            store
+                .query_by_key("T", "U7", false, 0, i64::MAX, 10)
+                .expect("query")
+                .is_empty()
+        );
+        assert!(
+            store
+                .query_by_key("T", "key-5", false, 0, 1, 10)
+                .expect("query")
+                .is_empty(),
+            "time range"
+        );
+        assert!(
+            store
+                .query_by_key("other", "key-5", false, 0, i64::MAX, 10)
+                .expect("query")
+                .is_empty()
+        );
     }
 
     #[test]
