@@ -95,6 +95,8 @@ pub enum StoreError {
     Failed,
     #[error("the commit log is closed")]
     Closed,
+    #[error("metadata file {file}: {reason}")]
+    Metadata { file: String, reason: String },
     #[error("invalid message record: {0}")]
     InvalidRecord(#[from] crate::remoting::message::RecordError),
 }

@@ -4,8 +4,10 @@ pub mod commit_log;
 pub mod consume_queue;
 pub mod key_index;
 pub mod message_store;
+pub mod metadata;
 
 pub use commit_log::{Appended, CommitLog, CommitLogConfig, FlushPolicy, Retention, StoreError};
 pub use consume_queue::{ConsumeQueue, QueueEntry};
 pub use key_index::KeyIndex;
 pub use message_store::{MessageStore, MessageStoreConfig, PutResult};
+pub use metadata::{Metadata, SubscriptionGroupConfig, TopicConfig};

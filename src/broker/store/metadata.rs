@@ -1,0 +1,396 @@
+//! Broker metadata: topics, subscription groups and consumer offsets, each in one JSON file shaped
+//! like the Java broker's (`topics.json`, `subscriptionGroup.json`, `consumerOffset.json`).
+//!
+//! Why whole-file atomic replacement rather than an embedded database such as redb: the data is
+//! small (thousands of entries at most), written at most every few seconds (Java persists offsets
+//! every 5 s), and people want to read it. Writing a temporary file, fsyncing it, renaming it over
+//! the old one and fsyncing the directory gives all-or-nothing updates with no dependency and no
+//! compaction, and a crash leaves either the old or the new file. What must be durable per request
+//! (POP checkpoints) does not belong here: it goes through the commit log, which is built for that.
+//!
+//! Reading accepts fastjson's bare-key form, so files written by a Java broker load too.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{PoisonError, RwLock};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::commit_log::StoreError;
+use crate::remoting::fastjson;
+
+const TOPICS_FILE: &str = "topics.json";
+const GROUPS_FILE: &str = "subscriptionGroup.json";
+const OFFSETS_FILE: &str = "consumerOffset.json";
+
+/// `PermName` bits.
+pub mod perm {
+    pub const READ: i32 = 4;
+    pub const WRITE: i32 = 2;
+    pub const INHERIT: i32 = 1;
+    pub const READ_WRITE: i32 = READ | WRITE;
+}
+
+/// A topic's configuration (`TopicConfig`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TopicConfig {
+    pub topic_name: String,
+    pub read_queue_nums: i32,
+    pub write_queue_nums: i32,
+    pub perm: i32,
+    /// `SINGLE_TAG` or `MULTI_TAG`.
+    pub topic_filter_type: String,
+    pub topic_sys_flag: i32,
+    pub order: bool,
+    pub attributes: BTreeMap<String, String>,
+}
+
+impl Default for TopicConfig {
+    fn default() -> Self {
+        Self {
+            topic_name: String::new(),
+            read_queue_nums: 8,
+            write_queue_nums: 8,
+            perm: perm::READ_WRITE,
+            topic_filter_type: "SINGLE_TAG".into(),
+            topic_sys_flag: 0,
+            order: false,
+            attributes: BTreeMap::new(),
+        }
+    }
+}
+
+/// A consumer group's configuration (`SubscriptionGroupConfig`, the fields the broker acts on).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct SubscriptionGroupConfig {
+    pub group_name: String,
+    pub consume_enable: bool,
+    pub consume_from_min_enable: bool,
+    pub consume_broadcast_enable: bool,
+    pub consume_message_orderly: bool,
+    pub retry_queue_nums: i32,
+    /// Deliveries after which a message goes to the group's DLQ.
+    pub retry_max_times: i32,
+    pub broker_id: i64,
+    pub which_broker_when_consume_slowly: i64,
+    pub notify_consumer_ids_changed_enable: bool,
+}
+
+impl Default for SubscriptionGroupConfig {
+    fn default() -> Self {
+        Self {
+            group_name: String::new(),
+            consume_enable: true,
+            consume_from_min_enable: true,
+            consume_broadcast_enable: true,
+            consume_message_orderly: false,
+            retry_queue_nums: 1,
+            retry_max_times: 16,
+            broker_id: 0,
+            which_broker_when_consume_slowly: 1,
+            notify_consumer_ids_changed_enable: true,
+        }
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct TopicsFile {
+    topic_config_table: BTreeMap<String, TopicConfig>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct GroupsFile {
+    subscription_group_table: BTreeMap<String, SubscriptionGroupConfig>,
+}
+
+/// Keys are `topic@group`, as in Java's file.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct OffsetsFile {
+    offset_table: BTreeMap<String, BTreeMap<i32, i64>>,
+}
+
+#[derive(Default)]
+struct Tables {
+    topics: TopicsFile,
+    groups: GroupsFile,
+    offsets: OffsetsFile,
+    topics_dirty: bool,
+    groups_dirty: bool,
+    offsets_dirty: bool,
+}
+
+/// The metadata of one broker, in memory, persisted on [`Metadata::persist`].
+pub struct Metadata {
+    dir: PathBuf,
+    tables: RwLock<Tables>,
+}
+
+fn offset_key(topic: &str, group: &str) -> String {
+    format!("{topic}@{group}")
+}
+
+impl Metadata {
+    /// Loads the three files from `dir`; missing files are empty tables.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        let dir = dir.into();
+        fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
+            action: "create directory",
+            path: dir.clone(),
+            source,
+        })?;
+        let tables = Tables {
+            topics: load(&dir.join(TOPICS_FILE))?,
+            groups: load(&dir.join(GROUPS_FILE))?,
+            offsets: load(&dir.join(OFFSETS_FILE))?,
+            ..Tables::default()
+        };
+        Ok(Self {
+            dir,
+            tables: RwLock::new(tables),
+        })
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Tables> {
+        self.tables.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Tables> {
+        self.tables.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn topic(&self, topic: &str) -> Option<TopicConfig> {
+        self.read().topics.topic_config_table.get(topic).cloned()
+    }
+
+    pub fn topics(&self) -> Vec<TopicConfig> {
+        self.read()
+            .topics
+            .topic_config_table
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Creates or replaces a topic.
+    pub fn put_topic(&self, config: TopicConfig) {
+        let mut tables = self.write();
+        tables
+            .topics
+            .topic_config_table
+            .insert(config.topic_name.clone(), config);
+        tables.topics_dirty = true;
+    }
+
+    pub fn remove_topic(&self, topic: &str) -> Option<TopicConfig> {
+        let mut tables = self.write();
+        let removed = tables.topics.topic_config_table.remove(topic);
+        tables.topics_dirty |= removed.is_some();
+        removed
+    }
+
+    pub fn group(&self, group: &str) -> Option<SubscriptionGroupConfig> {
+        self.read()
+            .groups
+            .subscription_group_table
+            .get(group)
+            .cloned()
+    }
+
+    /// Creates or replaces a subscription group.
+    pub fn put_group(&self, config: SubscriptionGroupConfig) {
+        let mut tables = self.write();
+        tables
+            .groups
+            .subscription_group_table
+            .insert(config.group_name.clone(), config);
+        tables.groups_dirty = true;
+    }
+
+    /// A group's committed offset for one queue.
+    pub fn consumer_offset(&self, group: &str, topic: &str, queue_id: i32) -> Option<i64> {
+        self.read()
+            .offsets
+            .offset_table
+            .get(&offset_key(topic, group))
+            .and_then(|queues| queues.get(&queue_id))
+            .copied()
+    }
+
+    /// Records a group's offset for one queue.
+    pub fn commit_offset(&self, group: &str, topic: &str, queue_id: i32, offset: i64) {
+        let mut tables = self.write();
+        let queues = tables
+            .offsets
+            .offset_table
+            .entry(offset_key(topic, group))
+            .or_default();
+        if queues.insert(queue_id, offset) != Some(offset) {
+            tables.offsets_dirty = true;
+        }
+    }
+
+    /// Writes every table that changed since the last call, each atomically.
+    pub fn persist(&self) -> Result<(), StoreError> {
+        // Serialize under the read lock, write the files outside any lock.
+        let (topics, groups, offsets) = {
+            let tables = self.read();
+            (
+                encode_if(tables.topics_dirty, &tables.topics, TOPICS_FILE)?,
+                encode_if(tables.groups_dirty, &tables.groups, GROUPS_FILE)?,
+                encode_if(tables.offsets_dirty, &tables.offsets, OFFSETS_FILE)?,
+            )
+        };
+        for (name, json) in [
+            (TOPICS_FILE, topics),
+            (GROUPS_FILE, groups),
+            (OFFSETS_FILE, offsets),
+        ] {
+            if let Some(json) = json {
+                replace_file(&self.dir, name, &json)?;
+            }
+        }
+        let mut tables = self.write();
+        tables.topics_dirty = false;
+        tables.groups_dirty = false;
+        tables.offsets_dirty = false;
+        Ok(())
+    }
+}
+
+fn encode_if<T: Serialize>(
+    dirty: bool,
+    table: &T,
+    file: &str,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    if !dirty {
+        return Ok(None);
+    }
+    serde_json::to_vec_pretty(table)
+        .map(Some)
+        .map_err(|error| StoreError::Metadata {
+            file: file.to_owned(),
+            reason: error.to_string(),
+        })
+}
+
+fn load<T: DeserializeOwned + Default>(path: &Path) -> Result<T, StoreError> {
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(T::default()),
+        Err(source) => {
+            return Err(StoreError::Io {
+                action: "read",
+                path: path.to_owned(),
+                source,
+            });
+        }
+    };
+    let invalid = |reason: String| StoreError::Metadata {
+        file: path.display().to_string(),
+        reason,
+    };
+    let normalized = fastjson::normalize(&bytes).map_err(|error| invalid(error.to_string()))?;
+    serde_json::from_slice(&normalized).map_err(|error| invalid(error.to_string()))
+}
+
+/// Replaces `dir/name` with `contents` so that a crash leaves the old or the new file, never a mix.
+pub fn replace_file(dir: &Path, name: &str, contents: &[u8]) -> Result<(), StoreError> {
+    let path = dir.join(name);
+    let temporary = dir.join(format!("{name}.tmp"));
+    let io = |action: &'static str, path: &Path| {
+        let path = path.to_owned();
+        move |source| StoreError::Io {
+            action,
+            path,
+            source,
+        }
+    };
+    let mut file = fs::File::create(&temporary).map_err(io("create", &temporary))?;
+    file.write_all(contents)
+        .and_then(|()| file.sync_all())
+        .map_err(io("write", &temporary))?;
+    fs::rename(&temporary, &path).map_err(io("rename", &temporary))?;
+    fs::File::open(dir)
+        .and_then(|handle| handle.sync_all())
+        .map_err(io("fsync directory", dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_survive_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let metadata = Metadata::open(dir.path()).expect("open");
+            metadata.put_topic(TopicConfig {
+                topic_name: "T".into(),
+                read_queue_nums: 4,
+                write_queue_nums: 4,
+                ..TopicConfig::default()
+            });
+            metadata.put_group(SubscriptionGroupConfig {
+                group_name: "G".into(),
+                retry_max_times: 3,
+                ..SubscriptionGroupConfig::default()
+            });
+            metadata.commit_offset("G", "T", 2, 42);
+            metadata.persist().expect("persist");
+            // Not persisted: lost on "crash".
+            metadata.commit_offset("G", "T", 2, 43);
+        }
+        let metadata = Metadata::open(dir.path()).expect("reopen");
+        assert_eq!(metadata.topic("T").map(|t| t.read_queue_nums), Some(4));
+        assert_eq!(metadata.group("G").map(|g| g.retry_max_times), Some(3));
+        assert_eq!(metadata.consumer_offset("G", "T", 2), Some(42));
+        assert_eq!(metadata.consumer_offset("G", "T", 1), None);
+        assert!(!dir.path().join(format!("{OFFSETS_FILE}.tmp")).exists());
+    }
+
+    #[test]
+    fn java_files_with_bare_keys_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::write(
+            dir.path().join(OFFSETS_FILE),
+            br#"{"offsetTable":{"TopicTest@please_rename_unique_group_name":{0:12,1:7}}}"#,
+        )
+        .expect("write");
+        fs::write(
+            dir.path().join(TOPICS_FILE),
+            br#"{"dataVersion":{"counter":3,"timestamp":1},"topicConfigTable":{"TopicTest":{"order":false,"perm":6,"readQueueNums":4,"topicFilterType":"SINGLE_TAG","topicName":"TopicTest","topicSysFlag":0,"writeQueueNums":4}}}"#,
+        )
+        .expect("write");
+        let metadata = Metadata::open(dir.path()).expect("open");
+        assert_eq!(
+            metadata.consumer_offset("please_rename_unique_group_name", "TopicTest", 1),
+            Some(7)
+        );
+        assert_eq!(
+            metadata.topic("TopicTest").map(|t| t.perm),
+            Some(perm::READ_WRITE)
+        );
+    }
+
+    #[test]
+    fn a_corrupt_file_is_a_clear_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::write(
+            dir.path().join(GROUPS_FILE),
+            b"{\"subscriptionGroupTable\":",
+        )
+        .expect("write");
+        let error = Metadata::open(dir.path())
+            .err()
+            .expect("corrupt file refused");
+        assert!(error.to_string().contains(GROUPS_FILE), "{error}");
+    }
+}
