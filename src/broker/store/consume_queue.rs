@@ -280,7 +280,8 @@ impl ConsumeQueue {
     }
 
     /// Deletes whole files whose entries all point below `commit_log_min`, after commit-log
-    /// retention removed what they index. Returns how many files went.
+    /// retention removed what they index, and moves the minimum offset past any remaining entry
+    /// that points there. Returns how many files went.
     pub fn delete_below_commit_offset(&mut self, commit_log_min: u64) -> Result<usize, StoreError> {
         let mut deleted = 0;
         while let Some((&base, _)) = self.files.iter().next() {
@@ -299,6 +300,17 @@ impl ConsumeQueue {
                 deleted += 1;
             }
             self.min_offset = base + self.entries_per_file;
+        }
+        // Within the first file left, entries may still point below the commit log's start.
+        if let Some(&base) = self.files.keys().next() {
+            let file_end = (base + self.entries_per_file).min(self.max_offset);
+            let from = self.min_offset.max(base);
+            let entries = self.read(from, file_end.saturating_sub(from) as usize)?;
+            let gone = entries
+                .iter()
+                .take_while(|entry| entry.commit_offset < commit_log_min)
+                .count();
+            self.min_offset = from + gone as u64;
         }
         Ok(deleted)
     }
@@ -372,21 +384,20 @@ mod tests {
     fn retention_follows_the_commit_log() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut queue = filled(dir.path(), 30);
-        assert_eq!(
-            queue.delete_below_commit_offset(1000).expect("retention"),
-            1
-        );
-        assert_eq!(queue.min_offset(), 8);
-        assert!(queue.read(3, 1).expect("read").is_empty());
-        assert_eq!(
-            queue
-                .delete_below_commit_offset(u64::MAX)
-                .expect("retention"),
-            2
-        );
-        assert_eq!(queue.min_offset(), 24, "the file being written stays");
+        let deleted = queue.delete_below_commit_offset(1000).expect("retention");
+        assert_eq!(deleted, 1);
+        assert_eq!(queue.min_offset(), 10, "entries 8 and 9 point below 1000");
+        assert!(queue.read(9, 1).expect("read").is_empty());
+        assert_eq!(queue.get(10).expect("read"), Some(entry(10)));
+        let deleted = queue
+            .delete_below_commit_offset(u64::MAX)
+            .expect("retention");
+        assert_eq!(deleted, 2);
+        let active = dir.path().join(format!("{:020}", 24));
+        assert!(active.exists(), "the file being written stays");
+        assert_eq!(queue.min_offset(), 30);
         drop(queue);
         let queue = ConsumeQueue::open(dir.path(), 8, 2500, u64::MAX).expect("reopen");
-        assert_eq!((queue.min_offset(), queue.max_offset()), (24, 30));
+        assert_eq!((queue.min_offset(), queue.max_offset()), (25, 30));
     }
 }

@@ -64,6 +64,13 @@ pub struct PutResult {
 
 type QueueKey = (String, i32);
 
+/// Which side of a timestamp [`MessageStore::search_offset`] looks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Boundary {
+    Lower,
+    Upper,
+}
+
 /// The store: one commit log, one consume queue per (topic, queue id).
 pub struct MessageStore {
     config: MessageStoreConfig,
@@ -367,6 +374,81 @@ impl MessageStore {
         })
     }
 
+    /// The queue offset for a point in time: with [`Boundary::Lower`] the first message stored at
+    /// or after `timestamp_ms`, with [`Boundary::Upper`] the last one stored at or before it
+    /// (SEARCH_OFFSET_BY_TIMESTAMP). Store times grow along a queue, so this is a binary search.
+    pub fn search_offset(
+        &self,
+        topic: &str,
+        queue_id: i32,
+        timestamp_ms: i64,
+        boundary: Boundary,
+    ) -> Result<u64, StoreError> {
+        let (min, max) = self.queue_offsets(topic, queue_id);
+        let store_time = |queue_offset: u64| -> Result<i64, StoreError> {
+            let entry = self
+                .queue_entries(topic, queue_id, queue_offset, 1)?
+                .into_iter()
+                .next()
+                .ok_or(StoreError::OffsetOutOfRange {
+                    offset: queue_offset,
+                    min,
+                    max,
+                })?;
+            let raw = self.read_at(entry.commit_offset)?;
+            Ok(MessageRecord::decode(&raw, false)?.0.store_timestamp)
+        };
+        // First offset in [min, max) whose store time passes `after`; max when none does.
+        let partition = |after: &dyn Fn(i64) -> bool| -> Result<u64, StoreError> {
+            let (mut low, mut high) = (min, max);
+            while low < high {
+                let middle = low + (high - low) / 2;
+                if after(store_time(middle)?) {
+                    high = middle;
+                } else {
+                    low = middle + 1;
+                }
+            }
+            Ok(low)
+        };
+        match boundary {
+            Boundary::Lower => partition(&|time| time >= timestamp_ms),
+            Boundary::Upper => Ok(partition(&|time| time > timestamp_ms)?
+                .saturating_sub(1)
+                .max(min)),
+        }
+    }
+
+    /// Deletes whole old commit-log segments (by total size and age) and the index files that only
+    /// point into them. Returns what the commit log dropped.
+    pub fn apply_retention(
+        &self,
+        max_bytes: Option<u64>,
+        max_age: Option<std::time::Duration>,
+    ) -> Result<super::commit_log::Retention, StoreError> {
+        let report = self.commit_log.apply_retention(max_bytes, max_age)?;
+        if report.segments_deleted > 0 {
+            let queues: Vec<_> = self
+                .queues
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .values()
+                .cloned()
+                .collect();
+            for queue in queues {
+                queue
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .delete_below_commit_offset(report.min_offset)?;
+            }
+            self.keys
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .delete_below_commit_offset(report.min_offset)?;
+        }
+        Ok(report)
+    }
+
     pub fn commit_log(&self) -> &CommitLog {
         &self.commit_log
     }
@@ -596,6 +678,60 @@ mod tests {
                 .expect("query")
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn offsets_are_found_by_store_time_and_retention_trims_the_queues() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = MessageStore::open(config(dir.path())).expect("open");
+        let mut times = Vec::new();
+        for index in 0..60 {
+            let put = store.put(message("T", 0, index)).expect("put");
+            let raw = store.read_at(put.commit_offset).expect("read");
+            times.push(
+                MessageRecord::decode(&raw, false)
+                    .expect("record")
+                    .0
+                    .store_timestamp,
+            );
+        }
+        let middle = times[30];
+        let first_at = times.iter().position(|t| *t >= middle).expect("some") as u64;
+        let last_at = times.iter().rposition(|t| *t <= middle).expect("some") as u64;
+        assert_eq!(
+            store
+                .search_offset("T", 0, middle, Boundary::Lower)
+                .expect("lower"),
+            first_at
+        );
+        assert_eq!(
+            store
+                .search_offset("T", 0, middle, Boundary::Upper)
+                .expect("upper"),
+            last_at
+        );
+        assert_eq!(
+            store
+                .search_offset("T", 0, 0, Boundary::Lower)
+                .expect("before all"),
+            0
+        );
+        assert_eq!(
+            store
+                .search_offset("T", 0, i64::MAX, Boundary::Lower)
+                .expect("after all"),
+            60
+        );
+
+        let report = store.apply_retention(Some(4096), None).expect("retention");
+        assert!(report.segments_deleted > 0);
+        let (min, max) = store.queue_offsets("T", 0);
+        assert_eq!(max, 60);
+        assert!(min > 0, "whole queue files went with the segments");
+        let raw = store
+            .read_queue("T", 0, min, 100, |_| true)
+            .expect("read the rest");
+        assert!(raw.iter().all(|r| MessageRecord::decode(r, true).is_ok()));
     }
 
     #[test]

@@ -9,5 +9,5 @@ pub mod metadata;
 pub use commit_log::{Appended, CommitLog, CommitLogConfig, FlushPolicy, Retention, StoreError};
 pub use consume_queue::{ConsumeQueue, QueueEntry};
 pub use key_index::KeyIndex;
-pub use message_store::{MessageStore, MessageStoreConfig, PutResult};
+pub use message_store::{Boundary, MessageStore, MessageStoreConfig, PutResult};
 pub use metadata::{Metadata, SubscriptionGroupConfig, TopicConfig};
