@@ -17,13 +17,29 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the bundled RocketMQ-compatible broker.
+    Broker(cli::broker::BrokerArgs),
     /// Decode a raw remoting byte stream (a TCP capture) into one JSON object per frame.
     Decode(cli::decode::DecodeArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     match cli.command {
+        Command::Broker(args) => match cli::broker::run(&args) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("rocketmesh broker: {error:#}");
+                std::process::ExitCode::from(2)
+            }
+        },
         Command::Decode(args) => match cli::decode::run(&args) {
             Ok(summary) => {
                 eprintln!(

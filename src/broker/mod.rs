@@ -1,3 +1,12 @@
 //! The bundled RocketMQ-compatible broker (`rocketmesh broker`).
 
+pub mod clients;
+pub mod config;
+pub mod handlers;
+pub mod server;
+pub mod state;
 pub mod store;
+mod uniq_key;
+
+pub use config::{BrokerConfig, FlushMode};
+pub use state::BrokerState;

@@ -1,3 +1,4 @@
 //! Command-line wiring: each subcommand parses its arguments and calls into the library.
 
+pub mod broker;
 pub mod decode;

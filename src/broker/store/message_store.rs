@@ -225,8 +225,26 @@ impl MessageStore {
 
     /// Stores a message. The record's queue offset, physical offset and store host and timestamp
     /// are filled in here; everything else is stored as given.
-    pub fn put(&self, mut record: MessageRecord) -> Result<PutResult, StoreError> {
+    pub fn put(&self, record: MessageRecord) -> Result<PutResult, StoreError> {
         let _put = lock(&self.put_lock);
+        self.put_locked(record)
+    }
+
+    /// Stores several messages back to back: nothing else is stored between them, so messages of
+    /// one queue get consecutive queue offsets. Stops at the first failure; what was stored stays.
+    pub fn put_batch(&self, records: Vec<MessageRecord>) -> Result<Vec<PutResult>, StoreError> {
+        let _put = lock(&self.put_lock);
+        records
+            .into_iter()
+            .map(|record| self.put_locked(record))
+            .collect()
+    }
+
+    pub fn config(&self) -> &MessageStoreConfig {
+        &self.config
+    }
+
+    fn put_locked(&self, mut record: MessageRecord) -> Result<PutResult, StoreError> {
         let queue = self.open_queue(&record.topic, record.queue_id)?;
         let mut queue = queue.write().unwrap_or_else(PoisonError::into_inner);
         let queue_offset = queue.max_offset();

@@ -1,0 +1,197 @@
+//! Who is connected: producer and consumer groups from heartbeats, each client's connection, and
+//! the group membership changes that clients must hear about (NOTIFY_CONSUMER_IDS_CHANGED).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use tokio::sync::mpsc;
+
+use crate::remoting::body::{ConsumerData, HeartbeatData, SubscriptionData};
+use crate::remoting::header::NotifyConsumerIdsChangedRequestHeader;
+use crate::remoting::{RemotingCommand, RequestCode};
+
+/// Identifies one accepted connection.
+pub type ConnectionId = u64;
+
+/// A way to send a command down one client connection.
+pub type Outbound = mpsc::Sender<RemotingCommand>;
+
+#[derive(Default)]
+struct ConsumerGroup {
+    /// client id → (connection, its registration)
+    members: BTreeMap<String, (ConnectionId, ConsumerData)>,
+}
+
+#[derive(Default)]
+struct Registry {
+    connections: HashMap<ConnectionId, Outbound>,
+    consumers: HashMap<String, ConsumerGroup>,
+    /// group → client id → connection
+    producers: HashMap<String, BTreeMap<String, ConnectionId>>,
+}
+
+/// The broker's view of its clients.
+#[derive(Default)]
+pub struct ClientRegistry {
+    registry: Mutex<Registry>,
+    next_opaque: AtomicI32,
+}
+
+impl ClientRegistry {
+    fn lock(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn connected(&self, connection: ConnectionId, outbound: Outbound) {
+        self.lock().connections.insert(connection, outbound);
+    }
+
+    /// Forgets everything registered over a closed connection and tells the remaining members of
+    /// affected consumer groups.
+    pub fn disconnected(&self, connection: ConnectionId) {
+        let changed = {
+            let mut registry = self.lock();
+            registry.connections.remove(&connection);
+            for members in registry.producers.values_mut() {
+                members.retain(|_, conn| *conn != connection);
+            }
+            let mut changed = Vec::new();
+            for (group, consumers) in &mut registry.consumers {
+                let before = consumers.members.len();
+                consumers.members.retain(|_, (conn, _)| *conn != connection);
+                if consumers.members.len() != before {
+                    changed.push(group.clone());
+                }
+            }
+            registry
+                .consumers
+                .retain(|_, group| !group.members.is_empty());
+            changed
+        };
+        for group in changed {
+            self.notify_group(&group);
+        }
+    }
+
+    /// Applies a heartbeat. Returns the consumer groups the client newly joined.
+    pub fn heartbeat(&self, connection: ConnectionId, heartbeat: &HeartbeatData) -> Vec<String> {
+        let mut joined = Vec::new();
+        {
+            let mut registry = self.lock();
+            for producer in &heartbeat.producer_data_set {
+                registry
+                    .producers
+                    .entry(producer.group_name.clone())
+                    .or_default()
+                    .insert(heartbeat.client_id.clone(), connection);
+            }
+            for consumer in &heartbeat.consumer_data_set {
+                let group = registry
+                    .consumers
+                    .entry(consumer.group_name.clone())
+                    .or_default();
+                let previous = group
+                    .members
+                    .insert(heartbeat.client_id.clone(), (connection, consumer.clone()));
+                if previous.is_none() {
+                    joined.push(consumer.group_name.clone());
+                }
+            }
+        }
+        for group in &joined {
+            self.notify_group(group);
+        }
+        joined
+    }
+
+    /// Removes a client from the groups named (UNREGISTER_CLIENT).
+    pub fn unregister(
+        &self,
+        client_id: &str,
+        producer_group: Option<&str>,
+        consumer_group: Option<&str>,
+    ) {
+        let left = {
+            let mut registry = self.lock();
+            if let Some(group) = producer_group
+                && let Some(members) = registry.producers.get_mut(group)
+            {
+                members.remove(client_id);
+            }
+            let mut left = None;
+            if let Some(group) = consumer_group
+                && let Some(consumers) = registry.consumers.get_mut(group)
+                && consumers.members.remove(client_id).is_some()
+            {
+                left = Some(group.to_owned());
+            }
+            registry
+                .consumers
+                .retain(|_, group| !group.members.is_empty());
+            left
+        };
+        if let Some(group) = left {
+            self.notify_group(&group);
+        }
+    }
+
+    /// Client ids of a consumer group, sorted.
+    pub fn consumer_ids(&self, group: &str) -> Option<Vec<String>> {
+        self.lock()
+            .consumers
+            .get(group)
+            .map(|consumers| consumers.members.keys().cloned().collect())
+    }
+
+    /// The group's subscription to `topic`, from the most recent registration that has one.
+    pub fn subscription(&self, group: &str, topic: &str) -> Option<SubscriptionData> {
+        let registry = self.lock();
+        registry
+            .consumers
+            .get(group)?
+            .members
+            .values()
+            .find_map(|(_, data)| {
+                data.subscription_data_set
+                    .iter()
+                    .find(|subscription| subscription.topic == topic)
+                    .cloned()
+            })
+    }
+
+    /// A live connection of a producer of `group`, for transaction checks.
+    pub fn producer_connection(&self, group: &str) -> Option<Outbound> {
+        let registry = self.lock();
+        let connection = registry.producers.get(group)?.values().next()?;
+        registry.connections.get(connection).cloned()
+    }
+
+    /// Sends NOTIFY_CONSUMER_IDS_CHANGED (oneway) to every member of `group`.
+    fn notify_group(&self, group: &str) {
+        let targets: Vec<Outbound> = {
+            let registry = self.lock();
+            let Some(consumers) = registry.consumers.get(group) else {
+                return;
+            };
+            consumers
+                .members
+                .values()
+                .filter_map(|(connection, _)| registry.connections.get(connection).cloned())
+                .collect()
+        };
+        let header = NotifyConsumerIdsChangedRequestHeader {
+            consumer_group: group.to_owned(),
+            ..Default::default()
+        };
+        for target in targets {
+            let opaque = self.next_opaque.fetch_add(1, Ordering::Relaxed);
+            let mut request =
+                RemotingCommand::request(RequestCode::NOTIFY_CONSUMER_IDS_CHANGED, opaque)
+                    .with_header(&header);
+            request.set_oneway(true);
+            // A full queue means a slow client; it will rebalance on its own timer anyway.
+            let _ = target.try_send(request);
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! Settings of the bundled broker, from the command line or a YAML file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::store::{FlushPolicy, MessageStoreConfig};
+use crate::remoting::frame::DEFAULT_MAX_FRAME;
+
+/// When the broker acknowledges a send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FlushMode {
+    /// Once the message is in the page cache; fsync runs periodically.
+    #[default]
+    Async,
+    /// Once the message is fsynced; concurrent sends share fsyncs.
+    Sync,
+}
+
+/// Everything the broker needs to run. Field names are the YAML keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Address clients are told to use in route data; the listen address when absent.
+    pub advertised_address: Option<String>,
+    pub broker_name: String,
+    pub cluster: String,
+    pub data_dir: PathBuf,
+    pub flush: FlushMode,
+    /// Period of the background fsync under `flush: async`.
+    pub flush_interval_ms: u64,
+    /// Commit-log segment size in bytes.
+    pub segment_size: u64,
+    /// Create unknown topics on first send (Java's `autoCreateTopicEnable`).
+    pub auto_create_topic: bool,
+    /// Read and write queues of an auto-created topic.
+    pub default_queue_nums: i32,
+    /// Largest message body accepted, in bytes.
+    pub max_message_size: usize,
+    /// Largest remoting frame accepted, in bytes, length prefix included.
+    pub max_frame_size: usize,
+    /// Connections beyond this are closed at once.
+    pub max_connections: usize,
+    /// Pull requests parked for long polling beyond this are answered at once.
+    pub max_parked_pulls: usize,
+    /// Requests in flight per connection before the broker stops reading from it.
+    pub max_in_flight_per_connection: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 10911)),
+            advertised_address: None,
+            broker_name: "broker-a".into(),
+            cluster: "DefaultCluster".into(),
+            data_dir: PathBuf::from("rocketmesh-data"),
+            flush: FlushMode::Async,
+            flush_interval_ms: 500,
+            segment_size: 1 << 30,
+            auto_create_topic: true,
+            default_queue_nums: 4,
+            max_message_size: 4 * 1024 * 1024,
+            max_frame_size: DEFAULT_MAX_FRAME,
+            max_connections: 10_000,
+            max_parked_pulls: 100_000,
+            max_in_flight_per_connection: 1024,
+        }
+    }
+}
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid broker config {path}: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    #[error("invalid broker config: {field} {problem}")]
+    Invalid {
+        field: &'static str,
+        problem: String,
+    },
+}
+
+impl BrokerConfig {
+    /// Reads a YAML file; keys not given keep their defaults, unknown keys are errors.
+    pub fn from_yaml_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: Self = serde_yaml_ng::from_str(&text).map_err(|error| ConfigError::Parse {
+            path: path.to_owned(),
+            reason: error.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, problem: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                problem: problem.to_owned(),
+            })
+        };
+        if self.broker_name.is_empty() {
+            return invalid("broker_name", "must not be empty");
+        }
+        if self.cluster.is_empty() {
+            return invalid("cluster", "must not be empty");
+        }
+        if !(1..=1024).contains(&self.default_queue_nums) {
+            return invalid("default_queue_nums", "must be between 1 and 1024");
+        }
+        if self.max_message_size == 0 || self.max_message_size >= self.max_frame_size {
+            return invalid(
+                "max_message_size",
+                "must be positive and smaller than max_frame_size",
+            );
+        }
+        if self.segment_size < 4096 || self.segment_size < self.max_message_size as u64 {
+            return invalid(
+                "segment_size",
+                "must be at least 4096 and at least max_message_size",
+            );
+        }
+        if self.max_connections == 0 || self.max_in_flight_per_connection == 0 {
+            return invalid(
+                "max_connections",
+                "and max_in_flight_per_connection must be positive",
+            );
+        }
+        Ok(())
+    }
+
+    /// The address put into route data and message ids.
+    pub fn advertised(&self) -> String {
+        self.advertised_address
+            .clone()
+            .unwrap_or_else(|| self.listen.to_string())
+    }
+
+    /// The store settings these broker settings imply.
+    pub fn store_config(&self) -> MessageStoreConfig {
+        let store_host = self.advertised().parse().unwrap_or(self.listen);
+        let mut store = MessageStoreConfig::new(&self.data_dir, store_host);
+        store.commit_log.segment_size = self.segment_size;
+        // Room for the record's own header and properties around the largest body.
+        store.commit_log.max_entry_size =
+            u32::try_from(self.max_message_size + 64 * 1024).unwrap_or(u32::MAX);
+        store.commit_log.flush = match self.flush {
+            FlushMode::Async => FlushPolicy::Async {
+                interval: Duration::from_millis(self.flush_interval_ms.max(1)),
+            },
+            FlushMode::Sync => FlushPolicy::Sync,
+        };
+        store
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_parses_and_validates() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/broker.yaml");
+        let config = BrokerConfig::from_yaml_file(&path).expect("config/broker.yaml");
+        assert_eq!(config.broker_name, "broker-a");
+        assert_eq!(config.flush, FlushMode::Async);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_field() {
+        let error =
+            serde_yaml_ng::from_str::<BrokerConfig>("brokr_name: x").expect_err("unknown key");
+        assert!(error.to_string().contains("brokr_name"), "{error}");
+        let config = BrokerConfig {
+            default_queue_nums: 0,
+            ..BrokerConfig::default()
+        };
+        let error = config.validate().expect_err("invalid");
+        assert!(error.to_string().contains("default_queue_nums"), "{error}");
+    }
+}

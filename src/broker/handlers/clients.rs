@@ -1,0 +1,64 @@
+//! HEART_BEAT, UNREGISTER_CLIENT and GET_CONSUMER_LIST_BY_GROUP.
+
+use super::bad_request;
+use crate::broker::clients::ConnectionId;
+use crate::broker::state::BrokerState;
+use crate::remoting::body::{ConsumerList, HeartbeatData, JsonBody};
+use crate::remoting::header::{GetConsumerListByGroupRequestHeader, UnregisterClientRequestHeader};
+use crate::remoting::{RemotingCommand, ResponseCode};
+
+pub fn heartbeat(
+    state: &BrokerState,
+    connection: ConnectionId,
+    request: &RemotingCommand,
+) -> RemotingCommand {
+    let heartbeat = match HeartbeatData::from_json(&request.body) {
+        Ok(heartbeat) => heartbeat,
+        Err(error) => {
+            return RemotingCommand::error_response(
+                request,
+                ResponseCode::INVALID_PARAMETER,
+                format!("invalid heartbeat body: {error}"),
+            );
+        }
+    };
+    for consumer in &heartbeat.consumer_data_set {
+        state.group(&consumer.group_name);
+    }
+    state.clients.heartbeat(connection, &heartbeat);
+    RemotingCommand::response_to(request, ResponseCode::SUCCESS)
+}
+
+pub fn unregister(state: &BrokerState, request: &RemotingCommand) -> RemotingCommand {
+    match request.decode_header::<UnregisterClientRequestHeader>() {
+        Ok(header) => {
+            state.clients.unregister(
+                &header.client_id,
+                header.producer_group.as_deref(),
+                header.consumer_group.as_deref(),
+            );
+            RemotingCommand::response_to(request, ResponseCode::SUCCESS)
+        }
+        Err(error) => bad_request(request, error),
+    }
+}
+
+pub fn consumer_list(state: &BrokerState, request: &RemotingCommand) -> RemotingCommand {
+    let header = match request.decode_header::<GetConsumerListByGroupRequestHeader>() {
+        Ok(header) => header,
+        Err(error) => return bad_request(request, error),
+    };
+    let Some(consumer_id_list) = state.clients.consumer_ids(&header.consumer_group) else {
+        return RemotingCommand::error_response(
+            request,
+            ResponseCode::SYSTEM_ERROR,
+            format!("no consumer for this group, {}", header.consumer_group),
+        );
+    };
+    match (ConsumerList { consumer_id_list }).to_json() {
+        Ok(body) => RemotingCommand::response_to(request, ResponseCode::SUCCESS).with_body(body),
+        Err(error) => {
+            RemotingCommand::error_response(request, ResponseCode::SYSTEM_ERROR, error.to_string())
+        }
+    }
+}

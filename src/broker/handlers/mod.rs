@@ -1,0 +1,68 @@
+//! Request handlers of the bundled broker, one module per family of codes.
+
+mod clients;
+mod offsets;
+pub mod pull;
+mod query;
+mod route;
+pub mod send;
+
+use std::net::SocketAddr;
+
+use super::clients::ConnectionId;
+use super::state::BrokerState;
+use super::store::StoreError;
+use crate::remoting::{HeaderError, RemotingCommand, RequestCode, ResponseCode};
+
+/// Handles one request; `None` for oneway requests, which get no response.
+pub async fn handle(
+    state: &BrokerState,
+    connection: ConnectionId,
+    peer: SocketAddr,
+    request: RemotingCommand,
+) -> Option<RemotingCommand> {
+    let response = match request.request_code() {
+        RequestCode::SEND_MESSAGE
+        | RequestCode::SEND_MESSAGE_V2
+        | RequestCode::SEND_BATCH_MESSAGE => send::handle(state, peer, &request).await,
+        RequestCode::PULL_MESSAGE | RequestCode::LITE_PULL_MESSAGE => {
+            pull::handle(state, &request).await
+        }
+        RequestCode::QUERY_CONSUMER_OFFSET => offsets::query_consumer_offset(state, &request),
+        RequestCode::UPDATE_CONSUMER_OFFSET => offsets::update_consumer_offset(state, &request),
+        RequestCode::GET_MAX_OFFSET => offsets::max_offset(state, &request),
+        RequestCode::GET_MIN_OFFSET => offsets::min_offset(state, &request),
+        RequestCode::SEARCH_OFFSET_BY_TIMESTAMP => offsets::search_offset(state, &request),
+        RequestCode::HEART_BEAT => clients::heartbeat(state, connection, &request),
+        RequestCode::UNREGISTER_CLIENT => clients::unregister(state, &request),
+        RequestCode::GET_CONSUMER_LIST_BY_GROUP => clients::consumer_list(state, &request),
+        RequestCode::GET_ROUTEINFO_BY_TOPIC => route::topic_route(state, &request),
+        RequestCode::GET_BROKER_CLUSTER_INFO => route::cluster_info(state, &request),
+        RequestCode::UPDATE_AND_CREATE_TOPIC => route::create_topic(state, &request),
+        RequestCode::VIEW_MESSAGE_BY_ID => query::view_message(state, &request),
+        RequestCode::QUERY_MESSAGE => query::query_message(state, &request),
+        code => RemotingCommand::error_response(
+            &request,
+            ResponseCode::REQUEST_CODE_NOT_SUPPORTED,
+            format!(" request type {} not supported", code.0),
+        ),
+    };
+    (!request.is_oneway()).then_some(response)
+}
+
+/// A request whose header does not parse.
+fn bad_request(request: &RemotingCommand, error: HeaderError) -> RemotingCommand {
+    RemotingCommand::error_response(request, ResponseCode::INVALID_PARAMETER, error.to_string())
+}
+
+/// A request the store could not serve.
+fn store_failure(request: &RemotingCommand, error: StoreError) -> RemotingCommand {
+    let code = match error {
+        StoreError::InvalidRecord(_)
+        | StoreError::EntryTooLarge { .. }
+        | StoreError::EmptyEntry => ResponseCode::MESSAGE_ILLEGAL,
+        StoreError::Failed | StoreError::Closed => ResponseCode::SERVICE_NOT_AVAILABLE,
+        _ => ResponseCode::SYSTEM_ERROR,
+    };
+    RemotingCommand::error_response(request, code, format!("store error: {error}"))
+}

@@ -1,0 +1,178 @@
+//! SEND_MESSAGE, SEND_MESSAGE_V2 and SEND_BATCH_MESSAGE.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+
+use super::{bad_request, store_failure};
+use crate::broker::state::{AUTO_CREATE_TOPIC, BrokerState};
+use crate::remoting::header::{
+    SendMessageRequestHeader, SendMessageRequestHeaderV2, SendMessageResponseHeader,
+};
+use crate::remoting::message::{self, MessageRecord, Properties, parse_properties, property};
+use crate::remoting::{RemotingCommand, RequestCode, ResponseCode};
+
+/// Java's `TopicValidator`: at most 127 characters from `[%|a-zA-Z0-9_-]`.
+pub fn valid_topic_name(topic: &str) -> bool {
+    !topic.is_empty()
+        && topic.len() <= 127
+        && topic
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'%' | b'|' | b'_' | b'-'))
+}
+
+pub async fn handle(
+    state: &BrokerState,
+    peer: SocketAddr,
+    request: &RemotingCommand,
+) -> RemotingCommand {
+    let header = match request.request_code() {
+        RequestCode::SEND_MESSAGE => request.decode_header::<SendMessageRequestHeader>(),
+        _ => request
+            .decode_header::<SendMessageRequestHeaderV2>()
+            .map(SendMessageRequestHeader::from),
+    };
+    let header = match header {
+        Ok(header) => header,
+        Err(error) => return bad_request(request, error),
+    };
+    if !valid_topic_name(&header.topic) || header.topic == AUTO_CREATE_TOPIC {
+        return RemotingCommand::error_response(
+            request,
+            ResponseCode::INVALID_PARAMETER,
+            format!("the topic[{}] is not allowed for sending", header.topic),
+        );
+    }
+    let Some(topic) = state.topic_for_send(&header.topic) else {
+        return RemotingCommand::error_response(
+            request,
+            ResponseCode::TOPIC_NOT_EXIST,
+            format!("topic[{}] not exist, apply first please!", header.topic),
+        );
+    };
+    if topic.perm & crate::broker::store::metadata::perm::WRITE == 0 {
+        return RemotingCommand::error_response(
+            request,
+            ResponseCode::NO_PERMISSION,
+            format!("the topic[{}] sending is forbidden", header.topic),
+        );
+    }
+    let queue_id = if header.queue_id < 0 {
+        state.pick_queue(topic.write_queue_nums)
+    } else if header.queue_id >= topic.write_queue_nums {
+        return RemotingCommand::error_response(
+            request,
+            ResponseCode::INVALID_PARAMETER,
+            format!(
+                "request queueId[{}] is illegal, topic {} has {} write queues",
+                header.queue_id, header.topic, topic.write_queue_nums
+            ),
+        );
+    } else {
+        header.queue_id
+    };
+
+    let batch = request.request_code() == RequestCode::SEND_BATCH_MESSAGE;
+    let messages: Vec<(Bytes, Properties, i32)> = if batch {
+        match message::decode_batch(&request.body) {
+            Ok(entries) => entries
+                .into_iter()
+                .map(|e| (e.body, e.properties, e.flag))
+                .collect(),
+            Err(error) => {
+                return RemotingCommand::error_response(
+                    request,
+                    ResponseCode::MESSAGE_ILLEGAL,
+                    format!("invalid batch body: {error}"),
+                );
+            }
+        }
+    } else {
+        let properties = parse_properties(header.properties.as_deref().unwrap_or(""));
+        vec![(request.body.clone(), properties, header.flag)]
+    };
+    if messages.is_empty() {
+        return RemotingCommand::error_response(
+            request,
+            ResponseCode::MESSAGE_ILLEGAL,
+            "the batch is empty",
+        );
+    }
+    if let Some(size) = messages
+        .iter()
+        .map(|(body, _, _)| body.len())
+        .find(|len| *len > state.config.max_message_size)
+    {
+        return RemotingCommand::error_response(
+            request,
+            ResponseCode::MESSAGE_ILLEGAL,
+            format!(
+                "the message body size {size} exceeds the limit of {} bytes",
+                state.config.max_message_size
+            ),
+        );
+    }
+
+    let records: Vec<MessageRecord> = messages
+        .into_iter()
+        .map(|(body, mut properties, flag)| {
+            if !properties.contains_key(property::UNIQ_KEY) {
+                properties.insert(property::UNIQ_KEY.to_owned(), state.uniq_keys.next());
+            }
+            properties.insert(property::CLUSTER.to_owned(), state.config.cluster.clone());
+            MessageRecord {
+                queue_id,
+                flag,
+                sys_flag: header.sys_flag,
+                born_timestamp: header.born_timestamp,
+                born_host: peer,
+                reconsume_times: header.reconsume_times.unwrap_or(0),
+                body,
+                topic: header.topic.clone(),
+                properties,
+                ..MessageRecord::default()
+            }
+        })
+        .collect();
+    let uniq_keys: Vec<String> = records
+        .iter()
+        .filter_map(|r| r.uniq_key().map(str::to_owned))
+        .collect();
+    let puts = match state.store.put_batch(records) {
+        Ok(puts) => puts,
+        Err(error) => return store_failure(request, error),
+    };
+    let Some(last) = puts.last() else {
+        return RemotingCommand::error_response(
+            request,
+            ResponseCode::SYSTEM_ERROR,
+            "nothing was stored",
+        );
+    };
+    if let Err(error) = state.store.wait_durable(last.end).await {
+        return store_failure(request, error);
+    }
+    state.arrivals.notify_waiters();
+
+    let store_host = state.store.config().store_host;
+    let msg_ids: Vec<String> = puts
+        .iter()
+        .map(|put| {
+            message::OffsetMessageId {
+                store_host,
+                commit_log_offset: put.commit_offset as i64,
+            }
+            .to_string()
+        })
+        .collect();
+    let response_header = SendMessageResponseHeader {
+        msg_id: msg_ids.join(","),
+        queue_id,
+        queue_offset: puts[0].queue_offset as i64,
+        transaction_id: (!batch).then(|| uniq_keys.first().cloned()).flatten(),
+        msg_region: Some("DefaultRegion".into()),
+        trace_on: Some("true".into()),
+        ..Default::default()
+    };
+    RemotingCommand::response_to(request, ResponseCode::SUCCESS).with_header(&response_header)
+}

@@ -1,0 +1,120 @@
+//! The broker's TCP front: accepts connections, decodes frames, runs each request on its own task
+//! (so a parked pull never blocks the sends behind it) and writes responses back in completion
+//! order, as remoting allows.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use futures::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::codec::Framed;
+use tracing::{debug, info, warn};
+
+use super::handlers;
+use super::state::BrokerState;
+use crate::remoting::frame::FrameLimits;
+use crate::remoting::{RemotingCodec, RemotingCommand};
+
+/// Accepts connections on `listener` until `shutdown` completes, then flushes the store.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<BrokerState>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let next_connection = AtomicU64::new(1);
+    let open = Arc::new(AtomicUsize::new(0));
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (socket, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of file descriptors and the like: keep serving the connections we have.
+                warn!(%error, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if open.fetch_add(1, Ordering::AcqRel) >= state.config.max_connections {
+            open.fetch_sub(1, Ordering::AcqRel);
+            warn!(%peer, limit = state.config.max_connections, "connection limit reached, closing");
+            continue;
+        }
+        let connection = next_connection.fetch_add(1, Ordering::Relaxed);
+        let state = state.clone();
+        let open = open.clone();
+        tokio::spawn(async move {
+            serve_connection(state, connection, peer, socket).await;
+            open.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+    info!("broker stopping: flushing the store");
+    if let Err(error) = state.store.flush() {
+        warn!(%error, "final flush failed");
+    }
+    if let Err(error) = state.metadata.persist() {
+        warn!(%error, "final metadata persist failed");
+    }
+}
+
+async fn serve_connection(
+    state: Arc<BrokerState>,
+    connection: u64,
+    peer: SocketAddr,
+    socket: TcpStream,
+) {
+    let _ = socket.set_nodelay(true);
+    let limits = FrameLimits {
+        max_frame: state.config.max_frame_size,
+        ..FrameLimits::default()
+    };
+    let (mut sink, mut stream) = Framed::new(socket, RemotingCodec::new(limits)).split();
+    let (outbound, mut responses) =
+        mpsc::channel::<RemotingCommand>(state.config.max_in_flight_per_connection);
+    state.clients.connected(connection, outbound.clone());
+    debug!(%peer, connection, "connected");
+
+    let writer = tokio::spawn(async move {
+        while let Some(command) = responses.recv().await {
+            if let Err(error) = sink.send(command).await {
+                debug!(%error, "write failed");
+                break;
+            }
+        }
+    });
+    let in_flight = Arc::new(Semaphore::new(state.config.max_in_flight_per_connection));
+    while let Some(frame) = stream.next().await {
+        let request = match frame {
+            Ok(command) if command.is_response() => continue,
+            Ok(command) => command,
+            Err(error) => {
+                // Without a decoded header there is no opaque to answer: close this connection only.
+                warn!(%peer, %error, "malformed frame, closing the connection");
+                break;
+            }
+        };
+        // Back-pressure: stop reading while this connection has too many requests in flight.
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            break;
+        };
+        let state = state.clone();
+        let outbound = outbound.clone();
+        tokio::spawn(async move {
+            if let Some(response) = handlers::handle(&state, connection, peer, request).await {
+                let _ = outbound.send(response).await;
+            }
+            drop(permit);
+        });
+    }
+    state.clients.disconnected(connection);
+    drop(outbound);
+    // The writer ends once every in-flight handler has dropped its sender.
+    let _ = writer.await;
+    debug!(%peer, connection, "disconnected");
+}

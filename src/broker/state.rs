@@ -1,0 +1,95 @@
+//! What every request handler of the broker shares.
+
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+
+use tokio::sync::Notify;
+
+use super::clients::ClientRegistry;
+use super::config::BrokerConfig;
+use super::store::metadata::{SubscriptionGroupConfig, TopicConfig, perm};
+use super::store::{MessageStore, Metadata, StoreError};
+use super::uniq_key::UniqKeyGenerator;
+
+/// The topic Java producers fall back to when asking for the route of a topic that does not exist
+/// yet; serving it is what lets auto-creation work.
+pub const AUTO_CREATE_TOPIC: &str = "TBW102";
+
+pub struct BrokerState {
+    pub config: BrokerConfig,
+    pub store: MessageStore,
+    pub metadata: Metadata,
+    pub clients: ClientRegistry,
+    pub uniq_keys: UniqKeyGenerator,
+    /// Woken on every stored message, so that parked pulls look again.
+    pub arrivals: Notify,
+    pub parked_pulls: AtomicUsize,
+    queue_cursor: AtomicU32,
+}
+
+impl BrokerState {
+    pub fn open(config: BrokerConfig) -> Result<Self, StoreError> {
+        let store = MessageStore::open(config.store_config())?;
+        let metadata = Metadata::open(config.data_dir.join("config"))?;
+        if config.auto_create_topic && metadata.topic(AUTO_CREATE_TOPIC).is_none() {
+            metadata.put_topic(TopicConfig {
+                topic_name: AUTO_CREATE_TOPIC.into(),
+                read_queue_nums: config.default_queue_nums,
+                write_queue_nums: config.default_queue_nums,
+                perm: perm::READ_WRITE | perm::INHERIT,
+                ..TopicConfig::default()
+            });
+        }
+        metadata.persist()?;
+        let ip = config
+            .advertised()
+            .parse::<std::net::SocketAddr>()
+            .map(|addr| addr.ip())
+            .unwrap_or(config.listen.ip());
+        Ok(Self {
+            uniq_keys: UniqKeyGenerator::new(ip),
+            config,
+            store,
+            metadata,
+            clients: ClientRegistry::default(),
+            arrivals: Notify::new(),
+            parked_pulls: AtomicUsize::new(0),
+            queue_cursor: AtomicU32::new(0),
+        })
+    }
+
+    /// The topic's configuration, creating it when auto-creation is on. `None`: no such topic.
+    pub fn topic_for_send(&self, topic: &str) -> Option<TopicConfig> {
+        if let Some(config) = self.metadata.topic(topic) {
+            return Some(config);
+        }
+        if !self.config.auto_create_topic {
+            return None;
+        }
+        let config = TopicConfig {
+            topic_name: topic.to_owned(),
+            read_queue_nums: self.config.default_queue_nums,
+            write_queue_nums: self.config.default_queue_nums,
+            ..TopicConfig::default()
+        };
+        self.metadata.put_topic(config.clone());
+        Some(config)
+    }
+
+    /// A subscription group's configuration, created with defaults on first use as Java does.
+    pub fn group(&self, group: &str) -> SubscriptionGroupConfig {
+        self.metadata.group(group).unwrap_or_else(|| {
+            let config = SubscriptionGroupConfig {
+                group_name: group.to_owned(),
+                ..SubscriptionGroupConfig::default()
+            };
+            self.metadata.put_group(config.clone());
+            config
+        })
+    }
+
+    /// A write queue for a send that left the choice to the broker.
+    pub fn pick_queue(&self, write_queue_nums: i32) -> i32 {
+        let next = self.queue_cursor.fetch_add(1, Ordering::Relaxed);
+        (next % write_queue_nums.max(1) as u32) as i32
+    }
+}

@@ -1,0 +1,266 @@
+//! The bundled broker serving a real third-party client (`rocketmq-client-rust` 1.0.0) that uses the
+//! broker's own address as its nameserver: sends acknowledged, messages delivered exactly once,
+//! offsets kept across a restart.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rocketmesh::broker::{BrokerConfig, BrokerState, server};
+use rocketmq_client_rust::{
+    ClientConfig, ClientResult, ClientRuntime, ClientRuntimeConfig, ConsumeConcurrentlyContext,
+    ConsumeConcurrentlyStatus, DefaultMQProducer, DefaultMQPushConsumer, MQPushConsumer,
+    MessageListenerConcurrently,
+};
+use rocketmq_model::common::consumer::consume_from_where::ConsumeFromWhere;
+use rocketmq_model::common::message::message_ext::MessageExt;
+use rocketmq_model::common::message::message_single::Message;
+use rocketmq_protocol::protocol::heartbeat::message_model::MessageModel;
+use rocketmq_runtime::{RuntimeConfig, RuntimeOwner};
+use tokio::sync::{Notify, oneshot};
+
+const TOPIC: &str = "BrokerClientTopic";
+const GROUP: &str = "broker_client_group";
+const MESSAGES: usize = 10_000;
+const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A broker on an ephemeral loopback port, stopped when dropped.
+struct RunningBroker {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    state: Arc<BrokerState>,
+}
+
+impl RunningBroker {
+    async fn start(data_dir: &std::path::Path) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let config = BrokerConfig {
+            listen: addr,
+            data_dir: data_dir.to_owned(),
+            segment_size: 8 << 20,
+            ..BrokerConfig::default()
+        };
+        let state = Arc::new(BrokerState::open(config).expect("open broker"));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::serve(listener, state.clone(), async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+            state,
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(STEP_TIMEOUT, task)
+                .await
+                .expect("broker stops")
+                .expect("broker task");
+        }
+    }
+}
+
+struct ClientHarness {
+    owner: RuntimeOwner,
+    runtime: Arc<ClientRuntime>,
+    telemetry: rocketmq_observability::TelemetryRuntimeGuard,
+}
+
+impl ClientHarness {
+    fn start() -> Self {
+        let mut config = RuntimeConfig {
+            thread_name: "broker-test-client".to_string(),
+            worker_threads: 2,
+            ..Default::default()
+        };
+        config.blocking_lane_policies.metadata_io.max_queue_depth = 4096;
+        let owner = RuntimeOwner::plan(config)
+            .expect("plan")
+            .build()
+            .expect("runtime");
+        let mut telemetry_config = rocketmq_observability::TelemetryBootstrapConfig::default();
+        telemetry_config.logging.filter =
+            std::env::var("ROCKETMESH_CLIENT_LOG").unwrap_or_else(|_| "error".to_string());
+        telemetry_config.logging.console.ansi = false;
+        let telemetry =
+            rocketmq_observability::install_global(&telemetry_config).expect("telemetry");
+        let runtime = ClientRuntime::try_new(
+            owner.root_context().component("broker-test-client"),
+            ClientRuntimeConfig {
+                managed_memory_numerator: 1,
+                managed_memory_denominator: 2,
+                ..Default::default()
+            },
+            telemetry.handle(),
+        )
+        .expect("client runtime");
+        Self {
+            owner,
+            runtime,
+            telemetry,
+        }
+    }
+
+    async fn shutdown(self) {
+        let _ = self.runtime.shutdown().await;
+        let _ = self.owner.shutdown_tasks().await;
+        let _ = self.owner.shutdown_background();
+        let _ = self.telemetry.shutdown();
+    }
+}
+
+fn client_config(namesrv: SocketAddr, instance: &str) -> ClientConfig {
+    ClientConfig::builder()
+        .namesrv_addr(namesrv.to_string())
+        .client_ip("127.0.0.1")
+        .instance_name(instance)
+        .build()
+        .expect("client config")
+}
+
+/// Counts deliveries per body and wakes the test on each.
+#[derive(Clone, Default)]
+struct Collector {
+    seen: Arc<Mutex<BTreeMap<String, usize>>>,
+    arrived: Arc<Notify>,
+}
+
+impl MessageListenerConcurrently for Collector {
+    fn consume_message(
+        &self,
+        msgs: &[&MessageExt],
+        _context: &ConsumeConcurrentlyContext,
+    ) -> ClientResult<ConsumeConcurrentlyStatus> {
+        {
+            let mut seen = self.seen.lock().expect("collector");
+            for message in msgs {
+                let body = String::from_utf8_lossy(message.body().as_deref().unwrap_or_default())
+                    .into_owned();
+                *seen.entry(body).or_default() += 1;
+            }
+        }
+        self.arrived.notify_one();
+        Ok(ConsumeConcurrentlyStatus::ConsumeSuccess)
+    }
+}
+
+impl Collector {
+    fn distinct(&self) -> usize {
+        self.seen.lock().expect("collector").len()
+    }
+
+    async fn wait_for(&self, distinct: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.distinct() < distinct {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "only {} of {distinct} messages arrived",
+                self.distinct()
+            );
+            let _ = tokio::time::timeout(left, self.arrived.notified()).await;
+        }
+    }
+}
+
+fn body(index: usize) -> String {
+    format!("message-{index:05}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_and_push_consumer_against_the_bundled_broker() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let broker = RunningBroker::start(data.path()).await;
+    let harness = ClientHarness::start();
+
+    let mut producer = DefaultMQProducer::builder(harness.runtime.clone())
+        .client_config(client_config(broker.addr, "broker-test-producer"))
+        .producer_group("broker_client_producer")
+        .send_msg_timeout(10_000)
+        .build();
+    tokio::time::timeout(STEP_TIMEOUT, producer.start())
+        .await
+        .expect("in time")
+        .expect("producer start");
+    let started = Instant::now();
+    let mut queue_offsets = BTreeMap::new();
+    for index in 0..MESSAGES {
+        let message = Message::builder()
+            .topic(TOPIC)
+            .tags(if index % 2 == 0 { "even" } else { "odd" })
+            .key(format!("key-{index}"))
+            .body_slice(body(index).as_bytes())
+            .build()
+            .expect("message");
+        let result = tokio::time::timeout(STEP_TIMEOUT, producer.send(message))
+            .await
+            .expect("in time")
+            .unwrap_or_else(|error| panic!("send {index} failed: {error}"))
+            .expect("a sync send has a result");
+        assert_eq!(
+            format!("{:?}", result.send_status),
+            "SendOk",
+            "send {index}: {result:?}"
+        );
+        let queue = result
+            .message_queue
+            .as_ref()
+            .map(|q| q.queue_id())
+            .unwrap_or(-1);
+        let expected = queue_offsets.entry(queue).or_insert(0u64);
+        assert_eq!(
+            result.queue_offset, *expected,
+            "queue {queue} offsets are dense"
+        );
+        *expected += 1;
+    }
+    let send_time = started.elapsed();
+    println!("{MESSAGES} sync sends, all SEND_OK, in {send_time:?} over queues {queue_offsets:?}");
+    producer.shutdown().await;
+
+    let collector = Collector::default();
+    let mut consumer = DefaultMQPushConsumer::builder(harness.runtime.clone())
+        .client_config(client_config(broker.addr, "broker-test-consumer"))
+        .consumer_group(GROUP)
+        .message_model(MessageModel::Clustering)
+        .consume_from_where(ConsumeFromWhere::ConsumeFromFirstOffset)
+        .build();
+    consumer.subscribe(TOPIC, "*").await.expect("subscribe");
+    consumer.register_message_listener_concurrently(collector.clone());
+    tokio::time::timeout(STEP_TIMEOUT, consumer.start())
+        .await
+        .expect("in time")
+        .expect("consumer start");
+    collector.wait_for(MESSAGES, STEP_TIMEOUT).await;
+    consumer.shutdown().await;
+    let seen = collector.seen.lock().expect("collector").clone();
+    let duplicates: Vec<_> = seen.iter().filter(|(_, count)| **count > 1).collect();
+    assert!(
+        duplicates.is_empty(),
+        "delivered more than once: {duplicates:?}"
+    );
+    assert_eq!(
+        seen.keys().cloned().collect::<Vec<_>>(),
+        (0..MESSAGES).map(body).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        broker.state.clients.consumer_ids(GROUP),
+        None,
+        "the consumer unregistered on shutdown"
+    );
+    println!("push consumer received all {MESSAGES} messages exactly once");
+
+    harness.shutdown().await;
+    broker.stop().await;
+}
