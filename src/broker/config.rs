@@ -50,6 +50,12 @@ pub struct BrokerConfig {
     pub max_parked_pulls: usize,
     /// Requests in flight per connection before the broker stops reading from it.
     pub max_in_flight_per_connection: usize,
+    /// How often consumer offsets and other metadata are written to disk (Java: 5 s).
+    pub persist_interval_ms: u64,
+    /// Delete commit-log segments older than this many hours (0: keep by age forever).
+    pub retention_hours: u64,
+    /// Delete the oldest commit-log segments while the log is larger than this (0: no limit).
+    pub retention_bytes: u64,
 }
 
 impl Default for BrokerConfig {
@@ -70,6 +76,9 @@ impl Default for BrokerConfig {
             max_connections: 10_000,
             max_parked_pulls: 100_000,
             max_in_flight_per_connection: 1024,
+            persist_interval_ms: 5_000,
+            retention_hours: 72,
+            retention_bytes: 0,
         }
     }
 }

@@ -24,6 +24,7 @@ pub async fn serve(
     state: Arc<BrokerState>,
     shutdown: impl Future<Output = ()>,
 ) {
+    let housekeeper = tokio::spawn(housekeeping(state.clone()));
     let next_connection = AtomicU64::new(1);
     let open = Arc::new(AtomicUsize::new(0));
     tokio::pin!(shutdown);
@@ -54,6 +55,7 @@ pub async fn serve(
             open.fetch_sub(1, Ordering::AcqRel);
         });
     }
+    housekeeper.abort();
     info!("broker stopping: flushing the store");
     if let Err(error) = state.store.flush() {
         warn!(%error, "final flush failed");
@@ -117,4 +119,40 @@ async fn serve_connection(
     // The writer ends once every in-flight handler has dropped its sender.
     let _ = writer.await;
     debug!(%peer, connection, "disconnected");
+}
+
+/// Periodic work: metadata to disk, index checkpoints, retention.
+async fn housekeeping(state: Arc<BrokerState>) {
+    let period = std::time::Duration::from_millis(state.config.persist_interval_ms.max(100));
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let state = state.clone();
+        // fsync and file deletion block; keep them off the request threads.
+        let outcome = tokio::task::spawn_blocking(move || {
+            state.metadata.persist()?;
+            state.store.flush()?;
+            let max_bytes =
+                (state.config.retention_bytes > 0).then_some(state.config.retention_bytes);
+            let max_age = (state.config.retention_hours > 0)
+                .then(|| std::time::Duration::from_secs(state.config.retention_hours * 3600));
+            let report = state.store.apply_retention(max_bytes, max_age)?;
+            if report.segments_deleted > 0 {
+                info!(
+                    segments = report.segments_deleted,
+                    bytes = report.bytes_deleted,
+                    min_offset = report.min_offset,
+                    "retention deleted old commit-log segments"
+                );
+            }
+            Ok::<(), crate::broker::store::StoreError>(())
+        })
+        .await;
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => warn!(%error, "housekeeping failed"),
+            Err(error) => warn!(%error, "housekeeping task failed"),
+        }
+    }
 }

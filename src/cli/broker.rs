@@ -61,13 +61,15 @@ impl BrokerArgs {
 }
 
 pub fn run(args: &BrokerArgs) -> anyhow::Result<()> {
-    let config = args.to_config()?;
+    let mut config = args.to_config()?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let local = listener.local_addr()?;
+        // With port 0 the real port is only known now; route data must name it.
+        config.listen = local;
         let state = Arc::new(BrokerState::open(config.clone()).context("cannot open the store")?);
         info!(
             listen = %local,
