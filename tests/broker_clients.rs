@@ -261,6 +261,62 @@ async fn producer_and_push_consumer_against_the_bundled_broker() {
     );
     println!("push consumer received all {MESSAGES} messages exactly once");
 
+    // Restart the broker on the same data: the group's offsets survive, so a new consumer of the
+    // group gets only what is sent after the restart.
+    broker.stop().await;
+    let broker = RunningBroker::start(data.path()).await;
+    let mut producer = DefaultMQProducer::builder(harness.runtime.clone())
+        .client_config(client_config(broker.addr, "broker-test-producer-2"))
+        .producer_group("broker_client_producer")
+        .send_msg_timeout(10_000)
+        .build();
+    tokio::time::timeout(STEP_TIMEOUT, producer.start())
+        .await
+        .expect("in time")
+        .expect("producer start");
+    let fresh: Vec<String> = (0..10)
+        .map(|index| format!("after-restart-{index}"))
+        .collect();
+    for text in &fresh {
+        let message = Message::builder()
+            .topic(TOPIC)
+            .body_slice(text.as_bytes())
+            .build()
+            .expect("message");
+        tokio::time::timeout(STEP_TIMEOUT, producer.send(message))
+            .await
+            .expect("in time")
+            .expect("send after restart");
+    }
+    producer.shutdown().await;
+    let collector = Collector::default();
+    let mut consumer = DefaultMQPushConsumer::builder(harness.runtime.clone())
+        .client_config(client_config(broker.addr, "broker-test-consumer-2"))
+        .consumer_group(GROUP)
+        .message_model(MessageModel::Clustering)
+        .consume_from_where(ConsumeFromWhere::ConsumeFromFirstOffset)
+        .build();
+    consumer.subscribe(TOPIC, "*").await.expect("subscribe");
+    consumer.register_message_listener_concurrently(collector.clone());
+    tokio::time::timeout(STEP_TIMEOUT, consumer.start())
+        .await
+        .expect("in time")
+        .expect("consumer start");
+    collector.wait_for(fresh.len(), STEP_TIMEOUT).await;
+    consumer.shutdown().await;
+    let seen: Vec<String> = collector
+        .seen
+        .lock()
+        .expect("collector")
+        .keys()
+        .cloned()
+        .collect();
+    assert_eq!(
+        seen, fresh,
+        "after the restart the group resumes at its committed offsets"
+    );
+    println!("after a broker restart the group received only the 10 new messages");
+
     harness.shutdown().await;
     broker.stop().await;
 }
