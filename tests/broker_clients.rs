@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use rocketmesh::broker::{BrokerConfig, BrokerState, server};
 use rocketmq_client_rust::{
     ClientConfig, ClientResult, ClientRuntime, ClientRuntimeConfig, ConsumeConcurrentlyContext,
-    ConsumeConcurrentlyStatus, DefaultMQProducer, DefaultMQPushConsumer, MQPushConsumer,
-    MessageListenerConcurrently,
+    ConsumeConcurrentlyStatus, DefaultLitePullConsumer, DefaultMQProducer, DefaultMQPushConsumer,
+    MQPushConsumer, MessageListenerConcurrently,
 };
 use rocketmq_model::common::consumer::consume_from_where::ConsumeFromWhere;
 use rocketmq_model::common::message::message_ext::MessageExt;
@@ -174,6 +174,34 @@ impl Collector {
     }
 }
 
+async fn wait_for_committed_offsets(state: &BrokerState, queue_ends: &BTreeMap<i32, u64>) {
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        let committed: BTreeMap<i32, u64> = queue_ends
+            .keys()
+            .map(|queue| {
+                (
+                    *queue,
+                    state
+                        .metadata
+                        .consumer_offset(GROUP, TOPIC, *queue)
+                        .unwrap_or(-1)
+                        .max(0) as u64,
+                )
+            })
+            .collect();
+        if &committed == queue_ends {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "committed offsets {committed:?}, expected {queue_ends:?}"
+        );
+        // Polling a condition the client changes on its own timer; there is no event to await.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn body(index: usize) -> String {
     format!("message-{index:05}")
 }
@@ -243,6 +271,10 @@ async fn producer_and_push_consumer_against_the_bundled_broker() {
         .expect("in time")
         .expect("consumer start");
     collector.wait_for(MESSAGES, STEP_TIMEOUT).await;
+    // The client commits offsets after its listener returns (every 5 s and at shutdown, oneway):
+    // wait until the broker holds the final offset of every queue before shutting down, so the
+    // restart below tests the broker's offsets and not this race.
+    wait_for_committed_offsets(&broker.state, &queue_offsets).await;
     consumer.shutdown().await;
     let seen = collector.seen.lock().expect("collector").clone();
     let duplicates: Vec<_> = seen.iter().filter(|(_, count)| **count > 1).collect();
@@ -260,6 +292,50 @@ async fn producer_and_push_consumer_against_the_bundled_broker() {
         "the consumer unregistered on shutdown"
     );
     println!("push consumer received all {MESSAGES} messages exactly once");
+
+    // A lite pull consumer of another group reads them all too.
+    let lite = DefaultLitePullConsumer::builder(harness.runtime.clone())
+        .name_server_addr(broker.addr.to_string())
+        .client_ip("127.0.0.1")
+        .instance_name("broker-test-lite")
+        .consumer_group("broker_client_lite_group")
+        // The client's shutdown waits for its parked long-poll pulls to come back.
+        .broker_suspend_max_time_millis(2_000)
+        .consume_from_where(ConsumeFromWhere::ConsumeFromFirstOffset)
+        .build()
+        .expect("lite pull consumer");
+    lite.subscribe(TOPIC).await.expect("subscribe");
+    tokio::time::timeout(STEP_TIMEOUT, lite.start())
+        .await
+        .expect("in time")
+        .expect("lite start");
+    let mut pulled = BTreeMap::new();
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while pulled.len() < MESSAGES && Instant::now() < deadline {
+        for message in lite.poll_with_timeout(1_000).await {
+            let text =
+                String::from_utf8_lossy(message.body().as_deref().unwrap_or_default()).into_owned();
+            *pulled.entry(text).or_insert(0usize) += 1;
+        }
+    }
+    let started_reading = deadline - STEP_TIMEOUT;
+    println!(
+        "lite pull read {} messages in {:?}",
+        pulled.len(),
+        started_reading.elapsed()
+    );
+    lite.shutdown().await;
+    println!(
+        "lite pull consumer shut down {:?} after it started reading",
+        started_reading.elapsed()
+    );
+    assert_eq!(
+        pulled.len(),
+        MESSAGES,
+        "the lite pull consumer read every message"
+    );
+    assert!(pulled.values().all(|count| *count == 1), "and each once");
+    println!("lite pull consumer read all {MESSAGES} messages");
 
     // Restart the broker on the same data: the group's offsets survive, so a new consumer of the
     // group gets only what is sent after the restart.
