@@ -35,16 +35,24 @@ struct RunningBroker {
 
 impl RunningBroker {
     async fn start(data_dir: &std::path::Path) -> Self {
+        Self::start_with(data_dir, |_| {}).await
+    }
+
+    async fn start_with(
+        data_dir: &std::path::Path,
+        adjust: impl FnOnce(&mut BrokerConfig),
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let config = BrokerConfig {
+        let mut config = BrokerConfig {
             listen: addr,
             data_dir: data_dir.to_owned(),
             segment_size: 8 << 20,
             ..BrokerConfig::default()
         };
+        adjust(&mut config);
         let state = Arc::new(BrokerState::open(config).expect("open broker"));
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server::serve(listener, state.clone(), async {
@@ -72,9 +80,10 @@ impl RunningBroker {
 }
 
 struct ClientHarness {
-    owner: RuntimeOwner,
+    // Kept alive for the life of the process, with the runtime it owns.
+    _owner: RuntimeOwner,
     runtime: Arc<ClientRuntime>,
-    telemetry: rocketmq_observability::TelemetryRuntimeGuard,
+    _telemetry: rocketmq_observability::TelemetryRuntimeGuard,
 }
 
 impl ClientHarness {
@@ -106,17 +115,10 @@ impl ClientHarness {
         )
         .expect("client runtime");
         Self {
-            owner,
+            _owner: owner,
             runtime,
-            telemetry,
+            _telemetry: telemetry,
         }
-    }
-
-    async fn shutdown(self) {
-        let _ = self.runtime.shutdown().await;
-        let _ = self.owner.shutdown_tasks().await;
-        let _ = self.owner.shutdown_background();
-        let _ = self.telemetry.shutdown();
     }
 }
 
@@ -206,11 +208,17 @@ fn body(index: usize) -> String {
     format!("message-{index:05}")
 }
 
+/// One client runtime for the whole test binary: the client's telemetry can be installed once.
+fn harness() -> &'static ClientHarness {
+    static HARNESS: std::sync::OnceLock<ClientHarness> = std::sync::OnceLock::new();
+    HARNESS.get_or_init(ClientHarness::start)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn producer_and_push_consumer_against_the_bundled_broker() {
     let data = tempfile::tempdir().expect("tempdir");
     let broker = RunningBroker::start(data.path()).await;
-    let harness = ClientHarness::start();
+    let harness = harness();
 
     let mut producer = DefaultMQProducer::builder(harness.runtime.clone())
         .client_config(client_config(broker.addr, "broker-test-producer"))
@@ -393,6 +401,165 @@ async fn producer_and_push_consumer_against_the_bundled_broker() {
     );
     println!("after a broker restart the group received only the 10 new messages");
 
-    harness.shutdown().await;
+    broker.stop().await;
+}
+
+/// Records every delivery and asks for redelivery of one poison message.
+#[derive(Clone, Default)]
+struct RetryingListener {
+    deliveries: Arc<Mutex<Vec<(String, i32, Instant)>>>,
+    arrived: Arc<Notify>,
+}
+
+impl MessageListenerConcurrently for RetryingListener {
+    fn consume_message(
+        &self,
+        msgs: &[&MessageExt],
+        _context: &ConsumeConcurrentlyContext,
+    ) -> ClientResult<ConsumeConcurrentlyStatus> {
+        let mut status = ConsumeConcurrentlyStatus::ConsumeSuccess;
+        {
+            let mut deliveries = self.deliveries.lock().expect("deliveries");
+            for message in msgs {
+                let text = String::from_utf8_lossy(message.body().as_deref().unwrap_or_default())
+                    .into_owned();
+                if text == "poison" {
+                    status = ConsumeConcurrentlyStatus::ReconsumeLater;
+                }
+                deliveries.push((text, message.reconsume_times(), Instant::now()));
+            }
+        }
+        self.arrived.notify_one();
+        Ok(status)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_retried_and_dead_lettered_messages() {
+    const DELAYED_TOPIC: &str = "DelayTopic";
+    const RETRY_GROUP: &str = "retry_group";
+    let data = tempfile::tempdir().expect("tempdir");
+    let broker = RunningBroker::start_with(data.path(), |config| {
+        // Level 2 is the delayed message's; levels 3 and up are the retry ladder's.
+        config.delay_levels = format!("200ms 1500ms {}", vec!["100ms"; 16].join(" "));
+    })
+    .await;
+    let harness = harness();
+    let mut producer = DefaultMQProducer::builder(harness.runtime.clone())
+        .client_config(client_config(broker.addr, "delay-producer"))
+        .producer_group("delay_producer")
+        .build();
+    tokio::time::timeout(STEP_TIMEOUT, producer.start())
+        .await
+        .expect("in time")
+        .expect("start");
+    let listener = RetryingListener::default();
+    let mut consumer = DefaultMQPushConsumer::builder(harness.runtime.clone())
+        .client_config(client_config(broker.addr, "delay-consumer"))
+        .consumer_group(RETRY_GROUP)
+        .message_model(MessageModel::Clustering)
+        .consume_from_where(ConsumeFromWhere::ConsumeFromFirstOffset)
+        .max_reconsume_times(2)
+        .build();
+    let mut delayed_sent = Instant::now();
+    for (body, delay_level) in [("fine", 0), ("poison", 0), ("delayed", 2)] {
+        // Taken before the send, so the broker stores the message after this instant.
+        delayed_sent = Instant::now();
+        let mut builder = Message::builder()
+            .topic(DELAYED_TOPIC)
+            .body_slice(body.as_bytes());
+        if delay_level > 0 {
+            builder = builder.delay_level(delay_level);
+        }
+        tokio::time::timeout(
+            STEP_TIMEOUT,
+            producer.send(builder.build().expect("message")),
+        )
+        .await
+        .expect("in time")
+        .expect("send");
+    }
+    consumer
+        .subscribe(DELAYED_TOPIC, "*")
+        .await
+        .expect("subscribe");
+    consumer.register_message_listener_concurrently(listener.clone());
+    tokio::time::timeout(STEP_TIMEOUT, consumer.start())
+        .await
+        .expect("in time")
+        .expect("consumer start");
+
+    let dead_letters = format!("%DLQ%{RETRY_GROUP}");
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        let done = {
+            let deliveries = listener.deliveries.lock().expect("deliveries");
+            deliveries.iter().any(|(body, _, _)| body == "delayed")
+                && deliveries
+                    .iter()
+                    .filter(|(body, _, _)| body == "poison")
+                    .count()
+                    >= 3
+        } && broker.state.store.queue_offsets(&dead_letters, 0).1 >= 1;
+        if done {
+            break;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "deliveries so far: {:?}",
+            listener.deliveries.lock().expect("deliveries")
+        );
+        // The dead-letter check reads broker state that has no event; bound each wait.
+        let _ = tokio::time::timeout(
+            left.min(Duration::from_millis(200)),
+            listener.arrived.notified(),
+        )
+        .await;
+    }
+    consumer.shutdown().await;
+    producer.shutdown().await;
+
+    let deliveries = listener.deliveries.lock().expect("deliveries").clone();
+    let delayed_at = deliveries
+        .iter()
+        .find(|(body, _, _)| body == "delayed")
+        .map(|(_, _, at)| *at)
+        .expect("delayed");
+    let delay = delayed_at - delayed_sent;
+    println!("the level-2 (1.5 s) message arrived {delay:?} after its send started");
+    assert!(
+        delay >= Duration::from_millis(1500),
+        "delivered before its time: {delay:?}"
+    );
+    let poison: Vec<i32> = deliveries
+        .iter()
+        .filter(|(body, _, _)| body == "poison")
+        .map(|(_, times, _)| *times)
+        .collect();
+    assert_eq!(poison, vec![0, 1, 2], "delivered once, then retried twice");
+    assert_eq!(
+        deliveries
+            .iter()
+            .filter(|(body, _, _)| body == "fine")
+            .count(),
+        1
+    );
+    let raw = broker
+        .state
+        .store
+        .read_queue(&dead_letters, 0, 0, 10, |_| true)
+        .expect("dead letters");
+    let (record, _) =
+        rocketmesh::remoting::message::MessageRecord::decode(&raw[0], true).expect("record");
+    assert_eq!(record.body, "poison".as_bytes());
+    assert_eq!(
+        record
+            .properties
+            .get("DLQ_ORIGIN_TOPIC")
+            .map(String::as_str),
+        Some(DELAYED_TOPIC)
+    );
+    println!("poison was delivered 3 times and then dead-lettered to {dead_letters}");
     broker.stop().await;
 }

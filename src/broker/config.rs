@@ -56,6 +56,10 @@ pub struct BrokerConfig {
     pub retention_hours: u64,
     /// Delete the oldest commit-log segments while the log is larger than this (0: no limit).
     pub retention_bytes: u64,
+    /// Delays of the `DELAY` levels 1, 2, …, as Java's `messageDelayLevel` (units ms, s, m, h, d).
+    pub delay_levels: String,
+    /// Longest delay a TIMER_* property may ask for, in seconds (Java: 3 days).
+    pub max_delay_secs: u64,
 }
 
 impl Default for BrokerConfig {
@@ -79,6 +83,8 @@ impl Default for BrokerConfig {
             persist_interval_ms: 5_000,
             retention_hours: 72,
             retention_bytes: 0,
+            delay_levels: crate::broker::schedule::DEFAULT_DELAY_LEVELS.to_owned(),
+            max_delay_secs: 3 * 86_400,
         }
     }
 }
@@ -144,6 +150,9 @@ impl BrokerConfig {
                 "segment_size",
                 "must be at least 4096 and at least max_message_size",
             );
+        }
+        if let Err(error) = crate::broker::schedule::parse_delay_levels(&self.delay_levels) {
+            return invalid("delay_levels", &error.to_string());
         }
         if self.max_connections == 0 || self.max_in_flight_per_connection == 0 {
             return invalid(

@@ -25,6 +25,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let housekeeper = tokio::spawn(housekeeping(state.clone()));
+    let scheduler = tokio::spawn(deliver_delayed(state.clone()));
     let next_connection = AtomicU64::new(1);
     let open = Arc::new(AtomicUsize::new(0));
     tokio::pin!(shutdown);
@@ -56,6 +57,7 @@ pub async fn serve(
         });
     }
     housekeeper.abort();
+    scheduler.abort();
     info!("broker stopping: flushing the store");
     if let Err(error) = state.store.flush() {
         warn!(%error, "final flush failed");
@@ -133,6 +135,8 @@ async fn housekeeping(state: Arc<BrokerState>) {
         let outcome = tokio::task::spawn_blocking(move || {
             state.metadata.persist()?;
             state.store.flush()?;
+            // Only after the flush: delivered messages are on disk before progress says so.
+            state.scheduler.persist()?;
             let max_bytes =
                 (state.config.retention_bytes > 0).then_some(state.config.retention_bytes);
             let max_age = (state.config.retention_hours > 0)
@@ -154,5 +158,39 @@ async fn housekeeping(state: Arc<BrokerState>) {
             Ok(Err(error)) => warn!(%error, "housekeeping failed"),
             Err(error) => warn!(%error, "housekeeping task failed"),
         }
+    }
+}
+
+/// Moves delayed messages to their topics when due.
+async fn deliver_delayed(state: Arc<BrokerState>) {
+    // Bounded so that a clock jump or a missed wake-up costs at most this long.
+    const LONGEST_NAP: std::time::Duration = std::time::Duration::from_millis(500);
+    loop {
+        let scheduled = state.scheduled.notified();
+        tokio::pin!(scheduled);
+        scheduled.as_mut().enable();
+        let now = crate::broker::schedule::now_ms();
+        let task_state = state.clone();
+        match tokio::task::spawn_blocking(move || {
+            task_state.scheduler.deliver_due(&task_state.store, now)
+        })
+        .await
+        {
+            Ok(Ok(0)) => {}
+            Ok(Ok(_)) => state.arrivals.notify_waiters(),
+            Ok(Err(error)) => warn!(%error, "delivering delayed messages failed"),
+            Err(error) => warn!(%error, "delayed delivery task failed"),
+        }
+        let nap = state
+            .scheduler
+            .next_due()
+            .map(|due| {
+                std::time::Duration::from_millis(
+                    due.saturating_sub(crate::broker::schedule::now_ms()).max(1) as u64,
+                )
+            })
+            .unwrap_or(LONGEST_NAP)
+            .min(LONGEST_NAP);
+        let _ = tokio::time::timeout(nap, scheduled).await;
     }
 }

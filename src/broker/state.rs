@@ -6,6 +6,7 @@ use tokio::sync::Notify;
 
 use super::clients::ClientRegistry;
 use super::config::BrokerConfig;
+use super::schedule::{Scheduler, parse_delay_levels};
 use super::store::metadata::{SubscriptionGroupConfig, TopicConfig, perm};
 use super::store::{MessageStore, Metadata, StoreError};
 use super::uniq_key::UniqKeyGenerator;
@@ -20,6 +21,11 @@ pub struct BrokerState {
     pub metadata: Metadata,
     pub clients: ClientRegistry,
     pub uniq_keys: UniqKeyGenerator,
+    /// Delayed messages waiting for their time.
+    pub scheduler: Scheduler,
+    pub delay_levels: Vec<std::time::Duration>,
+    /// Woken when a delayed message is scheduled, so the scheduler can move its next wake-up.
+    pub scheduled: Notify,
     /// Woken on every stored message, so that parked pulls look again.
     pub arrivals: Notify,
     pub parked_pulls: AtomicUsize,
@@ -29,6 +35,12 @@ pub struct BrokerState {
 impl BrokerState {
     pub fn open(config: BrokerConfig) -> Result<Self, StoreError> {
         let store = MessageStore::open(config.store_config())?;
+        let delay_levels =
+            parse_delay_levels(&config.delay_levels).map_err(|error| StoreError::Metadata {
+                file: "delay_levels".into(),
+                reason: error.to_string(),
+            })?;
+        let scheduler = Scheduler::open(&config.data_dir, &store)?;
         let metadata = Metadata::open(config.data_dir.join("config"))?;
         if config.auto_create_topic && metadata.topic(AUTO_CREATE_TOPIC).is_none() {
             metadata.put_topic(TopicConfig {
@@ -51,6 +63,9 @@ impl BrokerState {
             store,
             metadata,
             clients: ClientRegistry::default(),
+            scheduler,
+            delay_levels,
+            scheduled: Notify::new(),
             arrivals: Notify::new(),
             parked_pulls: AtomicUsize::new(0),
             queue_cursor: AtomicU32::new(0),
@@ -73,6 +88,20 @@ impl BrokerState {
         };
         self.metadata.put_topic(config.clone());
         Some(config)
+    }
+
+    /// A topic the broker itself creates (retry and dead-letter topics): one queue, read-write.
+    pub fn ensure_system_topic(&self, topic: &str) -> TopicConfig {
+        self.metadata.topic(topic).unwrap_or_else(|| {
+            let config = TopicConfig {
+                topic_name: topic.to_owned(),
+                read_queue_nums: 1,
+                write_queue_nums: 1,
+                ..TopicConfig::default()
+            };
+            self.metadata.put_topic(config.clone());
+            config
+        })
     }
 
     /// A subscription group's configuration, created with defaults on first use as Java does.

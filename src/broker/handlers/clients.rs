@@ -24,6 +24,8 @@ pub fn heartbeat(
     };
     for consumer in &heartbeat.consumer_data_set {
         state.group(&consumer.group_name);
+        // Consumers subscribe to their retry topic from the start; it must exist for their pulls.
+        state.ensure_system_topic(&super::retry::retry_topic(&consumer.group_name));
     }
     state.clients.heartbeat(connection, &heartbeat);
     RemotingCommand::response_to(request, ResponseCode::SUCCESS)

@@ -4,6 +4,7 @@ mod clients;
 mod offsets;
 pub mod pull;
 mod query;
+pub mod retry;
 mod route;
 pub mod send;
 
@@ -33,6 +34,7 @@ pub async fn handle(
         RequestCode::GET_MAX_OFFSET => offsets::max_offset(state, &request),
         RequestCode::GET_MIN_OFFSET => offsets::min_offset(state, &request),
         RequestCode::SEARCH_OFFSET_BY_TIMESTAMP => offsets::search_offset(state, &request),
+        RequestCode::CONSUMER_SEND_MSG_BACK => retry::send_back(state, &request).await,
         RequestCode::HEART_BEAT => clients::heartbeat(state, connection, &request),
         RequestCode::UNREGISTER_CLIENT => clients::unregister(state, &request),
         RequestCode::GET_CONSUMER_LIST_BY_GROUP => clients::consumer_list(state, &request),

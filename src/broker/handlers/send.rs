@@ -1,10 +1,12 @@
 //! SEND_MESSAGE, SEND_MESSAGE_V2 and SEND_BATCH_MESSAGE.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::Bytes;
 
 use super::{bad_request, store_failure};
+use crate::broker::schedule;
 use crate::broker::state::{AUTO_CREATE_TOPIC, BrokerState};
 use crate::remoting::header::{
     SendMessageRequestHeader, SendMessageRequestHeaderV2, SendMessageResponseHeader,
@@ -138,7 +140,40 @@ pub async fn handle(
         .iter()
         .filter_map(|r| r.uniq_key().map(str::to_owned))
         .collect();
-    let puts = match state.store.put_batch(records) {
+    let now = schedule::now_ms();
+    let max_delay = Duration::from_secs(state.config.max_delay_secs);
+    let mut due = None;
+    for record in &records {
+        match schedule::delivery_time(&record.properties, &state.delay_levels, max_delay, now) {
+            Ok(None) => {}
+            Ok(Some(_)) if batch => {
+                return RemotingCommand::error_response(
+                    request,
+                    ResponseCode::MESSAGE_ILLEGAL,
+                    "delayed messages cannot be sent in a batch",
+                );
+            }
+            Ok(Some(time)) => due = Some(time),
+            Err(error) => {
+                return RemotingCommand::error_response(
+                    request,
+                    ResponseCode::MESSAGE_ILLEGAL,
+                    error.to_string(),
+                );
+            }
+        }
+    }
+    let stored = match due {
+        Some(due) => match records.into_iter().next() {
+            Some(record) => state
+                .scheduler
+                .schedule(&state.store, record, due)
+                .map(|put| vec![put]),
+            None => Ok(Vec::new()),
+        },
+        None => state.store.put_batch(records),
+    };
+    let puts = match stored {
         Ok(puts) => puts,
         Err(error) => return store_failure(request, error),
     };
@@ -152,7 +187,11 @@ pub async fn handle(
     if let Err(error) = state.store.wait_durable(last.end).await {
         return store_failure(request, error);
     }
-    state.arrivals.notify_waiters();
+    if due.is_some() {
+        state.scheduled.notify_one();
+    } else {
+        state.arrivals.notify_waiters();
+    }
 
     let store_host = state.store.config().store_host;
     let msg_ids: Vec<String> = puts
