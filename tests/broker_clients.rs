@@ -563,3 +563,111 @@ async fn delayed_retried_and_dead_lettered_messages() {
     println!("poison was delivered 3 times and then dead-lettered to {dead_letters}");
     broker.stop().await;
 }
+
+/// Leaves every transaction undecided, then answers checks by the message body.
+struct CheckedBackListener;
+
+impl rocketmq_client_rust::TransactionListener for CheckedBackListener {
+    fn execute_local_transaction(
+        &self,
+        _msg: &dyn rocketmq_model::common::message::MessageTrait,
+        _arg: Option<&(dyn std::any::Any + Send + Sync)>,
+    ) -> rocketmq_client_rust::LocalTransactionState {
+        rocketmq_client_rust::LocalTransactionState::Unknown
+    }
+
+    fn check_local_transaction(
+        &self,
+        msg: &MessageExt,
+    ) -> rocketmq_client_rust::LocalTransactionState {
+        match msg.body().as_deref() {
+            Some(b"commit-me") => rocketmq_client_rust::LocalTransactionState::CommitMessage,
+            _ => rocketmq_client_rust::LocalTransactionState::RollbackMessage,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_transactions_are_checked_back_then_committed_or_rolled_back() {
+    const TX_TOPIC: &str = "TransactionTopic";
+    let data = tempfile::tempdir().expect("tempdir");
+    let broker = RunningBroker::start_with(data.path(), |config| {
+        config.transaction_timeout_ms = 300;
+        config.transaction_check_interval_ms = 300;
+    })
+    .await;
+    let harness = harness();
+    let mut producer =
+        rocketmq_client_rust::TransactionMQProducer::builder(harness.runtime.clone())
+            .client_config(client_config(broker.addr, "tx-producer"))
+            .producer_group("tx_producer_group")
+            .topics(vec![TX_TOPIC])
+            .transaction_listener(CheckedBackListener)
+            .build();
+    tokio::time::timeout(STEP_TIMEOUT, producer.start())
+        .await
+        .expect("in time")
+        .expect("start");
+    for body in ["commit-me", "rollback-me"] {
+        let message = Message::builder()
+            .topic(TX_TOPIC)
+            .body_slice(body.as_bytes())
+            .build()
+            .expect("message");
+        tokio::time::timeout(
+            STEP_TIMEOUT,
+            producer.send_message_in_transaction::<(), _>(message, None),
+        )
+        .await
+        .expect("in time")
+        .expect("half message sent");
+    }
+    let total = |state: &BrokerState| {
+        (0..4)
+            .map(|queue| state.store.queue_offsets(TX_TOPIC, queue).1)
+            .sum::<u64>()
+    };
+    assert_eq!(total(&broker.state), 0, "half messages are not visible");
+
+    let collector = Collector::default();
+    let mut consumer = DefaultMQPushConsumer::builder(harness.runtime.clone())
+        .client_config(client_config(broker.addr, "tx-consumer"))
+        .consumer_group("tx_consumer_group")
+        .message_model(MessageModel::Clustering)
+        .consume_from_where(ConsumeFromWhere::ConsumeFromFirstOffset)
+        .build();
+    consumer.subscribe(TX_TOPIC, "*").await.expect("subscribe");
+    consumer.register_message_listener_concurrently(collector.clone());
+    tokio::time::timeout(STEP_TIMEOUT, consumer.start())
+        .await
+        .expect("in time")
+        .expect("consumer start");
+    collector.wait_for(1, STEP_TIMEOUT).await;
+
+    // Both checks have been answered once nothing is undecided; only the commit became visible.
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while broker.state.transactions.undecided() > 0 {
+        assert!(Instant::now() < deadline, "transactions still undecided");
+        // Decided by the producer's END_TRANSACTION, which the broker does not signal to tests.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    consumer.shutdown().await;
+    producer.shutdown().await;
+    assert_eq!(
+        total(&broker.state),
+        1,
+        "only the committed message reached its topic"
+    );
+    let seen: Vec<String> = collector
+        .seen
+        .lock()
+        .expect("collector")
+        .keys()
+        .cloned()
+        .collect();
+    assert_eq!(seen, vec!["commit-me".to_owned()]);
+    println!(
+        "the UNKNOWN transactions were checked back: one committed and delivered, one rolled back"
+    );
+    broker.stop().await;
+}

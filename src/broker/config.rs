@@ -60,6 +60,12 @@ pub struct BrokerConfig {
     pub delay_levels: String,
     /// Longest delay a TIMER_* property may ask for, in seconds (Java: 3 days).
     pub max_delay_secs: u64,
+    /// An undecided transaction is first checked this long after its half message was stored.
+    pub transaction_timeout_ms: u64,
+    /// Time between checks of one undecided transaction.
+    pub transaction_check_interval_ms: u64,
+    /// Checks before an undecided transaction is rolled back.
+    pub transaction_check_max: u32,
 }
 
 impl Default for BrokerConfig {
@@ -85,6 +91,9 @@ impl Default for BrokerConfig {
             retention_bytes: 0,
             delay_levels: crate::broker::schedule::DEFAULT_DELAY_LEVELS.to_owned(),
             max_delay_secs: 3 * 86_400,
+            transaction_timeout_ms: 6_000,
+            transaction_check_interval_ms: 30_000,
+            transaction_check_max: 15,
         }
     }
 }

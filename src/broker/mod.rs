@@ -7,6 +7,7 @@ pub mod schedule;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod transaction;
 mod uniq_key;
 
 pub use config::{BrokerConfig, FlushMode};

@@ -26,6 +26,7 @@ pub async fn serve(
 ) {
     let housekeeper = tokio::spawn(housekeeping(state.clone()));
     let scheduler = tokio::spawn(deliver_delayed(state.clone()));
+    let checker = tokio::spawn(check_transactions(state.clone()));
     let next_connection = AtomicU64::new(1);
     let open = Arc::new(AtomicUsize::new(0));
     tokio::pin!(shutdown);
@@ -58,6 +59,7 @@ pub async fn serve(
     }
     housekeeper.abort();
     scheduler.abort();
+    checker.abort();
     info!("broker stopping: flushing the store");
     if let Err(error) = state.store.flush() {
         warn!(%error, "final flush failed");
@@ -192,5 +194,67 @@ async fn deliver_delayed(state: Arc<BrokerState>) {
             .unwrap_or(LONGEST_NAP)
             .min(LONGEST_NAP);
         let _ = tokio::time::timeout(nap, scheduled).await;
+    }
+}
+
+/// Asks producers about half messages left undecided.
+async fn check_transactions(state: Arc<BrokerState>) {
+    let config = &state.config;
+    let period = std::time::Duration::from_millis(
+        (config.transaction_check_interval_ms / 4).clamp(100, 5_000),
+    );
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let next_opaque = std::sync::atomic::AtomicI32::new(i32::MAX / 2);
+    loop {
+        ticker.tick().await;
+        let task_state = state.clone();
+        let checks = tokio::task::spawn_blocking(move || {
+            let config = &task_state.config;
+            task_state.transactions.due_checks(
+                &task_state.store,
+                crate::broker::schedule::now_ms(),
+                config.transaction_timeout_ms as i64,
+                config.transaction_check_interval_ms as i64,
+                config.transaction_check_max,
+            )
+        })
+        .await;
+        let checks = match checks {
+            Ok(Ok(checks)) => checks,
+            Ok(Err(error)) => {
+                warn!(%error, "transaction check scan failed");
+                continue;
+            }
+            Err(error) => {
+                warn!(%error, "transaction check task failed");
+                continue;
+            }
+        };
+        for check in checks {
+            let Some(producer) = state.clients.producer_connection(&check.producer_group) else {
+                debug!(group = %check.producer_group, "no live producer to check a transaction with");
+                continue;
+            };
+            let uniq_key = check.message.uniq_key().map(str::to_owned);
+            let header = crate::remoting::header::CheckTransactionStateRequestHeader {
+                topic: Some(check.message.topic.clone()),
+                tran_state_table_offset: check.half_queue_offset as i64,
+                commit_log_offset: check.commit_offset as i64,
+                msg_id: uniq_key.clone(),
+                transaction_id: uniq_key,
+                offset_msg_id: Some(check.message.offset_msg_id()),
+                ..Default::default()
+            };
+            let opaque = next_opaque.fetch_add(1, Ordering::Relaxed);
+            let mut request = RemotingCommand::request(
+                crate::remoting::RequestCode::CHECK_TRANSACTION_STATE,
+                opaque,
+            )
+            .with_header(&header)
+            .with_body(check.body);
+            request.set_oneway(true);
+            let _ = producer.try_send(request);
+        }
     }
 }

@@ -9,6 +9,7 @@ use super::config::BrokerConfig;
 use super::schedule::{Scheduler, parse_delay_levels};
 use super::store::metadata::{SubscriptionGroupConfig, TopicConfig, perm};
 use super::store::{MessageStore, Metadata, StoreError};
+use super::transaction::Transactions;
 use super::uniq_key::UniqKeyGenerator;
 
 /// The topic Java producers fall back to when asking for the route of a topic that does not exist
@@ -23,6 +24,8 @@ pub struct BrokerState {
     pub uniq_keys: UniqKeyGenerator,
     /// Delayed messages waiting for their time.
     pub scheduler: Scheduler,
+    /// Half messages waiting for their producer's decision.
+    pub transactions: Transactions,
     pub delay_levels: Vec<std::time::Duration>,
     /// Woken when a delayed message is scheduled, so the scheduler can move its next wake-up.
     pub scheduled: Notify,
@@ -41,6 +44,7 @@ impl BrokerState {
                 reason: error.to_string(),
             })?;
         let scheduler = Scheduler::open(&config.data_dir, &store)?;
+        let transactions = Transactions::open(&store)?;
         let metadata = Metadata::open(config.data_dir.join("config"))?;
         if config.auto_create_topic && metadata.topic(AUTO_CREATE_TOPIC).is_none() {
             metadata.put_topic(TopicConfig {
@@ -64,6 +68,7 @@ impl BrokerState {
             metadata,
             clients: ClientRegistry::default(),
             scheduler,
+            transactions,
             delay_levels,
             scheduled: Notify::new(),
             arrivals: Notify::new(),

@@ -7,6 +7,7 @@ mod query;
 pub mod retry;
 mod route;
 pub mod send;
+mod transaction;
 
 use std::net::SocketAddr;
 
@@ -35,6 +36,7 @@ pub async fn handle(
         RequestCode::GET_MIN_OFFSET => offsets::min_offset(state, &request),
         RequestCode::SEARCH_OFFSET_BY_TIMESTAMP => offsets::search_offset(state, &request),
         RequestCode::CONSUMER_SEND_MSG_BACK => retry::send_back(state, &request).await,
+        RequestCode::END_TRANSACTION => transaction::end_transaction(state, &request).await,
         RequestCode::HEART_BEAT => clients::heartbeat(state, connection, &request),
         RequestCode::UNREGISTER_CLIENT => clients::unregister(state, &request),
         RequestCode::GET_CONSUMER_LIST_BY_GROUP => clients::consumer_list(state, &request),

@@ -6,8 +6,8 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::{bad_request, store_failure};
-use crate::broker::schedule;
 use crate::broker::state::{AUTO_CREATE_TOPIC, BrokerState};
+use crate::broker::{schedule, transaction};
 use crate::remoting::header::{
     SendMessageRequestHeader, SendMessageRequestHeaderV2, SendMessageResponseHeader,
 };
@@ -163,7 +163,20 @@ pub async fn handle(
             }
         }
     }
+    let transactional = !batch
+        && records
+            .first()
+            .and_then(|record| record.properties.get(transaction::TRAN_MSG))
+            .is_some_and(|value| value.eq_ignore_ascii_case("true"));
     let stored = match due {
+        // A half message waits for its producer's decision, not a clock.
+        _ if transactional => match records.into_iter().next() {
+            Some(record) => state
+                .transactions
+                .prepare(&state.store, record)
+                .map(|put| vec![put]),
+            None => Ok(Vec::new()),
+        },
         Some(due) => match records.into_iter().next() {
             Some(record) => state
                 .scheduler
@@ -187,7 +200,9 @@ pub async fn handle(
     if let Err(error) = state.store.wait_durable(last.end).await {
         return store_failure(request, error);
     }
-    if due.is_some() {
+    if transactional {
+        // Invisible until END_TRANSACTION commits it.
+    } else if due.is_some() {
         state.scheduled.notify_one();
     } else {
         state.arrivals.notify_waiters();
