@@ -671,3 +671,107 @@ async fn unknown_transactions_are_checked_back_then_committed_or_rolled_back() {
     );
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pop_mode_consumer_reads_everything_and_a_rejected_message_comes_back() {
+    const POP_TOPIC: &str = "PopTopic";
+    const POP_MESSAGES: usize = 200;
+    let data = tempfile::tempdir().expect("tempdir");
+    let broker = RunningBroker::start_with(data.path(), |config| {
+        config.default_message_request_mode = "POP".into();
+    })
+    .await;
+    let harness = harness();
+    let mut producer = DefaultMQProducer::builder(harness.runtime.clone())
+        .client_config(client_config(broker.addr, "pop-producer"))
+        .producer_group("pop_producer")
+        .build();
+    tokio::time::timeout(STEP_TIMEOUT, producer.start())
+        .await
+        .expect("in time")
+        .expect("start");
+    let mut bodies: Vec<String> = (0..POP_MESSAGES - 1)
+        .map(|index| format!("pop-{index:03}"))
+        .collect();
+    bodies.push("poison".into());
+    for text in &bodies {
+        let message = Message::builder()
+            .topic(POP_TOPIC)
+            .body_slice(text.as_bytes())
+            .build()
+            .expect("message");
+        tokio::time::timeout(STEP_TIMEOUT, producer.send(message))
+            .await
+            .expect("in time")
+            .expect("send");
+    }
+    producer.shutdown().await;
+
+    // "poison" is rejected once (RECONSUME_LATER), then accepted.
+    let listener = RetryingListener::default();
+    let mut consumer = DefaultMQPushConsumer::builder(harness.runtime.clone())
+        .client_config(client_config(broker.addr, "pop-consumer"))
+        .consumer_group("pop_group")
+        .client_rebalance(false)
+        .build();
+    consumer.subscribe(POP_TOPIC, "*").await.expect("subscribe");
+    consumer.register_message_listener_concurrently(listener.clone());
+    tokio::time::timeout(STEP_TIMEOUT, consumer.start())
+        .await
+        .expect("in time")
+        .expect("consumer start");
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        let (distinct, poison) = {
+            let deliveries = listener.deliveries.lock().expect("deliveries");
+            let distinct: std::collections::BTreeSet<&String> =
+                deliveries.iter().map(|(body, _, _)| body).collect();
+            (
+                distinct.len(),
+                deliveries
+                    .iter()
+                    .filter(|(body, _, _)| body == "poison")
+                    .count(),
+            )
+        };
+        if distinct == POP_MESSAGES && poison >= 2 {
+            break;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "{distinct} distinct messages, poison delivered {poison} times"
+        );
+        let _ = tokio::time::timeout(left, listener.arrived.notified()).await;
+    }
+    consumer.shutdown().await;
+    let deliveries = listener.deliveries.lock().expect("deliveries").clone();
+    let poison: Vec<(i32, Instant)> = deliveries
+        .iter()
+        .filter(|(body, _, _)| body == "poison")
+        .map(|(_, times, at)| (*times, *at))
+        .collect();
+    assert_eq!(
+        poison
+            .iter()
+            .map(|(times, _)| *times)
+            .take(2)
+            .collect::<Vec<_>>(),
+        vec![0, 1]
+    );
+    let invisible_for = poison[1].1 - poison[0].1;
+    // The client asks for 10 s of invisibility after RECONSUME_LATER (its first pop delay level).
+    assert!(
+        invisible_for >= Duration::from_secs(9),
+        "came back after only {invisible_for:?}"
+    );
+    let others = deliveries
+        .iter()
+        .filter(|(body, _, _)| body != "poison")
+        .count();
+    println!(
+        "POP consumer read all {POP_MESSAGES} messages ({others} non-poison deliveries); the rejected one came back \
+         after {invisible_for:?} with reconsumeTimes 1"
+    );
+    broker.stop().await;
+}

@@ -66,6 +66,8 @@ pub struct BrokerConfig {
     pub transaction_check_interval_ms: u64,
     /// Checks before an undecided transaction is rolled back.
     pub transaction_check_max: u32,
+    /// How groups consume when no SET_MESSAGE_REQUEST_MODE said otherwise: `PULL` or `POP`.
+    pub default_message_request_mode: String,
 }
 
 impl Default for BrokerConfig {
@@ -94,6 +96,7 @@ impl Default for BrokerConfig {
             transaction_timeout_ms: 6_000,
             transaction_check_interval_ms: 30_000,
             transaction_check_max: 15,
+            default_message_request_mode: "PULL".into(),
         }
     }
 }
@@ -159,6 +162,9 @@ impl BrokerConfig {
                 "segment_size",
                 "must be at least 4096 and at least max_message_size",
             );
+        }
+        if !matches!(self.default_message_request_mode.as_str(), "PULL" | "POP") {
+            return invalid("default_message_request_mode", "must be PULL or POP");
         }
         if let Err(error) = crate::broker::schedule::parse_delay_levels(&self.delay_levels) {
             return invalid("delay_levels", &error.to_string());

@@ -3,6 +3,7 @@
 pub mod clients;
 pub mod config;
 pub mod handlers;
+pub mod pop;
 pub mod schedule;
 pub mod server;
 pub mod state;

@@ -6,6 +6,7 @@ use tokio::sync::Notify;
 
 use super::clients::ClientRegistry;
 use super::config::BrokerConfig;
+use super::pop::PopState;
 use super::schedule::{Scheduler, parse_delay_levels};
 use super::store::metadata::{SubscriptionGroupConfig, TopicConfig, perm};
 use super::store::{MessageStore, Metadata, StoreError};
@@ -26,6 +27,8 @@ pub struct BrokerState {
     pub scheduler: Scheduler,
     /// Half messages waiting for their producer's decision.
     pub transactions: Transactions,
+    /// What each POP consumer group has in flight.
+    pub pop: PopState,
     pub delay_levels: Vec<std::time::Duration>,
     /// Woken when a delayed message is scheduled, so the scheduler can move its next wake-up.
     pub scheduled: Notify,
@@ -45,6 +48,7 @@ impl BrokerState {
             })?;
         let scheduler = Scheduler::open(&config.data_dir, &store)?;
         let transactions = Transactions::open(&store)?;
+        let pop = PopState::open(&store)?;
         let metadata = Metadata::open(config.data_dir.join("config"))?;
         if config.auto_create_topic && metadata.topic(AUTO_CREATE_TOPIC).is_none() {
             metadata.put_topic(TopicConfig {
@@ -69,6 +73,7 @@ impl BrokerState {
             clients: ClientRegistry::default(),
             scheduler,
             transactions,
+            pop,
             delay_levels,
             scheduled: Notify::new(),
             arrivals: Notify::new(),

@@ -2,6 +2,7 @@
 
 mod clients;
 mod offsets;
+mod pop;
 pub mod pull;
 mod query;
 pub mod retry;
@@ -36,6 +37,14 @@ pub async fn handle(
         RequestCode::GET_MIN_OFFSET => offsets::min_offset(state, &request),
         RequestCode::SEARCH_OFFSET_BY_TIMESTAMP => offsets::search_offset(state, &request),
         RequestCode::CONSUMER_SEND_MSG_BACK => retry::send_back(state, &request).await,
+        RequestCode::POP_MESSAGE => pop::pop(state, &request).await,
+        RequestCode::ACK_MESSAGE => pop::ack(state, &request).await,
+        RequestCode::BATCH_ACK_MESSAGE => pop::batch_ack(state, &request).await,
+        RequestCode::CHANGE_MESSAGE_INVISIBLETIME => {
+            pop::change_invisible_time(state, &request).await
+        }
+        RequestCode::QUERY_ASSIGNMENT => pop::query_assignment(state, &request),
+        RequestCode::SET_MESSAGE_REQUEST_MODE => pop::set_request_mode(state, &request),
         RequestCode::END_TRANSACTION => transaction::end_transaction(state, &request).await,
         RequestCode::HEART_BEAT => clients::heartbeat(state, connection, &request),
         RequestCode::UNREGISTER_CLIENT => clients::unregister(state, &request),

@@ -25,6 +25,7 @@ use crate::remoting::fastjson;
 const TOPICS_FILE: &str = "topics.json";
 const GROUPS_FILE: &str = "subscriptionGroup.json";
 const OFFSETS_FILE: &str = "consumerOffset.json";
+const MODES_FILE: &str = "messageRequestMode.json";
 
 /// `PermName` bits.
 pub mod perm {
@@ -117,14 +118,40 @@ struct OffsetsFile {
     offset_table: BTreeMap<String, BTreeMap<i32, i64>>,
 }
 
+/// How a group consumes a topic: `PULL` (client-side rebalance) or `POP`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RequestMode {
+    pub mode: String,
+    pub pop_share_queue_num: i32,
+}
+
+impl Default for RequestMode {
+    fn default() -> Self {
+        Self {
+            mode: "PULL".into(),
+            pop_share_queue_num: 0,
+        }
+    }
+}
+
+/// Keys are `topic@group`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct ModesFile {
+    mode_table: BTreeMap<String, RequestMode>,
+}
+
 #[derive(Default)]
 struct Tables {
     topics: TopicsFile,
     groups: GroupsFile,
     offsets: OffsetsFile,
+    modes: ModesFile,
     topics_dirty: bool,
     groups_dirty: bool,
     offsets_dirty: bool,
+    modes_dirty: bool,
 }
 
 /// The metadata of one broker, in memory, persisted on [`Metadata::persist`].
@@ -150,6 +177,7 @@ impl Metadata {
             topics: load(&dir.join(TOPICS_FILE))?,
             groups: load(&dir.join(GROUPS_FILE))?,
             offsets: load(&dir.join(OFFSETS_FILE))?,
+            modes: load(&dir.join(MODES_FILE))?,
             ..Tables::default()
         };
         Ok(Self {
@@ -237,21 +265,41 @@ impl Metadata {
         }
     }
 
+    /// The request mode set for a group on a topic, if any.
+    pub fn request_mode(&self, group: &str, topic: &str) -> Option<RequestMode> {
+        self.read()
+            .modes
+            .mode_table
+            .get(&offset_key(topic, group))
+            .cloned()
+    }
+
+    pub fn set_request_mode(&self, group: &str, topic: &str, mode: RequestMode) {
+        let mut tables = self.write();
+        tables
+            .modes
+            .mode_table
+            .insert(offset_key(topic, group), mode);
+        tables.modes_dirty = true;
+    }
+
     /// Writes every table that changed since the last call, each atomically.
     pub fn persist(&self) -> Result<(), StoreError> {
         // Serialize under the read lock, write the files outside any lock.
-        let (topics, groups, offsets) = {
+        let (topics, groups, offsets, modes) = {
             let tables = self.read();
             (
                 encode_if(tables.topics_dirty, &tables.topics, TOPICS_FILE)?,
                 encode_if(tables.groups_dirty, &tables.groups, GROUPS_FILE)?,
                 encode_if(tables.offsets_dirty, &tables.offsets, OFFSETS_FILE)?,
+                encode_if(tables.modes_dirty, &tables.modes, MODES_FILE)?,
             )
         };
         for (name, json) in [
             (TOPICS_FILE, topics),
             (GROUPS_FILE, groups),
             (OFFSETS_FILE, offsets),
+            (MODES_FILE, modes),
         ] {
             if let Some(json) = json {
                 replace_file(&self.dir, name, &json)?;
@@ -261,6 +309,7 @@ impl Metadata {
         tables.topics_dirty = false;
         tables.groups_dirty = false;
         tables.offsets_dirty = false;
+        tables.modes_dirty = false;
         Ok(())
     }
 }

@@ -10,4 +10,4 @@ pub use commit_log::{Appended, CommitLog, CommitLogConfig, FlushPolicy, Retentio
 pub use consume_queue::{ConsumeQueue, QueueEntry};
 pub use key_index::KeyIndex;
 pub use message_store::{Boundary, MessageStore, MessageStoreConfig, PutResult};
-pub use metadata::{Metadata, SubscriptionGroupConfig, TopicConfig};
+pub use metadata::{Metadata, RequestMode, SubscriptionGroupConfig, TopicConfig};
