@@ -17,6 +17,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Produce or consume load against a broker or sidecar and report throughput and latency.
+    Bench(cli::bench::BenchArgs),
     /// Run the bundled RocketMQ-compatible broker.
     Broker(cli::broker::BrokerArgs),
     /// Decode a raw remoting byte stream (a TCP capture) into one JSON object per frame.
@@ -33,6 +35,13 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
+        Command::Bench(args) => match cli::bench::run(&args) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("rocketmesh bench: {error:#}");
+                std::process::ExitCode::from(2)
+            }
+        },
         Command::Broker(args) => match cli::broker::run(&args) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(error) => {

@@ -1,4 +1,5 @@
 //! Command-line wiring: each subcommand parses its arguments and calls into the library.
 
+pub mod bench;
 pub mod broker;
 pub mod decode;
