@@ -775,3 +775,134 @@ async fn pop_mode_consumer_reads_everything_and_a_rejected_message_comes_back() 
     );
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_push_consumers_of_one_group_share_the_messages_exactly_once() {
+    const SHARED_TOPIC: &str = "SharedTopic";
+    const SHARED_GROUP: &str = "shared_group";
+    const SHARED_MESSAGES: usize = 2_000;
+    let data = tempfile::tempdir().expect("tempdir");
+    let broker = RunningBroker::start(data.path()).await;
+    let harness = harness();
+    // Create the topic so the consumers can rebalance before any message exists.
+    let mut producer = DefaultMQProducer::builder(harness.runtime.clone())
+        .client_config(client_config(broker.addr, "shared-producer"))
+        .producer_group("shared_producer")
+        .build();
+    tokio::time::timeout(STEP_TIMEOUT, producer.start())
+        .await
+        .expect("in time")
+        .expect("start");
+    let warm_up = Message::builder()
+        .topic(SHARED_TOPIC)
+        .body_slice(b"warm-up")
+        .build()
+        .expect("message");
+    tokio::time::timeout(STEP_TIMEOUT, producer.send(warm_up))
+        .await
+        .expect("in time")
+        .expect("send");
+
+    let collectors = [Collector::default(), Collector::default()];
+    let mut consumers = Vec::new();
+    for (index, collector) in collectors.iter().enumerate() {
+        let mut consumer = DefaultMQPushConsumer::builder(harness.runtime.clone())
+            .client_config(client_config(
+                broker.addr,
+                &format!("shared-consumer-{index}"),
+            ))
+            .consumer_group(SHARED_GROUP)
+            .message_model(MessageModel::Clustering)
+            .consume_from_where(ConsumeFromWhere::ConsumeFromFirstOffset)
+            .build();
+        consumer
+            .subscribe(SHARED_TOPIC, "*")
+            .await
+            .expect("subscribe");
+        consumer.register_message_listener_concurrently(collector.clone());
+        tokio::time::timeout(STEP_TIMEOUT, consumer.start())
+            .await
+            .expect("in time")
+            .expect("start");
+        consumers.push(consumer);
+    }
+    // Wait until the group has rebalanced: both members registered and the four queues pulled by
+    // two different connections, two each. Messages sent before that could be handed over mid-way.
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        let members = broker
+            .state
+            .clients
+            .consumer_ids(SHARED_GROUP)
+            .map_or(0, |ids| ids.len());
+        let pullers = broker.state.clients.pullers(SHARED_GROUP, SHARED_TOPIC);
+        let mut per_connection = BTreeMap::new();
+        for connection in pullers.values() {
+            *per_connection.entry(*connection).or_insert(0) += 1;
+        }
+        if members == 2 && pullers.len() == 4 && per_connection.values().all(|queues| *queues == 2)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no stable assignment: {members} members, pullers {pullers:?}"
+        );
+        // The rebalance runs inside the clients; the broker only sees its effect on pulls.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for index in 0..SHARED_MESSAGES {
+        let message = Message::builder()
+            .topic(SHARED_TOPIC)
+            .body_slice(format!("shared-{index:04}").as_bytes())
+            .build()
+            .expect("message");
+        tokio::time::timeout(STEP_TIMEOUT, producer.send(message))
+            .await
+            .expect("in time")
+            .expect("send");
+    }
+    producer.shutdown().await;
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    let received = |collectors: &[Collector; 2]| -> BTreeMap<String, usize> {
+        let mut all = BTreeMap::new();
+        for collector in collectors {
+            for (body, count) in collector.seen.lock().expect("collector").iter() {
+                *all.entry(body.clone()).or_insert(0) += count;
+            }
+        }
+        all
+    };
+    while received(&collectors).len() < SHARED_MESSAGES + 1 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "only {} messages arrived",
+            received(&collectors).len()
+        );
+        let _ = tokio::time::timeout(
+            left.min(Duration::from_millis(200)),
+            collectors[0].arrived.notified(),
+        )
+        .await;
+    }
+    for consumer in &mut consumers {
+        consumer.shutdown().await;
+    }
+    let all = received(&collectors);
+    let duplicates: Vec<_> = all.iter().filter(|(_, count)| **count > 1).collect();
+    assert!(
+        duplicates.is_empty(),
+        "delivered more than once: {duplicates:?}"
+    );
+    let shares: Vec<usize> = collectors.iter().map(Collector::distinct).collect();
+    assert!(
+        shares.iter().all(|share| *share > 0),
+        "both consumers got a share: {shares:?}"
+    );
+    println!(
+        "two consumers of one group received {} messages exactly once, split {shares:?}",
+        all.len()
+    );
+    broker.stop().await;
+}

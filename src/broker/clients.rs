@@ -26,6 +26,8 @@ struct ConsumerGroup {
 #[derive(Default)]
 struct Registry {
     connections: HashMap<ConnectionId, Outbound>,
+    /// (group, topic, queue) → the connection that pulled it last: who consumes what.
+    pullers: HashMap<(String, String, i32), ConnectionId>,
     consumers: HashMap<String, ConsumerGroup>,
     /// group → client id → connection
     producers: HashMap<String, BTreeMap<String, ConnectionId>>,
@@ -53,6 +55,7 @@ impl ClientRegistry {
         let changed = {
             let mut registry = self.lock();
             registry.connections.remove(&connection);
+            registry.pullers.retain(|_, puller| *puller != connection);
             for members in registry.producers.values_mut() {
                 members.retain(|_, conn| *conn != connection);
             }
@@ -158,6 +161,23 @@ impl ClientRegistry {
                     .find(|subscription| subscription.topic == topic)
                     .cloned()
             })
+    }
+
+    /// Notes that `connection` pulled a queue for a group.
+    pub fn pulled(&self, connection: ConnectionId, group: &str, topic: &str, queue_id: i32) {
+        self.lock()
+            .pullers
+            .insert((group.to_owned(), topic.to_owned(), queue_id), connection);
+    }
+
+    /// The connection that last pulled each queue of `topic` for `group`.
+    pub fn pullers(&self, group: &str, topic: &str) -> BTreeMap<i32, ConnectionId> {
+        self.lock()
+            .pullers
+            .iter()
+            .filter(|((g, t, _), _)| g == group && t == topic)
+            .map(|((_, _, queue), connection)| (*queue, *connection))
+            .collect()
     }
 
     /// A live connection of a producer of `group`, for transaction checks.

@@ -29,7 +29,7 @@ pub async fn handle(
         | RequestCode::SEND_MESSAGE_V2
         | RequestCode::SEND_BATCH_MESSAGE => send::handle(state, peer, &request).await,
         RequestCode::PULL_MESSAGE | RequestCode::LITE_PULL_MESSAGE => {
-            pull::handle(state, &request).await
+            pull::handle(state, connection, &request).await
         }
         RequestCode::QUERY_CONSUMER_OFFSET => offsets::query_consumer_offset(state, &request),
         RequestCode::UPDATE_CONSUMER_OFFSET => offsets::update_consumer_offset(state, &request),

@@ -6,6 +6,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 
 use super::{bad_request, store_failure};
+use crate::broker::clients::ConnectionId;
 use crate::broker::state::BrokerState;
 use crate::broker::store::{QueueEntry, StoreError};
 use crate::remoting::body::SubscriptionData;
@@ -84,11 +85,21 @@ struct PullOutcome {
     body: Bytes,
 }
 
-pub async fn handle(state: &BrokerState, request: &RemotingCommand) -> RemotingCommand {
+pub async fn handle(
+    state: &BrokerState,
+    connection: ConnectionId,
+    request: &RemotingCommand,
+) -> RemotingCommand {
     let header = match request.decode_header::<PullMessageRequestHeader>() {
         Ok(header) => header,
         Err(error) => return bad_request(request, error),
     };
+    state.clients.pulled(
+        connection,
+        &header.consumer_group,
+        &header.topic,
+        header.queue_id,
+    );
     let Some(topic) = state.metadata.topic(&header.topic) else {
         return RemotingCommand::error_response(
             request,
