@@ -16,6 +16,8 @@ use rocketmesh::broker::store::{
 use rocketmesh::remoting::message::{MessageRecord, Properties, property};
 
 const CHILD_DIR_ENV: &str = "ROCKETMESH_CRASH_CHILD_DIR";
+/// Set to `async` to run the child with the periodic flush policy.
+const CHILD_FLUSH_ENV: &str = "ROCKETMESH_CRASH_CHILD_FLUSH";
 const QUEUES: i32 = 4;
 
 fn config(dir: &Path) -> CommitLogConfig {
@@ -58,7 +60,12 @@ fn child_appends_until_killed() {
 
 /// Runs `child_test` in a child process writing into `dir`, collects its `ack` lines (the numbers
 /// after the word), and SIGKILLs it once `kill_after` acks have arrived.
-fn run_child_and_kill(child_test: &str, dir: &Path, kill_after: usize) -> Vec<Vec<u64>> {
+fn run_child_and_kill(
+    child_test: &str,
+    dir: &Path,
+    kill_after: usize,
+    flush: &str,
+) -> Vec<Vec<u64>> {
     let mut child = Command::new(std::env::current_exe().expect("test binary"))
         .args([
             "--exact",
@@ -68,6 +75,7 @@ fn run_child_and_kill(child_test: &str, dir: &Path, kill_after: usize) -> Vec<Ve
             "--test-threads=1",
         ])
         .env(CHILD_DIR_ENV, dir)
+        .env(CHILD_FLUSH_ENV, flush)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -111,11 +119,15 @@ fn commit_log_survives_sigkill() {
     for run in 0..3usize {
         let dir = tempfile::tempdir().expect("tempdir");
         // Kill at a different point each run.
-        let acknowledged: Vec<(u64, u64)> =
-            run_child_and_kill("child_appends_until_killed", dir.path(), 300 + run * 257)
-                .into_iter()
-                .map(|ack| (ack[0], ack[1]))
-                .collect();
+        let acknowledged: Vec<(u64, u64)> = run_child_and_kill(
+            "child_appends_until_killed",
+            dir.path(),
+            300 + run * 257,
+            "sync",
+        )
+        .into_iter()
+        .map(|ack| (ack[0], ack[1]))
+        .collect();
 
         let log = CommitLog::open(config(dir.path())).expect("reopen after SIGKILL");
         let mut offset = log.min_offset();
@@ -150,7 +162,12 @@ fn commit_log_survives_sigkill() {
 fn store_config(dir: &Path) -> MessageStoreConfig {
     let mut config = MessageStoreConfig::new(dir, "127.0.0.1:10911".parse().expect("addr"));
     config.commit_log.segment_size = 32 * 1024;
-    config.commit_log.flush = FlushPolicy::Sync;
+    config.commit_log.flush = match std::env::var(CHILD_FLUSH_ENV).as_deref() {
+        Ok("async") => FlushPolicy::Async {
+            interval: Duration::from_millis(50),
+        },
+        _ => FlushPolicy::Sync,
+    };
     config.entries_per_queue_file = 64;
     config
 }
@@ -197,10 +214,18 @@ fn child_puts_until_killed() {
 
 #[test]
 fn message_store_survives_sigkill() {
-    for run in 0..3usize {
+    // Three runs with sync flush, then two with async flush: under async flush an acknowledged
+    // message is only in the page cache, which a killed process does not take with it, so the
+    // same checks hold; a power cut would only cost a suffix, never consistency.
+    for run in 0..5usize {
+        let flush = if run < 3 { "sync" } else { "async" };
         let dir = tempfile::tempdir().expect("tempdir");
-        let acknowledged =
-            run_child_and_kill("child_puts_until_killed", dir.path(), 400 + run * 311);
+        let acknowledged = run_child_and_kill(
+            "child_puts_until_killed",
+            dir.path(),
+            400 + run * 311,
+            flush,
+        );
         let store = MessageStore::open(store_config(dir.path())).expect("reopen after SIGKILL");
 
         // Every queue is dense from 0, every entry points at a record of that queue with the
@@ -264,7 +289,7 @@ fn message_store_survives_sigkill() {
         let next = store.put(store_message(total)).expect("put after recovery");
         assert_eq!(next.queue_offset, total / QUEUES as u64);
         println!(
-            "run {run}: killed after {} acknowledged puts; {total} messages recovered in {QUEUES} queues",
+            "run {run} ({flush} flush): killed after {} acknowledged puts; {total} messages recovered in {QUEUES} queues",
             acknowledged.len()
         );
         assert!(total as usize >= acknowledged.len());
