@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,10 +27,11 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use tokio::sync::watch;
 
+use super::files::{io_error, numbered_files, numbered_name, read_u64, replace_file, sync_dir};
+
 /// Bytes of the frame around each payload.
 pub const FRAME_OVERHEAD: u64 = 8;
 const CHECKPOINT_FILE: &str = "checkpoint";
-const SEGMENT_NAME_DIGITS: usize = 20;
 /// How often the flusher rewrites the checkpoint at most.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -99,14 +100,6 @@ pub enum StoreError {
     Metadata { file: String, reason: String },
     #[error("invalid message record: {0}")]
     InvalidRecord(#[from] crate::remoting::message::RecordError),
-}
-
-fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
-    move |source| StoreError::Io {
-        action,
-        path: path.to_owned(),
-        source,
-    }
 }
 
 /// Where an appended entry landed.
@@ -181,10 +174,6 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding a lock cannot leave these structures half-updated in a way that matters
     // more than refusing service, so keep going with the data.
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn segment_name(base: u64) -> String {
-    format!("{base:0width$}", width = SEGMENT_NAME_DIGITS)
 }
 
 fn frame_crc(len_bytes: &[u8; 4], payload: &[u8]) -> u32 {
@@ -564,21 +553,17 @@ fn flush_once(shared: &Shared) -> Result<u64, StoreError> {
     Ok(target)
 }
 
+fn read_checkpoint(dir: &Path) -> Result<Option<u64>, StoreError> {
+    read_u64(&dir.join(CHECKPOINT_FILE))
+}
+
+fn write_checkpoint(dir: &Path, flushed: u64) -> Result<(), StoreError> {
+    replace_file(dir, CHECKPOINT_FILE, &flushed.to_be_bytes())
+}
+
 fn list_segments(dir: &Path) -> Result<BTreeMap<u64, Arc<Segment>>, StoreError> {
     let mut segments = BTreeMap::new();
-    for entry in fs::read_dir(dir).map_err(io_error("list", dir))? {
-        let entry = entry.map_err(io_error("list", dir))?;
-        let name = entry.file_name();
-        let Some(base) = name
-            .to_str()
-            .filter(|name| {
-                name.len() == SEGMENT_NAME_DIGITS && name.bytes().all(|b| b.is_ascii_digit())
-            })
-            .and_then(|name| name.parse::<u64>().ok())
-        else {
-            continue;
-        };
-        let path = entry.path();
+    for (base, path) in numbered_files(dir)? {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -597,7 +582,7 @@ fn list_segments(dir: &Path) -> Result<BTreeMap<u64, Arc<Segment>>, StoreError> 
 }
 
 fn create_segment(dir: &Path, base: u64) -> Result<Segment, StoreError> {
-    let path = dir.join(segment_name(base));
+    let path = dir.join(numbered_name(base));
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -720,42 +705,10 @@ fn scan_segment(
     Ok(position)
 }
 
-fn read_checkpoint(dir: &Path) -> Result<Option<u64>, StoreError> {
-    let path = dir.join(CHECKPOINT_FILE);
-    match fs::read(&path) {
-        Ok(bytes) => Ok(<[u8; 8]>::try_from(bytes.as_slice())
-            .ok()
-            .map(u64::from_be_bytes)),
-        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(StoreError::Io {
-            action: "read",
-            path,
-            source,
-        }),
-    }
-}
-
-/// Atomically replaces the checkpoint: write a temporary file, fsync it, rename, fsync the directory.
-fn write_checkpoint(dir: &Path, flushed: u64) -> Result<(), StoreError> {
-    let path = dir.join(CHECKPOINT_FILE);
-    let temporary = dir.join(format!("{CHECKPOINT_FILE}.tmp"));
-    let mut file = File::create(&temporary).map_err(io_error("create", &temporary))?;
-    file.write_all(&flushed.to_be_bytes())
-        .and_then(|()| file.sync_all())
-        .map_err(io_error("write", &temporary))?;
-    fs::rename(&temporary, &path).map_err(io_error("rename", &temporary))?;
-    sync_dir(dir)
-}
-
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|handle| handle.sync_all())
-        .map_err(io_error("fsync directory", dir))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     fn config(dir: &Path, segment_size: u64, flush: FlushPolicy) -> CommitLogConfig {
         CommitLogConfig {
@@ -795,7 +748,7 @@ mod tests {
             .map(|entry| entry.expect("entry").path())
             .filter(|path| {
                 path.file_name()
-                    .is_some_and(|name| name.len() == SEGMENT_NAME_DIGITS)
+                    .is_some_and(|name| name.len() == super::super::files::NUMBERED_NAME_DIGITS)
             })
             .collect();
         names.sort();
@@ -916,7 +869,7 @@ mod tests {
             log.segment_bases()
         };
         assert!(bases.len() >= 4);
-        let victim = dir.path().join(segment_name(bases[1]));
+        let victim = dir.path().join(numbered_name(bases[1]));
         let mut bytes = fs::read(&victim).expect("read");
         bytes[10] ^= 0xff;
         fs::write(&victim, bytes).expect("write");
@@ -929,7 +882,7 @@ mod tests {
             "the first entry of segment 1 was the bad one"
         );
         for base in &bases[2..] {
-            assert!(!dir.path().join(segment_name(*base)).exists());
+            assert!(!dir.path().join(numbered_name(*base)).exists());
         }
     }
 

@@ -10,13 +10,13 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use super::commit_log::StoreError;
+use super::files::{io_error, numbered_files, numbered_name};
 
 /// Bytes per entry.
 pub const ENTRY_SIZE: u64 = 20;
-const FILE_NAME_DIGITS: usize = 20;
 
 /// Where one message of the queue sits in the commit log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,17 +66,6 @@ pub struct ConsumeQueue {
     dispatched_up_to: Option<u64>,
 }
 
-fn io_error<'a>(
-    action: &'static str,
-    path: &'a Path,
-) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
-    move |source| StoreError::Io {
-        action,
-        path: path.to_owned(),
-        source,
-    }
-}
-
 impl ConsumeQueue {
     /// Opens the queue in `dir`, keeping only entries that lie wholly below `commit_log_end` and
     /// above `commit_log_min`.
@@ -90,19 +79,7 @@ impl ConsumeQueue {
         let entries_per_file = entries_per_file.max(1);
         fs::create_dir_all(&dir).map_err(io_error("create directory", &dir))?;
         let mut files = BTreeMap::new();
-        for entry in fs::read_dir(&dir).map_err(io_error("list", &dir))? {
-            let entry = entry.map_err(io_error("list", &dir))?;
-            let name = entry.file_name();
-            let Some(base) = name
-                .to_str()
-                .filter(|name| {
-                    name.len() == FILE_NAME_DIGITS && name.bytes().all(|b| b.is_ascii_digit())
-                })
-                .and_then(|name| name.parse::<u64>().ok())
-            else {
-                continue;
-            };
-            let path = entry.path();
+        for (base, path) in numbered_files(&dir)? {
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -215,9 +192,7 @@ impl ConsumeQueue {
         }
         let base = queue_offset - queue_offset % self.entries_per_file;
         if !self.files.contains_key(&base) {
-            let path = self
-                .dir
-                .join(format!("{base:0width$}", width = FILE_NAME_DIGITS));
+            let path = self.dir.join(numbered_name(base));
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -319,6 +294,7 @@ impl ConsumeQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn entry(index: u64) -> QueueEntry {
         QueueEntry {

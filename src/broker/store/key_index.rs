@@ -11,12 +11,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use super::commit_log::StoreError;
+use super::files::{io_error, numbered_files, numbered_name};
 
 const ENTRY_SIZE: u64 = 16;
-const FILE_NAME_DIGITS: usize = 20;
 
 /// 64-bit FNV-1a of `topic#key`.
 pub fn key_hash(topic: &str, key: &str) -> u64 {
@@ -48,17 +48,6 @@ pub struct KeyIndex {
     last_indexed: Option<u64>,
 }
 
-fn io_error<'a>(
-    action: &'static str,
-    path: &'a Path,
-) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
-    move |source| StoreError::Io {
-        action,
-        path: path.to_owned(),
-        source,
-    }
-}
-
 impl KeyIndex {
     /// Loads the index from `dir`, dropping torn entries and entries at or past `commit_log_end`.
     pub fn open(
@@ -75,21 +64,7 @@ impl KeyIndex {
             by_hash: HashMap::new(),
             last_indexed: None,
         };
-        let mut found = Vec::new();
-        for entry in fs::read_dir(&index.dir).map_err(io_error("list", &index.dir))? {
-            let entry = entry.map_err(io_error("list", &index.dir))?;
-            let name = entry.file_name();
-            if let Some(first_offset) = name
-                .to_str()
-                .filter(|name| {
-                    name.len() == FILE_NAME_DIGITS && name.bytes().all(|b| b.is_ascii_digit())
-                })
-                .and_then(|name| name.parse::<u64>().ok())
-            {
-                found.push((first_offset, entry.path()));
-            }
-        }
-        found.sort();
+        let found = numbered_files(&index.dir)?;
         let mut stop = false;
         for (first_offset, path) in found {
             if stop {
@@ -170,9 +145,7 @@ impl KeyIndex {
             .next_back()
             .is_none_or(|last| last.entries >= self.entries_per_file);
         if needs_file {
-            let path = self
-                .dir
-                .join(format!("{commit_offset:0width$}", width = FILE_NAME_DIGITS));
+            let path = self.dir.join(numbered_name(commit_offset));
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)

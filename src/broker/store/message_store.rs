@@ -11,9 +11,8 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -21,6 +20,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::commit_log::{CommitLog, CommitLogConfig, StoreError};
 use super::consume_queue::{ConsumeQueue, QueueEntry};
+use super::files::{read_u64, replace_file};
 use super::key_index::KeyIndex;
 use crate::remoting::message::{MessageRecord, java_string_hash};
 
@@ -188,7 +188,7 @@ impl MessageStore {
 
     /// Indexes every record past the dispatch checkpoint.
     fn replay(&self) -> Result<(), StoreError> {
-        let checkpoint = read_offset(&self.config.data_dir.join(DISPATCH_CHECKPOINT))?.unwrap_or(0);
+        let checkpoint = read_u64(&self.config.data_dir.join(DISPATCH_CHECKPOINT))?.unwrap_or(0);
         let mut offset = checkpoint.max(self.commit_log.min_offset());
         while offset < self.commit_log.max_offset() {
             let (payload, next) = self.commit_log.read(offset)?;
@@ -495,7 +495,11 @@ impl MessageStore {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .flush()?;
-        write_offset(&self.config.data_dir, DISPATCH_CHECKPOINT, dispatched)
+        replace_file(
+            &self.config.data_dir,
+            DISPATCH_CHECKPOINT,
+            &dispatched.to_be_bytes(),
+        )
     }
 }
 
@@ -506,45 +510,11 @@ impl Drop for MessageStore {
     }
 }
 
-fn read_offset(path: &Path) -> Result<Option<u64>, StoreError> {
-    match fs::read(path) {
-        Ok(bytes) => Ok(<[u8; 8]>::try_from(bytes.as_slice())
-            .ok()
-            .map(u64::from_be_bytes)),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(StoreError::Io {
-            action: "read",
-            path: path.to_owned(),
-            source,
-        }),
-    }
-}
-
-fn write_offset(dir: &Path, name: &str, offset: u64) -> Result<(), StoreError> {
-    let path = dir.join(name);
-    let temporary = dir.join(format!("{name}.tmp"));
-    let io = |action, path: &Path| {
-        let path = path.to_owned();
-        move |source| StoreError::Io {
-            action,
-            path,
-            source,
-        }
-    };
-    let mut file = fs::File::create(&temporary).map_err(io("create", &temporary))?;
-    file.write_all(&offset.to_be_bytes())
-        .and_then(|()| file.sync_all())
-        .map_err(io("write", &temporary))?;
-    fs::rename(&temporary, &path).map_err(io("rename", &temporary))?;
-    fs::File::open(dir)
-        .and_then(|handle| handle.sync_all())
-        .map_err(io("fsync directory", dir))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::remoting::message::{Properties, decode_records, property};
+    use std::path::Path;
 
     fn message(topic: &str, queue_id: i32, index: usize) -> MessageRecord {
         MessageRecord {

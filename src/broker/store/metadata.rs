@@ -12,7 +12,6 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{PoisonError, RwLock};
 
@@ -20,6 +19,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::commit_log::StoreError;
+pub use super::files::replace_file;
 use crate::remoting::fastjson;
 
 const TOPICS_FILE: &str = "topics.json";
@@ -348,28 +348,6 @@ fn load<T: DeserializeOwned + Default>(path: &Path) -> Result<T, StoreError> {
     };
     let normalized = fastjson::normalize(&bytes).map_err(|error| invalid(error.to_string()))?;
     serde_json::from_slice(&normalized).map_err(|error| invalid(error.to_string()))
-}
-
-/// Replaces `dir/name` with `contents` so that a crash leaves the old or the new file, never a mix.
-pub fn replace_file(dir: &Path, name: &str, contents: &[u8]) -> Result<(), StoreError> {
-    let path = dir.join(name);
-    let temporary = dir.join(format!("{name}.tmp"));
-    let io = |action: &'static str, path: &Path| {
-        let path = path.to_owned();
-        move |source| StoreError::Io {
-            action,
-            path,
-            source,
-        }
-    };
-    let mut file = fs::File::create(&temporary).map_err(io("create", &temporary))?;
-    file.write_all(contents)
-        .and_then(|()| file.sync_all())
-        .map_err(io("write", &temporary))?;
-    fs::rename(&temporary, &path).map_err(io("rename", &temporary))?;
-    fs::File::open(dir)
-        .and_then(|handle| handle.sync_all())
-        .map_err(io("fsync directory", dir))
 }
 
 #[cfg(test)]

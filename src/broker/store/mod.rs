@@ -2,6 +2,7 @@
 
 pub mod commit_log;
 pub mod consume_queue;
+mod files;
 pub mod key_index;
 pub mod message_store;
 pub mod metadata;
