@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 
 use super::clients::ConnectionId;
 use super::state::BrokerState;
-use super::store::StoreError;
+use super::store::{StoreError, SubscriptionGroupConfig, TopicConfig};
 use crate::remoting::{HeaderError, RemotingCommand, RequestCode, ResponseCode};
 
 /// Handles one request; `None` for oneway requests, which get no response.
@@ -61,6 +61,52 @@ pub async fn handle(
         ),
     };
     (!request.is_oneway()).then_some(response)
+}
+
+/// Checks shared by the consuming codes: the topic exists, the group may consume, the filter is
+/// by tag. Returns the topic's and the group's configuration.
+fn consumable(
+    state: &BrokerState,
+    request: &RemotingCommand,
+    topic: &str,
+    group: &str,
+    expression_type: Option<&str>,
+) -> Result<(TopicConfig, SubscriptionGroupConfig), RemotingCommand> {
+    let Some(topic_config) = state.metadata.topic(topic) else {
+        return Err(RemotingCommand::error_response(
+            request,
+            ResponseCode::TOPIC_NOT_EXIST,
+            format!("topic[{topic}] not exist, apply first please!"),
+        ));
+    };
+    let group_config = state.group(group);
+    if !group_config.consume_enable {
+        return Err(RemotingCommand::error_response(
+            request,
+            ResponseCode::NO_PERMISSION,
+            format!("subscription group [{group}] no permission to consume"),
+        ));
+    }
+    if expression_type.is_some_and(|kind| !kind.eq_ignore_ascii_case("TAG")) {
+        return Err(RemotingCommand::error_response(
+            request,
+            ResponseCode::SUBSCRIPTION_PARSE_FAILED,
+            "this broker filters by TAG only; SQL92 filtering is not supported",
+        ));
+    }
+    Ok((topic_config, group_config))
+}
+
+/// A queue id outside the topic's read queues.
+fn illegal_queue(request: &RemotingCommand, queue_id: i32, topic: &TopicConfig) -> RemotingCommand {
+    RemotingCommand::error_response(
+        request,
+        ResponseCode::INVALID_PARAMETER,
+        format!(
+            "queueId[{queue_id}] is illegal, topic {} has {} read queues",
+            topic.topic_name, topic.read_queue_nums
+        ),
+    )
 }
 
 /// A request whose header does not parse.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::pull::TagFilter;
-use super::{bad_request, store_failure};
+use super::{bad_request, consumable, illegal_queue, store_failure};
 use crate::broker::pop::{ORDER_REVIVE_QID, PopRequest};
 use crate::broker::schedule::now_ms;
 use crate::broker::state::BrokerState;
@@ -21,7 +21,6 @@ use crate::remoting::header::{
     AckMessageRequestHeader, ChangeInvisibleTimeRequestHeader, ChangeInvisibleTimeResponseHeader,
     PopMessageRequestHeader, PopMessageResponseHeader,
 };
-use crate::remoting::message::MessageRecord;
 use crate::remoting::{RemotingCommand, ResponseCode};
 
 /// Most messages one pop returns (Java rejects more than 32).
@@ -51,49 +50,23 @@ pub async fn pop(state: &BrokerState, request: &RemotingCommand) -> RemotingComm
             ),
         );
     }
-    let Some(topic) = state.metadata.topic(&header.topic) else {
-        return RemotingCommand::error_response(
-            request,
-            ResponseCode::TOPIC_NOT_EXIST,
-            format!("topic[{}] not exist, apply first please!", header.topic),
-        );
+    let (topic, group) = match consumable(
+        state,
+        request,
+        &header.topic,
+        &header.consumer_group,
+        header.exp_type.as_deref(),
+    ) {
+        Ok(found) => found,
+        Err(response) => return response,
     };
     let queue_ids: Vec<i32> = if header.queue_id < 0 {
         (0..topic.read_queue_nums).collect()
     } else if header.queue_id < topic.read_queue_nums {
         vec![header.queue_id]
     } else {
-        return RemotingCommand::error_response(
-            request,
-            ResponseCode::INVALID_PARAMETER,
-            format!(
-                "queueId[{}] is illegal, topic {} has {} read queues",
-                header.queue_id, header.topic, topic.read_queue_nums
-            ),
-        );
+        return illegal_queue(request, header.queue_id, &topic);
     };
-    let group = state.group(&header.consumer_group);
-    if !group.consume_enable {
-        return RemotingCommand::error_response(
-            request,
-            ResponseCode::NO_PERMISSION,
-            format!(
-                "subscription group [{}] no permission to consume",
-                header.consumer_group
-            ),
-        );
-    }
-    if header
-        .exp_type
-        .as_deref()
-        .is_some_and(|kind| !kind.eq_ignore_ascii_case("TAG"))
-    {
-        return RemotingCommand::error_response(
-            request,
-            ResponseCode::SUBSCRIPTION_PARSE_FAILED,
-            "this broker filters by TAG only; SQL92 filtering is not supported",
-        );
-    }
     let filter = TagFilter::parse(header.exp.as_deref().unwrap_or("*"));
     let order = header.order.unwrap_or(false);
     let invisible_ms = header.invisible_time.max(1);
@@ -209,24 +182,6 @@ pub async fn pop(state: &BrokerState, request: &RemotingCommand) -> RemotingComm
         .with_remark("FOUND")
         .with_header(&response_header)
         .with_body(Bytes::from(body.concat()))
-}
-
-impl TagFilter {
-    /// Whether a message passes: the tag code first, then the record's own tag.
-    pub fn passes(&self, entry: &crate::broker::store::QueueEntry, raw: &Bytes) -> bool {
-        match self {
-            TagFilter::All => true,
-            TagFilter::Tags { codes, tags } => {
-                codes.contains(&entry.tag_code)
-                    && MessageRecord::decode(raw, false)
-                        .ok()
-                        .and_then(|(record, _)| {
-                            record.tags().map(|tag| tags.iter().any(|t| t == tag))
-                        })
-                        .unwrap_or(false)
-            }
-        }
-    }
 }
 
 fn parse_handle(request: &RemotingCommand, extra_info: &str) -> Result<ExtraInfo, RemotingCommand> {

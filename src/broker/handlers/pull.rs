@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 
-use super::{bad_request, store_failure};
+use super::{bad_request, consumable, illegal_queue, store_failure};
 use crate::broker::clients::ConnectionId;
 use crate::broker::state::BrokerState;
 use crate::broker::store::{QueueEntry, StoreError};
@@ -34,6 +34,11 @@ pub enum TagFilter {
 }
 
 impl TagFilter {
+    /// Whether a message passes: the tag code first, then the record's own tag.
+    pub fn passes(&self, entry: &QueueEntry, raw: &Bytes) -> bool {
+        self.passes_code(entry) && self.passes_record(raw)
+    }
+
     pub fn parse(expression: &str) -> Self {
         let tags: Vec<String> = expression
             .split("||")
@@ -100,44 +105,18 @@ pub async fn handle(
         &header.topic,
         header.queue_id,
     );
-    let Some(topic) = state.metadata.topic(&header.topic) else {
-        return RemotingCommand::error_response(
-            request,
-            ResponseCode::TOPIC_NOT_EXIST,
-            format!("topic[{}] not exist, apply first please!", header.topic),
-        );
+    let (topic, _) = match consumable(
+        state,
+        request,
+        &header.topic,
+        &header.consumer_group,
+        header.expression_type.as_deref(),
+    ) {
+        Ok(found) => found,
+        Err(response) => return response,
     };
     if header.queue_id < 0 || header.queue_id >= topic.read_queue_nums {
-        return RemotingCommand::error_response(
-            request,
-            ResponseCode::INVALID_PARAMETER,
-            format!(
-                "queueId[{}] is illegal, topic {} has {} read queues",
-                header.queue_id, header.topic, topic.read_queue_nums
-            ),
-        );
-    }
-    let group = state.group(&header.consumer_group);
-    if !group.consume_enable {
-        return RemotingCommand::error_response(
-            request,
-            ResponseCode::NO_PERMISSION,
-            format!(
-                "subscription group [{}] no permission to consume",
-                header.consumer_group
-            ),
-        );
-    }
-    if header
-        .expression_type
-        .as_deref()
-        .is_some_and(|kind| !kind.eq_ignore_ascii_case("TAG"))
-    {
-        return RemotingCommand::error_response(
-            request,
-            ResponseCode::SUBSCRIPTION_PARSE_FAILED,
-            "this broker filters by TAG only; SQL92 filtering is not supported",
-        );
+        return illegal_queue(request, header.queue_id, &topic);
     }
     let filter = if header.sys_flag & pull_flag::SUBSCRIPTION != 0 {
         TagFilter::parse(header.subscription.as_deref().unwrap_or("*"))
