@@ -827,8 +827,10 @@ async fn two_push_consumers_of_one_group_share_the_messages_exactly_once() {
         consumers.push(consumer);
     }
     // Wait until the group has rebalanced: both members registered and the four queues pulled by
-    // two different connections, two each. Messages sent before that could be handed over mid-way.
+    // two different connections, two each, for a full second. Messages sent before that could be
+    // handed over mid-way.
     let deadline = Instant::now() + STEP_TIMEOUT;
+    let mut settled_since: Option<Instant> = None;
     loop {
         let members = broker
             .state
@@ -840,9 +842,14 @@ async fn two_push_consumers_of_one_group_share_the_messages_exactly_once() {
         for connection in pullers.values() {
             *per_connection.entry(*connection).or_insert(0) += 1;
         }
-        if members == 2 && pullers.len() == 4 && per_connection.values().all(|queues| *queues == 2)
-        {
-            break;
+        let settled = members == 2
+            && pullers.len() == 4
+            && per_connection.values().all(|queues| *queues == 2);
+        match (settled, settled_since) {
+            (true, Some(since)) if since.elapsed() >= Duration::from_secs(1) => break,
+            (true, None) => settled_since = Some(Instant::now()),
+            (false, _) => settled_since = None,
+            _ => {}
         }
         assert!(
             Instant::now() < deadline,
