@@ -219,7 +219,11 @@ pub async fn ack(state: &BrokerState, request: &RemotingCommand) -> RemotingComm
         handle.pop_time,
     ) {
         Ok(put) => match durable(state, put).await {
-            Ok(()) => RemotingCommand::response_to(request, ResponseCode::SUCCESS),
+            Ok(()) => {
+                // An ack can free an orderly queue for the pops parked on it.
+                state.arrivals.notify_waiters();
+                RemotingCommand::response_to(request, ResponseCode::SUCCESS)
+            }
             Err(error) => store_failure(request, error),
         },
         Err(error) => store_failure(request, error),
@@ -308,6 +312,8 @@ pub async fn change_invisible_time(
             if let Err(error) = state.store.wait_durable(put.end).await {
                 return store_failure(request, error);
             }
+            // Parked pops recompute when this message becomes visible again.
+            state.arrivals.notify_waiters();
             pop_time
         }
         // A stale handle: nothing to move; answer as Java does with the requested times.
