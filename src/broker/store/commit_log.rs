@@ -350,33 +350,17 @@ impl CommitLog {
                 .ok_or(StoreError::OffsetOutOfRange { offset, min, max })?
         };
         let position = offset - segment.base;
-        let mut header = [0u8; FRAME_OVERHEAD as usize];
-        segment
-            .file
-            .read_exact_at(&mut header, position)
-            .map_err(io_error("read", &segment.path))?;
-        let len_bytes = [header[0], header[1], header[2], header[3]];
-        let len = u32::from_be_bytes(len_bytes);
-        let stored_crc = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
-        let next = offset + FRAME_OVERHEAD + u64::from(len);
-        if len == 0 || len > self.shared.config.max_entry_size || next > max {
-            return Err(StoreError::Corrupt {
-                offset,
-                reason: "not the start of an entry",
-            });
+        match segment.read_frame(
+            position,
+            max - segment.base,
+            self.shared.config.max_entry_size,
+        )? {
+            Ok(payload) => {
+                let next = offset + FRAME_OVERHEAD + payload.len() as u64;
+                Ok((Bytes::from(payload), next))
+            }
+            Err(reason) => Err(StoreError::Corrupt { offset, reason }),
         }
-        let mut payload = vec![0u8; len as usize];
-        segment
-            .file
-            .read_exact_at(&mut payload, position + FRAME_OVERHEAD)
-            .map_err(io_error("read", &segment.path))?;
-        if frame_crc(&len_bytes, &payload) != stored_crc {
-            return Err(StoreError::Corrupt {
-                offset,
-                reason: "CRC mismatch",
-            });
-        }
-        Ok((Bytes::from(payload), next))
     }
 
     /// The first offset still stored.
@@ -561,6 +545,40 @@ fn write_checkpoint(dir: &Path, flushed: u64) -> Result<(), StoreError> {
     replace_file(dir, CHECKPOINT_FILE, &flushed.to_be_bytes())
 }
 
+impl Segment {
+    /// Reads the frame at `position` and checks its length and CRC. `limit` is where this
+    /// segment's data ends. The outer error is I/O; the inner one says why the bytes there are not
+    /// a whole, intact frame.
+    fn read_frame(
+        &self,
+        position: u64,
+        limit: u64,
+        max_entry_size: u32,
+    ) -> Result<Result<Vec<u8>, &'static str>, StoreError> {
+        if position + FRAME_OVERHEAD > limit {
+            return Ok(Err("not the start of an entry"));
+        }
+        let mut header = [0u8; FRAME_OVERHEAD as usize];
+        self.file
+            .read_exact_at(&mut header, position)
+            .map_err(io_error("read", &self.path))?;
+        let len_bytes = [header[0], header[1], header[2], header[3]];
+        let len = u32::from_be_bytes(len_bytes);
+        let stored_crc = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+        if len == 0 || len > max_entry_size || position + FRAME_OVERHEAD + u64::from(len) > limit {
+            return Ok(Err("not the start of an entry"));
+        }
+        let mut payload = vec![0u8; len as usize];
+        self.file
+            .read_exact_at(&mut payload, position + FRAME_OVERHEAD)
+            .map_err(io_error("read", &self.path))?;
+        if frame_crc(&len_bytes, &payload) != stored_crc {
+            return Ok(Err("CRC mismatch"));
+        }
+        Ok(Ok(payload))
+    }
+}
+
 fn list_segments(dir: &Path) -> Result<BTreeMap<u64, Arc<Segment>>, StoreError> {
     let mut segments = BTreeMap::new();
     for (base, path) in numbered_files(dir)? {
@@ -678,29 +696,8 @@ fn scan_segment(
     length: u64,
 ) -> Result<u64, StoreError> {
     let mut position = 0u64;
-    let mut header = [0u8; FRAME_OVERHEAD as usize];
-    let mut payload = Vec::new();
-    while position + FRAME_OVERHEAD <= length {
-        segment
-            .file
-            .read_exact_at(&mut header, position)
-            .map_err(io_error("read", &segment.path))?;
-        let len_bytes = [header[0], header[1], header[2], header[3]];
-        let len = u32::from_be_bytes(len_bytes);
-        let stored_crc = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
-        let frame_end = position + FRAME_OVERHEAD + u64::from(len);
-        if len == 0 || len > config.max_entry_size || frame_end > length {
-            break;
-        }
-        payload.resize(len as usize, 0);
-        segment
-            .file
-            .read_exact_at(&mut payload, position + FRAME_OVERHEAD)
-            .map_err(io_error("read", &segment.path))?;
-        if frame_crc(&len_bytes, &payload) != stored_crc {
-            break;
-        }
-        position = frame_end;
+    while let Ok(payload) = segment.read_frame(position, length, config.max_entry_size)? {
+        position += FRAME_OVERHEAD + payload.len() as u64;
     }
     Ok(position)
 }
