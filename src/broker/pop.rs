@@ -332,15 +332,6 @@ impl PopState {
         offset: u64,
         pop_time: i64,
     ) -> Result<Option<PutResult>, StoreError> {
-        let mut state = self.lock();
-        let matches = state
-            .in_flight
-            .get(&key(group, topic, queue_id))
-            .and_then(|messages| messages.get(&offset))
-            .is_some_and(|message| message.pop_time == pop_time);
-        if !matches {
-            return Ok(None);
-        }
         let event = Event::Ack {
             g: group.to_owned(),
             t: topic.to_owned(),
@@ -348,9 +339,7 @@ impl PopState {
             o: offset,
             pt: pop_time,
         };
-        let put = Self::log(store, &event)?;
-        apply(&mut state, &event);
-        Ok(Some(put))
+        self.log_if_current(store, &event, (group, topic, queue_id, offset, pop_time))
     }
 
     /// Moves a popped message's invisible time. Returns the new pop time when the handle was current.
@@ -366,15 +355,6 @@ impl PopState {
         invisible_ms: i64,
         now_ms: i64,
     ) -> Result<Option<(i64, PutResult)>, StoreError> {
-        let mut state = self.lock();
-        let matches = state
-            .in_flight
-            .get(&key(group, topic, queue_id))
-            .and_then(|messages| messages.get(&offset))
-            .is_some_and(|message| message.pop_time == pop_time);
-        if !matches {
-            return Ok(None);
-        }
         let event = Event::Invisible {
             g: group.to_owned(),
             t: topic.to_owned(),
@@ -384,9 +364,30 @@ impl PopState {
             npt: now_ms,
             iu: now_ms + invisible_ms,
         };
-        let put = Self::log(store, &event)?;
-        apply(&mut state, &event);
-        Ok(Some((now_ms, put)))
+        let put = self.log_if_current(store, &event, (group, topic, queue_id, offset, pop_time))?;
+        Ok(put.map(|put| (now_ms, put)))
+    }
+
+    /// Logs and applies `event` if the handle (group, topic, queue, offset, pop time) still names
+    /// the message's current delivery; a stale handle changes nothing.
+    fn log_if_current(
+        &self,
+        store: &MessageStore,
+        event: &Event,
+        (group, topic, queue_id, offset, pop_time): (&str, &str, i32, u64, i64),
+    ) -> Result<Option<PutResult>, StoreError> {
+        let mut state = self.lock();
+        let current = state
+            .in_flight
+            .get(&key(group, topic, queue_id))
+            .and_then(|messages| messages.get(&offset))
+            .is_some_and(|message| message.pop_time == pop_time);
+        if !current {
+            return Ok(None);
+        }
+        let put = Self::log(store, event)?;
+        apply(&mut state, event);
+        Ok(Some(put))
     }
 }
 

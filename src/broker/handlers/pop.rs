@@ -184,14 +184,20 @@ pub async fn pop(state: &BrokerState, request: &RemotingCommand) -> RemotingComm
         .with_body(Bytes::from(body.concat()))
 }
 
-fn parse_handle(request: &RemotingCommand, extra_info: &str) -> Result<ExtraInfo, RemotingCommand> {
-    extra_info.parse::<ExtraInfo>().map_err(|error| {
-        RemotingCommand::error_response(
-            request,
-            ResponseCode::MESSAGE_ILLEGAL,
-            format!("invalid extraInfo: {error}"),
-        )
-    })
+/// The receipt handle and message offset of an ACK or CHANGE_MESSAGE_INVISIBLETIME.
+fn parse_handle(
+    request: &RemotingCommand,
+    extra_info: &str,
+    offset: i64,
+) -> Result<(ExtraInfo, u64), RemotingCommand> {
+    let illegal = |remark: String| {
+        RemotingCommand::error_response(request, ResponseCode::MESSAGE_ILLEGAL, remark)
+    };
+    let handle = extra_info
+        .parse::<ExtraInfo>()
+        .map_err(|error| illegal(format!("invalid extraInfo: {error}")))?;
+    let offset = u64::try_from(offset).map_err(|_| illegal(format!("negative offset {offset}")))?;
+    Ok((handle, offset))
 }
 
 pub async fn ack(state: &BrokerState, request: &RemotingCommand) -> RemotingCommand {
@@ -199,16 +205,9 @@ pub async fn ack(state: &BrokerState, request: &RemotingCommand) -> RemotingComm
         Ok(header) => header,
         Err(error) => return bad_request(request, error),
     };
-    let handle = match parse_handle(request, &header.extra_info) {
-        Ok(handle) => handle,
+    let (handle, offset) = match parse_handle(request, &header.extra_info, header.offset) {
+        Ok(parsed) => parsed,
         Err(response) => return response,
-    };
-    let Ok(offset) = u64::try_from(header.offset) else {
-        return RemotingCommand::error_response(
-            request,
-            ResponseCode::MESSAGE_ILLEGAL,
-            "negative offset",
-        );
     };
     match state.pop.ack(
         &state.store,
@@ -285,16 +284,9 @@ pub async fn change_invisible_time(
         Ok(header) => header,
         Err(error) => return bad_request(request, error),
     };
-    let handle = match parse_handle(request, &header.extra_info) {
-        Ok(handle) => handle,
+    let (handle, offset) = match parse_handle(request, &header.extra_info, header.offset) {
+        Ok(parsed) => parsed,
         Err(response) => return response,
-    };
-    let Ok(offset) = u64::try_from(header.offset) else {
-        return RemotingCommand::error_response(
-            request,
-            ResponseCode::MESSAGE_ILLEGAL,
-            "negative offset",
-        );
     };
     let now = now_ms();
     let changed = state.pop.change_invisible_time(
