@@ -84,6 +84,9 @@ pub enum ConsumeMode {
 }
 
 /// One multiplexed connection: requests go out tagged with an opaque, responses find their waiter.
+/// How many request bytes may queue before the writer must flush them.
+const WRITE_BATCH_BYTES: usize = 64 * 1024;
+
 struct Connection {
     outbound: mpsc::Sender<RemotingCommand>,
     waiting: Arc<Mutex<HashMap<i32, oneshot::Sender<RemotingCommand>>>>,
@@ -96,12 +99,22 @@ impl Connection {
             .await
             .with_context(|| format!("cannot connect to {target}"))?;
         socket.set_nodelay(true)?;
-        let (mut sink, mut stream) = Framed::new(socket, RemotingCodec::default()).split();
+        let mut framed = Framed::new(socket, RemotingCodec::default());
+        framed.set_backpressure_boundary(WRITE_BATCH_BYTES);
+        let (mut sink, mut stream) = framed.split();
         let (outbound, mut queue) = mpsc::channel::<RemotingCommand>(1024);
         let waiting: Arc<Mutex<HashMap<i32, oneshot::Sender<RemotingCommand>>>> = Arc::default();
         tokio::spawn(async move {
+            // Queue every request that is ready, then flush once, as a real client's writer would.
             while let Some(command) = queue.recv().await {
-                if sink.send(command).await.is_err() {
+                let mut written = sink.feed(command).await;
+                while written.is_ok() {
+                    match queue.try_recv() {
+                        Ok(command) => written = sink.feed(command).await,
+                        Err(_) => break,
+                    }
+                }
+                if written.and(sink.flush().await).is_err() {
                     break;
                 }
             }
@@ -260,9 +273,11 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     for worker in workers {
         let _ = worker.await;
     }
+    // Measured before the progress task winds down, which may take up to one tick.
+    let elapsed = started.elapsed();
     tally.stop.store(true, Ordering::Relaxed);
     let _ = progress.await;
-    summary(args, &tally, started.elapsed());
+    summary(args, &tally, elapsed);
     Ok(())
 }
 
