@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use futures::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::codec::Framed;
 use tracing::{debug, info, warn};
 
@@ -69,6 +69,9 @@ pub async fn serve(
     }
 }
 
+/// How many response bytes may queue before the writer must flush them.
+const WRITE_BATCH_BYTES: usize = 64 * 1024;
+
 async fn serve_connection(
     state: Arc<BrokerState>,
     connection: u64,
@@ -80,15 +83,25 @@ async fn serve_connection(
         max_frame: state.config.max_frame_size,
         ..FrameLimits::default()
     };
-    let (mut sink, mut stream) = Framed::new(socket, RemotingCodec::new(limits)).split();
+    let mut framed = Framed::new(socket, RemotingCodec::new(limits));
+    framed.set_backpressure_boundary(WRITE_BATCH_BYTES);
+    let (mut sink, mut stream) = framed.split();
     let (outbound, mut responses) =
         mpsc::channel::<RemotingCommand>(state.config.max_in_flight_per_connection);
     state.clients.connected(connection, outbound.clone());
     debug!(%peer, connection, "connected");
 
     let writer = tokio::spawn(async move {
+        // Queue every response that is ready, then flush once: one write for many responses.
         while let Some(command) = responses.recv().await {
-            if let Err(error) = sink.send(command).await {
+            let mut written = sink.feed(command).await;
+            while written.is_ok() {
+                match responses.try_recv() {
+                    Ok(command) => written = sink.feed(command).await,
+                    Err(_) => break,
+                }
+            }
+            if let Err(error) = written.and(sink.flush().await) {
                 debug!(%error, "write failed");
                 break;
             }
@@ -109,20 +122,40 @@ async fn serve_connection(
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             break;
         };
-        let state = state.clone();
-        let outbound = outbound.clone();
-        tokio::spawn(async move {
-            if let Some(response) = handlers::handle(&state, connection, peer, request).await {
-                let _ = outbound.send(response).await;
-            }
-            drop(permit);
-        });
+        let mut handled = Box::pin(handle_request(
+            state.clone(),
+            connection,
+            peer,
+            request,
+            outbound.clone(),
+            permit,
+        ));
+        // Most requests (a send under async flush, an offset query) finish without waiting: run
+        // them here and save a task per request. Parked pulls and pops and fsync waits go on as
+        // their own task, so they never hold up the requests behind them.
+        if futures::poll!(handled.as_mut()).is_pending() {
+            tokio::spawn(handled);
+        }
     }
     state.clients.disconnected(connection);
     drop(outbound);
     // The writer ends once every in-flight handler has dropped its sender.
     let _ = writer.await;
     debug!(%peer, connection, "disconnected");
+}
+
+async fn handle_request(
+    state: Arc<BrokerState>,
+    connection: u64,
+    peer: SocketAddr,
+    request: RemotingCommand,
+    outbound: mpsc::Sender<RemotingCommand>,
+    permit: OwnedSemaphorePermit,
+) {
+    if let Some(response) = handlers::handle(&state, connection, peer, request).await {
+        let _ = outbound.send(response).await;
+    }
+    drop(permit);
 }
 
 /// Periodic work: metadata to disk, index checkpoints, retention.
