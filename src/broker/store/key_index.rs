@@ -46,7 +46,15 @@ pub struct KeyIndex {
     by_hash: HashMap<u64, Vec<u64>>,
     /// Commit-log offset of the last indexed message; entries at or below it are already in.
     last_indexed: Option<u64>,
+    /// The newest entries of the newest file, not yet written: one write per batch instead of
+    /// one per message. Recovery re-adds anything a crash loses from the commit log.
+    unwritten: Vec<u8>,
+    /// Entry number, within the newest file, of the first entry in `unwritten`.
+    unwritten_at: u64,
 }
+
+/// Bytes of entries buffered before they are written out.
+const MAX_UNWRITTEN_BYTES: usize = 64 * 1024;
 
 impl KeyIndex {
     /// Loads the index from `dir`, dropping torn entries and entries at or past `commit_log_end`.
@@ -63,6 +71,8 @@ impl KeyIndex {
             files: BTreeMap::new(),
             by_hash: HashMap::new(),
             last_indexed: None,
+            unwritten: Vec::new(),
+            unwritten_at: 0,
         };
         let found = numbered_files(&index.dir)?;
         let mut stop = false;
@@ -145,6 +155,7 @@ impl KeyIndex {
             .next_back()
             .is_none_or(|last| last.entries >= self.entries_per_file);
         if needs_file {
+            self.write_out()?;
             let path = self.dir.join(numbered_name(commit_offset));
             let file = OpenOptions::new()
                 .read(true)
@@ -166,20 +177,38 @@ impl KeyIndex {
         let Some(current) = self.files.values_mut().next_back() else {
             return Err(StoreError::Closed);
         };
-        let mut bytes = Vec::with_capacity(hashes.len() * ENTRY_SIZE as usize);
-        for hash in &hashes {
-            bytes.extend_from_slice(&hash.to_be_bytes());
-            bytes.extend_from_slice(&commit_offset.to_be_bytes());
+        if self.unwritten.is_empty() {
+            self.unwritten_at = current.entries;
         }
-        current
-            .file
-            .write_all_at(&bytes, current.entries * ENTRY_SIZE)
-            .map_err(io_error("append to", &current.path))?;
+        for hash in &hashes {
+            self.unwritten.extend_from_slice(&hash.to_be_bytes());
+            self.unwritten
+                .extend_from_slice(&commit_offset.to_be_bytes());
+        }
         current.entries += hashes.len() as u64;
         for hash in hashes {
             self.by_hash.entry(hash).or_default().push(commit_offset);
         }
         self.last_indexed = Some(commit_offset);
+        if self.unwritten.len() >= MAX_UNWRITTEN_BYTES {
+            self.write_out()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the buffered entries to the newest file (into the page cache; `flush` fsyncs).
+    fn write_out(&mut self) -> Result<(), StoreError> {
+        if self.unwritten.is_empty() {
+            return Ok(());
+        }
+        let Some(current) = self.files.values().next_back() else {
+            return Err(StoreError::Closed);
+        };
+        current
+            .file
+            .write_all_at(&self.unwritten, self.unwritten_at * ENTRY_SIZE)
+            .map_err(io_error("append to", &current.path))?;
+        self.unwritten.clear();
         Ok(())
     }
 
@@ -195,7 +224,8 @@ impl KeyIndex {
         offsets
     }
 
-    pub fn flush(&self) -> Result<(), StoreError> {
+    pub fn flush(&mut self) -> Result<(), StoreError> {
+        self.write_out()?;
         for file in self.files.values() {
             file.file
                 .sync_data()
@@ -226,6 +256,13 @@ impl KeyIndex {
             self.by_hash.retain(|_, offsets| !offsets.is_empty());
         }
         Ok(deleted)
+    }
+}
+
+impl Drop for KeyIndex {
+    fn drop(&mut self) {
+        // Best effort: whatever is lost here is re-added from the commit log on open.
+        let _ = self.write_out();
     }
 }
 

@@ -487,12 +487,12 @@ impl MessageStore {
             .collect();
         for queue in queues {
             queue
-                .read()
+                .write()
                 .unwrap_or_else(PoisonError::into_inner)
                 .flush()?;
         }
         self.keys
-            .read()
+            .write()
             .unwrap_or_else(PoisonError::into_inner)
             .flush()?;
         replace_file(
