@@ -769,6 +769,7 @@ async fn pop_mode_consumer_reads_everything_and_a_rejected_message_comes_back() 
         .iter()
         .filter(|(body, _, _)| body != "poison")
         .count();
+    assert_eq!(others, POP_MESSAGES - 1, "every accepted message once");
     println!(
         "POP consumer read all {POP_MESSAGES} messages ({others} non-poison deliveries); the rejected one came back \
          after {invisible_for:?} with reconsumeTimes 1"
@@ -910,6 +911,158 @@ async fn two_push_consumers_of_one_group_share_the_messages_exactly_once() {
     println!(
         "two consumers of one group received {} messages exactly once, split {shares:?}",
         all.len()
+    );
+    broker.stop().await;
+}
+
+/// Holds the first delivery of "slow" past its invisible time, so the client does not ack it, and
+/// lets it go once the broker has handed the message out again.
+#[derive(Clone, Default)]
+struct SlowListener {
+    deliveries: Arc<Mutex<Vec<(String, i32, Instant)>>>,
+    arrived: Arc<Notify>,
+    redelivered: Arc<(Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl MessageListenerConcurrently for SlowListener {
+    fn consume_message(
+        &self,
+        msgs: &[&MessageExt],
+        _context: &ConsumeConcurrentlyContext,
+    ) -> ClientResult<ConsumeConcurrentlyStatus> {
+        let mut hold = false;
+        {
+            let mut deliveries = self.deliveries.lock().expect("deliveries");
+            for message in msgs {
+                let text = String::from_utf8_lossy(message.body().as_deref().unwrap_or_default())
+                    .into_owned();
+                if text == "slow" {
+                    let earlier = deliveries
+                        .iter()
+                        .filter(|(body, _, _)| body == "slow")
+                        .count();
+                    hold = earlier == 0;
+                    if earlier > 0 {
+                        let (flag, wakeup) = &*self.redelivered;
+                        *flag.lock().expect("flag") = true;
+                        wakeup.notify_all();
+                    }
+                }
+                deliveries.push((text, message.reconsume_times(), Instant::now()));
+            }
+        }
+        self.arrived.notify_one();
+        if hold {
+            let (flag, wakeup) = &*self.redelivered;
+            let guard = flag.lock().expect("flag");
+            let _ = wakeup
+                .wait_timeout_while(guard, STEP_TIMEOUT, |redelivered| !*redelivered)
+                .expect("wait");
+        }
+        Ok(ConsumeConcurrentlyStatus::ConsumeSuccess)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_popped_message_left_unacked_comes_back_after_its_invisible_time() {
+    const SLOW_TOPIC: &str = "PopSlowTopic";
+    // The client allows no less than 5 s.
+    const INVISIBLE_MS: u64 = 5_000;
+    let data = tempfile::tempdir().expect("tempdir");
+    let broker = RunningBroker::start_with(data.path(), |config| {
+        config.default_message_request_mode = "POP".into();
+    })
+    .await;
+    let harness = harness();
+    let mut producer = DefaultMQProducer::builder(harness.runtime.clone())
+        .client_config(client_config(broker.addr, "slow-producer"))
+        .producer_group("slow_producer")
+        .build();
+    tokio::time::timeout(STEP_TIMEOUT, producer.start())
+        .await
+        .expect("in time")
+        .expect("start");
+    let mut bodies: Vec<String> = (0..9).map(|index| format!("quick-{index}")).collect();
+    bodies.push("slow".into());
+    for text in &bodies {
+        let message = Message::builder()
+            .topic(SLOW_TOPIC)
+            .body_slice(text.as_bytes())
+            .build()
+            .expect("message");
+        tokio::time::timeout(STEP_TIMEOUT, producer.send(message))
+            .await
+            .expect("in time")
+            .expect("send");
+    }
+    producer.shutdown().await;
+
+    let listener = SlowListener::default();
+    let mut consumer = DefaultMQPushConsumer::builder(harness.runtime.clone())
+        .client_config(client_config(broker.addr, "slow-consumer"))
+        .consumer_group("slow_group")
+        .client_rebalance(false)
+        .pop_invisible_time(INVISIBLE_MS)
+        .build();
+    consumer
+        .subscribe(SLOW_TOPIC, "*")
+        .await
+        .expect("subscribe");
+    consumer.register_message_listener_concurrently(listener.clone());
+    tokio::time::timeout(STEP_TIMEOUT, consumer.start())
+        .await
+        .expect("in time")
+        .expect("consumer start");
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    let slow = loop {
+        let (distinct, slow) = {
+            let deliveries = listener.deliveries.lock().expect("deliveries");
+            let distinct: std::collections::BTreeSet<&String> =
+                deliveries.iter().map(|(body, _, _)| body).collect();
+            let slow: Vec<(i32, Instant)> = deliveries
+                .iter()
+                .filter(|(body, _, _)| body == "slow")
+                .map(|(_, times, at)| (*times, *at))
+                .collect();
+            (distinct.len(), slow)
+        };
+        if distinct == bodies.len() && slow.len() >= 2 {
+            break slow;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "{distinct} distinct messages, slow delivered {} times",
+            slow.len()
+        );
+        let _ = tokio::time::timeout(left, listener.arrived.notified()).await;
+    };
+    consumer.shutdown().await;
+    let quick_deliveries = listener
+        .deliveries
+        .lock()
+        .expect("deliveries")
+        .iter()
+        .filter(|(body, _, _)| body != "slow")
+        .count();
+    assert_eq!(quick_deliveries, 9, "acked messages are not redelivered");
+    assert_eq!(
+        slow.iter()
+            .map(|(times, _)| *times)
+            .take(2)
+            .collect::<Vec<_>>(),
+        vec![0, 1],
+        "the redelivery carries reconsumeTimes + 1"
+    );
+    let back_after = slow[1].1 - slow[0].1;
+    // The pop happened just before the first delivery, so allow a little slack below the time.
+    assert!(
+        back_after >= Duration::from_millis(INVISIBLE_MS - 200),
+        "came back after only {back_after:?}"
+    );
+    println!(
+        "the unacked POP message came back after {back_after:?} (invisible time {INVISIBLE_MS} ms) \
+         with reconsumeTimes 1; the 9 acked ones were delivered once"
     );
     broker.stop().await;
 }

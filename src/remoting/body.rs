@@ -48,6 +48,22 @@ fn null_as_default<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(
     Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }
 
+/// A batch ack's bit set: Java (fastjson) sends `byte[]` as a base64 string, rocketmq-client-rust
+/// as an array of numbers. Both are kept as base64.
+fn bit_set_as_base64<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        Base64(String),
+        Bytes(Vec<u8>),
+    }
+    Ok(match Option::<Form>::deserialize(deserializer)? {
+        None => String::new(),
+        Some(Form::Base64(text)) => text,
+        Some(Form::Bytes(bytes)) => base64::engine::general_purpose::STANDARD.encode(bytes),
+    })
+}
+
 macro_rules! json_bodies {
     ($($(#[$meta:meta])* pub struct $name:ident { $($body:tt)* })*) => {$(
         $(#[$meta])*
@@ -216,7 +232,7 @@ json_bodies! {
         pub pop_time: i64,
         #[serde(rename = "it", deserialize_with = "null_as_default")]
         pub invisible_time: i64,
-        #[serde(rename = "b", deserialize_with = "null_as_default")]
+        #[serde(rename = "b", deserialize_with = "bit_set_as_base64")]
         pub bit_set: String,
     }
 
@@ -523,6 +539,22 @@ mod tests {
         ));
         ack.bit_set = "!!".into();
         assert!(matches!(ack.offsets(), Err(BodyError::Base64 { .. })));
+    }
+
+    #[test]
+    fn batch_ack_bit_sets_are_read_as_base64_or_as_byte_arrays() {
+        // rocketmq-client-rust 1.0.0 writes the bytes as numbers; fastjson writes base64.
+        let numbers = br#"{"brokerName":"b","acks":[{"c":"g","t":"T","r":"0","so":8,"q":1,"rq":0,"pt":5,"it":5000,"b":[5,2,0,0,0,0,0,0]}]}"#;
+        let body = BatchAckMessageRequestBody::from_json(numbers).expect("numbers");
+        let offsets = body.acks.first().map(|ack| ack.offsets().expect("offsets"));
+        assert_eq!(offsets, Some(vec![8, 10, 17]));
+        let text =
+            br#"{"brokerName":"b","acks":[{"c":"g","t":"T","so":8,"q":1,"pt":5,"b":"BQI="}]}"#;
+        let body = BatchAckMessageRequestBody::from_json(text).expect("base64");
+        let offsets = body.acks.first().map(|ack| ack.offsets().expect("offsets"));
+        assert_eq!(offsets, Some(vec![8, 10, 17]));
+        let bad = br#"{"brokerName":"b","acks":[{"c":"g","t":"T","so":8,"q":1,"pt":5,"b":[300]}]}"#;
+        assert!(BatchAckMessageRequestBody::from_json(bad).is_err());
     }
 
     fn round_trip<T: JsonBody + PartialEq + std::fmt::Debug>(
