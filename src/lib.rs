@@ -1,2 +1,5 @@
+pub mod admin;
 pub mod broker;
+pub mod client_registry;
+pub mod proxy;
 pub mod remoting;

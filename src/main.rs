@@ -27,6 +27,10 @@ enum Command {
     Broker(cli::broker::BrokerArgs),
     /// Decode a raw remoting byte stream (a TCP capture) into one JSON object per frame.
     Decode(cli::decode::DecodeArgs),
+    /// Run the sidecar data plane from a YAML config.
+    Sidecar(cli::sidecar::SidecarArgs),
+    /// Start two bundled brokers and a sidecar on loopback; print the address apps should use.
+    Up(cli::up::UpArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -50,6 +54,20 @@ fn main() -> std::process::ExitCode {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(error) => {
                 eprintln!("rocketmesh broker: {error:#}");
+                std::process::ExitCode::from(2)
+            }
+        },
+        Command::Sidecar(args) => match cli::sidecar::run(&args) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("rocketmesh sidecar: {error:#}");
+                std::process::ExitCode::from(2)
+            }
+        },
+        Command::Up(args) => match cli::up::run(&args) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("rocketmesh up: {error:#}");
                 std::process::ExitCode::from(2)
             }
         },

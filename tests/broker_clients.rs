@@ -3,178 +3,26 @@
 //! offsets kept across a restart.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rocketmesh::broker::{BrokerConfig, BrokerState, server};
+use rocketmesh::broker::BrokerState;
 use rocketmq_client_rust::{
-    ClientConfig, ClientResult, ClientRuntime, ClientRuntimeConfig, ConsumeConcurrentlyContext,
-    ConsumeConcurrentlyStatus, DefaultLitePullConsumer, DefaultMQProducer, DefaultMQPushConsumer,
-    MQPushConsumer, MessageListenerConcurrently,
+    ClientResult, ConsumeConcurrentlyContext, ConsumeConcurrentlyStatus, DefaultLitePullConsumer,
+    DefaultMQProducer, DefaultMQPushConsumer, MQPushConsumer, MessageListenerConcurrently,
 };
 use rocketmq_model::common::consumer::consume_from_where::ConsumeFromWhere;
 use rocketmq_model::common::message::message_ext::MessageExt;
 use rocketmq_model::common::message::message_single::Message;
 use rocketmq_protocol::protocol::heartbeat::message_model::MessageModel;
-use rocketmq_runtime::{RuntimeConfig, RuntimeOwner};
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::Notify;
+
+mod common;
+use common::{Collector, RunningBroker, STEP_TIMEOUT, client_config, harness};
 
 const TOPIC: &str = "BrokerClientTopic";
 const GROUP: &str = "broker_client_group";
 const MESSAGES: usize = 10_000;
-const STEP_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// A broker on an ephemeral loopback port, stopped when dropped.
-struct RunningBroker {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-    state: Arc<BrokerState>,
-}
-
-impl RunningBroker {
-    async fn start(data_dir: &std::path::Path) -> Self {
-        Self::start_with(data_dir, |_| {}).await
-    }
-
-    async fn start_with(
-        data_dir: &std::path::Path,
-        adjust: impl FnOnce(&mut BrokerConfig),
-    ) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let mut config = BrokerConfig {
-            listen: addr,
-            data_dir: data_dir.to_owned(),
-            segment_size: 8 << 20,
-            ..BrokerConfig::default()
-        };
-        adjust(&mut config);
-        let state = Arc::new(BrokerState::open(config).expect("open broker"));
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server::serve(listener, state.clone(), async {
-            let _ = stopped.await;
-        }));
-        Self {
-            addr,
-            stop: Some(stop),
-            task: Some(task),
-            state,
-        }
-    }
-
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(STEP_TIMEOUT, task)
-                .await
-                .expect("broker stops")
-                .expect("broker task");
-        }
-    }
-}
-
-struct ClientHarness {
-    // Kept alive for the life of the process, with the runtime it owns.
-    _owner: RuntimeOwner,
-    runtime: Arc<ClientRuntime>,
-    _telemetry: rocketmq_observability::TelemetryRuntimeGuard,
-}
-
-impl ClientHarness {
-    fn start() -> Self {
-        let mut config = RuntimeConfig {
-            thread_name: "broker-test-client".to_string(),
-            worker_threads: 2,
-            ..Default::default()
-        };
-        config.blocking_lane_policies.metadata_io.max_queue_depth = 4096;
-        let owner = RuntimeOwner::plan(config)
-            .expect("plan")
-            .build()
-            .expect("runtime");
-        let mut telemetry_config = rocketmq_observability::TelemetryBootstrapConfig::default();
-        telemetry_config.logging.filter =
-            std::env::var("ROCKETMESH_CLIENT_LOG").unwrap_or_else(|_| "error".to_string());
-        telemetry_config.logging.console.ansi = false;
-        let telemetry =
-            rocketmq_observability::install_global(&telemetry_config).expect("telemetry");
-        let runtime = ClientRuntime::try_new(
-            owner.root_context().component("broker-test-client"),
-            ClientRuntimeConfig {
-                managed_memory_numerator: 1,
-                managed_memory_denominator: 2,
-                ..Default::default()
-            },
-            telemetry.handle(),
-        )
-        .expect("client runtime");
-        Self {
-            _owner: owner,
-            runtime,
-            _telemetry: telemetry,
-        }
-    }
-}
-
-fn client_config(namesrv: SocketAddr, instance: &str) -> ClientConfig {
-    ClientConfig::builder()
-        .namesrv_addr(namesrv.to_string())
-        .client_ip("127.0.0.1")
-        .instance_name(instance)
-        .build()
-        .expect("client config")
-}
-
-/// Counts deliveries per body and wakes the test on each.
-#[derive(Clone, Default)]
-struct Collector {
-    seen: Arc<Mutex<BTreeMap<String, usize>>>,
-    arrived: Arc<Notify>,
-}
-
-impl MessageListenerConcurrently for Collector {
-    fn consume_message(
-        &self,
-        msgs: &[&MessageExt],
-        _context: &ConsumeConcurrentlyContext,
-    ) -> ClientResult<ConsumeConcurrentlyStatus> {
-        {
-            let mut seen = self.seen.lock().expect("collector");
-            for message in msgs {
-                let body = String::from_utf8_lossy(message.body().as_deref().unwrap_or_default())
-                    .into_owned();
-                *seen.entry(body).or_default() += 1;
-            }
-        }
-        self.arrived.notify_one();
-        Ok(ConsumeConcurrentlyStatus::ConsumeSuccess)
-    }
-}
-
-impl Collector {
-    fn distinct(&self) -> usize {
-        self.seen.lock().expect("collector").len()
-    }
-
-    async fn wait_for(&self, distinct: usize, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        while self.distinct() < distinct {
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "only {} of {distinct} messages arrived",
-                self.distinct()
-            );
-            let _ = tokio::time::timeout(left, self.arrived.notified()).await;
-        }
-    }
-}
 
 async fn wait_for_committed_offsets(state: &BrokerState, queue_ends: &BTreeMap<i32, u64>) {
     let deadline = Instant::now() + STEP_TIMEOUT;
@@ -206,12 +54,6 @@ async fn wait_for_committed_offsets(state: &BrokerState, queue_ends: &BTreeMap<i
 
 fn body(index: usize) -> String {
     format!("message-{index:05}")
-}
-
-/// One client runtime for the whole test binary: the client's telemetry can be installed once.
-fn harness() -> &'static ClientHarness {
-    static HARNESS: std::sync::OnceLock<ClientHarness> = std::sync::OnceLock::new();
-    HARNESS.get_or_init(ClientHarness::start)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,6 @@
 //! The bundled RocketMQ-compatible broker (`rocketmesh broker`).
 
-pub mod clients;
+pub use crate::client_registry as clients;
 pub mod config;
 pub mod handlers;
 pub mod pop;

@@ -277,6 +277,8 @@ async fn check_transactions(state: Arc<BrokerState>) {
                 msg_id: uniq_key.clone(),
                 transaction_id: uniq_key,
                 offset_msg_id: Some(check.message.offset_msg_id()),
+                // As Java 5.x: clients echo it in END_TRANSACTION, so proxies can route the answer.
+                broker_name: Some(state.config.broker_name.clone()),
                 ..Default::default()
             };
             let opaque = next_opaque.fetch_add(1, Ordering::Relaxed);

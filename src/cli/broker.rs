@@ -79,24 +79,8 @@ pub fn run(args: &BrokerArgs) -> anyhow::Result<()> {
             flush = ?config.flush,
             "broker ready; clients may use this address as their nameserver"
         );
-        server::serve(listener, state, shutdown_signal()).await;
+        server::serve(listener, state, super::signal::shutdown_signal()).await;
         info!("broker stopped");
         Ok(())
     })
-}
-
-/// Resolves on SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
-    }
 }

@@ -3,3 +3,6 @@
 pub mod bench;
 pub mod broker;
 pub mod decode;
+pub mod sidecar;
+pub mod signal;
+pub mod up;

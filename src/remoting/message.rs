@@ -36,6 +36,7 @@ pub mod property {
     pub const DELAY: &str = "DELAY";
     pub const CLUSTER: &str = "CLUSTER";
     pub const POP_CK: &str = "POP_CK";
+    pub const PRODUCER_GROUP: &str = "PGROUP";
 }
 
 const NAME_VALUE_SEPARATOR: char = '\u{1}';

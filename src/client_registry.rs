@@ -1,5 +1,8 @@
 //! Who is connected: producer and consumer groups from heartbeats, each client's connection, and
 //! the group membership changes that clients must hear about (NOTIFY_CONSUMER_IDS_CHANGED).
+//!
+//! Shared by the bundled broker and the sidecar, which both answer for their own clients; neither
+//! imports the other.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -17,6 +20,14 @@ pub type ConnectionId = u64;
 /// A way to send a command down one client connection.
 pub type Outbound = mpsc::Sender<RemotingCommand>;
 
+/// What one client registered over one connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Registration {
+    pub client_id: String,
+    pub producer_groups: Vec<String>,
+    pub consumer_groups: Vec<String>,
+}
+
 #[derive(Default)]
 struct ConsumerGroup {
     /// client id → (connection, its registration)
@@ -33,7 +44,7 @@ struct Registry {
     producers: HashMap<String, BTreeMap<String, ConnectionId>>,
 }
 
-/// The broker's view of its clients.
+/// A server's view of its clients.
 #[derive(Default)]
 pub struct ClientRegistry {
     registry: Mutex<Registry>,
@@ -187,8 +198,44 @@ impl ClientRegistry {
         registry.connections.get(connection).cloned()
     }
 
+    /// The registrations made over `connection`: client id, producer groups, consumer groups.
+    pub fn registrations_of(&self, connection: ConnectionId) -> Vec<Registration> {
+        let registry = self.lock();
+        let mut found: BTreeMap<String, Registration> = BTreeMap::new();
+        fn entry<'a>(
+            found: &'a mut BTreeMap<String, Registration>,
+            client_id: &str,
+        ) -> &'a mut Registration {
+            found
+                .entry(client_id.to_owned())
+                .or_insert_with(|| Registration {
+                    client_id: client_id.to_owned(),
+                    ..Registration::default()
+                })
+        }
+        for (group, members) in &registry.producers {
+            for (client_id, _) in members.iter().filter(|(_, conn)| **conn == connection) {
+                entry(&mut found, client_id)
+                    .producer_groups
+                    .push(group.clone());
+            }
+        }
+        for (group, consumers) in &registry.consumers {
+            for (client_id, _) in consumers
+                .members
+                .iter()
+                .filter(|(_, (conn, _))| *conn == connection)
+            {
+                entry(&mut found, client_id)
+                    .consumer_groups
+                    .push(group.clone());
+            }
+        }
+        found.into_values().collect()
+    }
+
     /// Sends NOTIFY_CONSUMER_IDS_CHANGED (oneway) to every member of `group`.
-    fn notify_group(&self, group: &str) {
+    pub fn notify_group(&self, group: &str) {
         let targets: Vec<Outbound> = {
             let registry = self.lock();
             let Some(consumers) = registry.consumers.get(group) else {

@@ -1,0 +1,104 @@
+//! The admin HTTP endpoint (hyper, loopback by default): `/ready`, `/stats`, `/metrics`,
+//! `/clusters` and `/config_dump`. It only reads the sidecar's counters and snapshots; nothing on
+//! the request path waits for it.
+
+mod prometheus;
+mod views;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode, header};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use crate::proxy::Proxy;
+
+/// Serves until `shutdown` turns true.
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        };
+        let socket = match accepted {
+            Ok((socket, _)) => socket,
+            Err(error) => {
+                warn!(%error, "admin accept failed");
+                continue;
+            }
+        };
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let response = respond(&proxy, &request);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            if let Err(error) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(socket), service)
+                .await
+            {
+                debug!(%error, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    if let Ok(value) = header::HeaderValue::from_str(content_type) {
+        response.headers_mut().insert(header::CONTENT_TYPE, value);
+    }
+    response
+}
+
+fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(body) => reply(StatusCode::OK, "application/json", body),
+        Err(error) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            error.to_string(),
+        ),
+    }
+}
+
+const PATHS: [&str; 5] = ["/ready", "/stats", "/metrics", "/clusters", "/config_dump"];
+
+fn respond(proxy: &Proxy, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = request.uri().path();
+    if request.method() != Method::GET {
+        return if PATHS.contains(&path) {
+            reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n")
+        } else {
+            reply(StatusCode::NOT_FOUND, "text/plain", "not found\n")
+        };
+    }
+    match path {
+        "/ready" if proxy.draining.load(Ordering::Acquire) => {
+            reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
+        }
+        "/ready" => reply(StatusCode::OK, "text/plain", "ready\n"),
+        "/stats" => json(&views::stats(proxy)),
+        "/clusters" => json(&views::clusters(proxy)),
+        "/config_dump" => json(&views::config_dump(proxy)),
+        "/metrics" => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            prometheus::render(proxy),
+        ),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            format!("not found; try {}\n", PATHS.join(", ")),
+        ),
+    }
+}

@@ -1,0 +1,480 @@
+//! The sidecar's YAML configuration: listeners, routes, clusters and limits.
+//!
+//! Shaped after Envoy's `rocketmq_proxy` filter so configs translate: routes match a topic (exact,
+//! prefix or regex) and optionally request codes, first match wins; a route names a cluster and may
+//! narrow it with an endpoint `metadata_match`. Endpoint metadata keeps the filter's key names
+//! (`broker_name`, `broker_id`, `perm`, `read_queue_num`, `write_queue_num`, `cluster_name`) and adds
+//! `zone`, `priority` and `weight`. Loading validates everything and names the offending field.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::remoting::frame::DEFAULT_MAX_FRAME;
+
+/// Why a configuration was refused; the message names the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid sidecar config: {0}")]
+    Syntax(#[from] serde_yaml_ng::Error),
+    #[error("invalid sidecar config: {field}: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SidecarConfig {
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    /// How long a request for a topic without a route waits for one to appear (0: answer at once).
+    #[serde(default)]
+    pub route_wait_ms: u64,
+    pub routes: Vec<RouteConfig>,
+    pub clusters: Vec<ClusterConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub address: SocketAddr,
+    /// The `host:port` written into route data for clients; the bound address when absent.
+    #[serde(default)]
+    pub advertised_address: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Where the admin HTTP server listens; `null` turns it off.
+    pub address: Option<SocketAddr>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            address: Some(SocketAddr::from(([127, 0, 0, 1], 9901))),
+        }
+    }
+}
+
+/// Explicit bounds on everything that could grow with input.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest frame accepted from clients or brokers, length prefix included.
+    pub max_frame_size: usize,
+    /// Downstream connections beyond this are closed at once.
+    pub max_connections: usize,
+    /// Requests in flight per downstream connection before the sidecar stops reading from it.
+    pub max_in_flight_per_connection: usize,
+    /// How long a graceful shutdown waits for requests in flight.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frame_size: DEFAULT_MAX_FRAME,
+            max_connections: 10_000,
+            max_in_flight_per_connection: 1024,
+            drain_timeout_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    #[serde(rename = "match")]
+    pub matcher: RouteMatchConfig,
+    pub route: RouteActionConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteMatchConfig {
+    pub topic: TopicMatcher,
+    /// Only these request codes match; every code when absent.
+    #[serde(default)]
+    pub codes: Option<Vec<i32>>,
+}
+
+/// How a route matches topic names, as Envoy's `StringMatcher`: exactly one of the three.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicMatcher {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// Must match the whole topic name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+}
+
+impl TopicMatcher {
+    pub fn prefix(prefix: &str) -> Self {
+        Self {
+            prefix: Some(prefix.to_owned()),
+            ..Self::default()
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteActionConfig {
+    pub cluster: String,
+    /// Only endpoints whose metadata has all these values (as strings) serve the route.
+    #[serde(default)]
+    pub metadata_match: BTreeMap<String, MetadataValue>,
+    /// Keep the broker and queue the client chose for sends (ordered messages).
+    #[serde(default)]
+    pub ordered: bool,
+}
+
+/// A metadata value in a match: YAML strings, numbers and booleans all compare as text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MetadataValue {
+    Text(String),
+    Number(i64),
+    Flag(bool),
+}
+
+impl MetadataValue {
+    pub fn as_text(&self) -> String {
+        match self {
+            Self::Text(text) => text.clone(),
+            Self::Number(number) => number.to_string(),
+            Self::Flag(flag) => flag.to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub name: String,
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// Connections kept to each endpoint; requests are multiplexed over them.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// Requests in flight to one endpoint; more wait up to the request timeout, then get SYSTEM_BUSY.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight_per_endpoint: usize,
+    pub endpoints: Vec<EndpointConfig>,
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    1_000
+}
+fn default_request_timeout_ms() -> u64 {
+    5_000
+}
+fn default_pool_size() -> usize {
+    2
+}
+fn default_max_in_flight() -> usize {
+    4_096
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    pub address: SocketAddr,
+    pub metadata: EndpointMetadata,
+}
+
+/// What the sidecar knows of a broker; the first six keys are Envoy's filter's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointMetadata {
+    pub broker_name: String,
+    #[serde(default)]
+    pub broker_id: i64,
+    /// RocketMQ permission bits: 4 readable, 2 writable (6 both).
+    #[serde(default = "default_perm")]
+    pub perm: i32,
+    #[serde(default = "default_queue_num")]
+    pub read_queue_num: i32,
+    #[serde(default = "default_queue_num")]
+    pub write_queue_num: i32,
+    pub cluster_name: String,
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// Lower is preferred.
+    #[serde(default)]
+    pub priority: u32,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_perm() -> i32 {
+    6
+}
+fn default_queue_num() -> i32 {
+    4
+}
+fn default_weight() -> u32 {
+    100
+}
+
+pub const PERM_WRITE: i32 = 2;
+pub const PERM_READ: i32 = 4;
+
+impl EndpointMetadata {
+    pub fn writable(&self) -> bool {
+        self.perm & PERM_WRITE != 0
+    }
+    pub fn readable(&self) -> bool {
+        self.perm & PERM_READ != 0
+    }
+
+    /// The value of a metadata key as text, for `metadata_match`.
+    pub fn get(&self, key: &str) -> Option<String> {
+        Some(match key {
+            "broker_name" => self.broker_name.clone(),
+            "broker_id" => self.broker_id.to_string(),
+            "perm" => self.perm.to_string(),
+            "read_queue_num" => self.read_queue_num.to_string(),
+            "write_queue_num" => self.write_queue_num.to_string(),
+            "cluster_name" => self.cluster_name.clone(),
+            "zone" => self.zone.clone()?,
+            "priority" => self.priority.to_string(),
+            "weight" => self.weight.to_string(),
+            _ => return None,
+        })
+    }
+}
+
+const METADATA_KEYS: [&str; 9] = [
+    "broker_name",
+    "broker_id",
+    "perm",
+    "read_queue_num",
+    "write_queue_num",
+    "cluster_name",
+    "zone",
+    "priority",
+    "weight",
+];
+
+impl SidecarConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = serde_yaml_ng::from_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what the types cannot: references, ranges, regexes, duplicates.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.listeners.is_empty() {
+            return Err(invalid("listeners", "at least one listener is needed"));
+        }
+        let limits = &self.limits;
+        for (field, value) in [
+            ("limits.max_frame_size", limits.max_frame_size),
+            ("limits.max_connections", limits.max_connections),
+            (
+                "limits.max_in_flight_per_connection",
+                limits.max_in_flight_per_connection,
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(field, "must be greater than 0"));
+            }
+        }
+        let mut names = HashSet::new();
+        for (index, cluster) in self.clusters.iter().enumerate() {
+            let field = |name: &str| format!("clusters[{index}].{name}");
+            if cluster.name.is_empty() {
+                return Err(invalid(field("name"), "must not be empty"));
+            }
+            if !names.insert(cluster.name.as_str()) {
+                return Err(invalid(
+                    field("name"),
+                    format!("duplicate cluster {:?}", cluster.name),
+                ));
+            }
+            for (name, value) in [
+                ("connect_timeout_ms", cluster.connect_timeout_ms),
+                ("request_timeout_ms", cluster.request_timeout_ms),
+                ("pool_size", cluster.pool_size as u64),
+                (
+                    "max_in_flight_per_endpoint",
+                    cluster.max_in_flight_per_endpoint as u64,
+                ),
+            ] {
+                if value == 0 {
+                    return Err(invalid(field(name), "must be greater than 0"));
+                }
+            }
+            if cluster.endpoints.is_empty() {
+                return Err(invalid(
+                    field("endpoints"),
+                    "at least one endpoint is needed",
+                ));
+            }
+            let mut brokers = HashSet::new();
+            for (at, endpoint) in cluster.endpoints.iter().enumerate() {
+                let field =
+                    |name: &str| format!("clusters[{index}].endpoints[{at}].metadata.{name}");
+                let metadata = &endpoint.metadata;
+                if metadata.broker_name.is_empty() {
+                    return Err(invalid(field("broker_name"), "must not be empty"));
+                }
+                if metadata.cluster_name.is_empty() {
+                    return Err(invalid(field("cluster_name"), "must not be empty"));
+                }
+                if !brokers.insert((metadata.broker_name.as_str(), metadata.broker_id)) {
+                    return Err(invalid(
+                        field("broker_id"),
+                        format!(
+                            "broker {:?} already has an endpoint with id {}",
+                            metadata.broker_name, metadata.broker_id
+                        ),
+                    ));
+                }
+                if !(0..=7).contains(&metadata.perm) {
+                    return Err(invalid(field("perm"), "must be a permission mask 0..=7"));
+                }
+                for (name, value) in [
+                    ("read_queue_num", metadata.read_queue_num),
+                    ("write_queue_num", metadata.write_queue_num),
+                ] {
+                    if !(1..=1024).contains(&value) {
+                        return Err(invalid(field(name), "must be between 1 and 1024"));
+                    }
+                }
+                if metadata.weight == 0 {
+                    return Err(invalid(field("weight"), "must be greater than 0"));
+                }
+            }
+        }
+        if self.routes.is_empty() {
+            return Err(invalid("routes", "at least one route is needed"));
+        }
+        for (index, route) in self.routes.iter().enumerate() {
+            if !names.contains(route.route.cluster.as_str()) {
+                return Err(invalid(
+                    format!("routes[{index}].route.cluster"),
+                    format!("unknown cluster {:?}", route.route.cluster),
+                ));
+            }
+            let topic = &route.matcher.topic;
+            let given = [&topic.exact, &topic.prefix, &topic.regex]
+                .iter()
+                .filter(|value| value.is_some())
+                .count();
+            if given != 1 {
+                return Err(invalid(
+                    format!("routes[{index}].match.topic"),
+                    "give exactly one of exact, prefix, regex",
+                ));
+            }
+            if let Some(pattern) = &topic.regex {
+                regex::Regex::new(pattern).map_err(|error| {
+                    invalid(
+                        format!("routes[{index}].match.topic.regex"),
+                        error.to_string(),
+                    )
+                })?;
+            }
+            for key in route.route.metadata_match.keys() {
+                if !METADATA_KEYS.contains(&key.as_str()) {
+                    return Err(invalid(
+                        format!("routes[{index}].route.metadata_match.{key}"),
+                        format!(
+                            "unknown metadata key; known keys: {}",
+                            METADATA_KEYS.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../config/sidecar.yaml");
+
+    #[test]
+    fn the_example_config_loads() {
+        let config = SidecarConfig::parse(EXAMPLE).expect("example");
+        assert_eq!(config.clusters.len(), 1);
+        assert!(config.routes.len() >= 2);
+    }
+
+    fn error_of(text: &str) -> String {
+        SidecarConfig::parse(text)
+            .expect_err("must be refused")
+            .to_string()
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let unknown_cluster = EXAMPLE.replace("cluster: local-brokers", "cluster: nowhere");
+        assert!(
+            error_of(&unknown_cluster)
+                .contains("routes[0].route.cluster: unknown cluster \"nowhere\""),
+            "{}",
+            error_of(&unknown_cluster)
+        );
+        let bad_regex = EXAMPLE.replace("regex: \"^Order.*\"", "regex: \"(\"");
+        assert!(
+            error_of(&bad_regex).contains("match.topic.regex"),
+            "{}",
+            error_of(&bad_regex)
+        );
+        let typo = EXAMPLE.replace("weight:", "wieght:");
+        assert!(error_of(&typo).contains("wieght"), "{}", error_of(&typo));
+        let zero = EXAMPLE.replace("pool_size: 2", "pool_size: 0");
+        assert!(
+            error_of(&zero).contains("clusters[0].pool_size"),
+            "{}",
+            error_of(&zero)
+        );
+        let match_key = EXAMPLE.replace(
+            "metadata_match: { perm: 6 }",
+            "metadata_match: { color: red }",
+        );
+        assert!(
+            error_of(&match_key).contains("metadata_match.color"),
+            "{}",
+            error_of(&match_key)
+        );
+    }
+}

@@ -1,0 +1,745 @@
+//! What the sidecar does with each request code.
+//!
+//! - Answered here: GET_ROUTEINFO_BY_TOPIC (route data naming the real brokers at the sidecar's
+//!   address), HEART_BEAT, UNREGISTER_CLIENT and GET_CONSUMER_LIST_BY_GROUP (the sidecar's own view
+//!   of its clients; heartbeats and unregistrations are also passed on to every broker so that
+//!   broker-side features keep working).
+//! - Routed by topic: sends to a writable broker of the route (queue id rewritten, or kept on an
+//!   `ordered` route), pops to a readable one.
+//! - Routed by name: acks to the broker inside the receipt handle, everything else to the broker the
+//!   request names (`bname`, a lock body's queue, an END_TRANSACTION's offset message id, or the
+//!   only broker of the topic).
+//! - Fanned out: QUERY_ASSIGNMENT (answers merged), SET_MESSAGE_REQUEST_MODE, and VIEW_MESSAGE_BY_ID
+//!   or QUERY_MESSAGE that name no broker.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tracing::{debug, warn};
+
+use super::Proxy;
+use super::routes::{Endpoint, RouteAction, RouteTable};
+use crate::client_registry::ConnectionId;
+use crate::remoting::body::{
+    BatchAckMessageRequestBody, ConsumerList, HeartbeatData, JsonBody, LockBatchRequestBody,
+};
+use crate::remoting::extra_info::ExtraInfo;
+use crate::remoting::header::{
+    GetConsumerListByGroupRequestHeader, GetRouteInfoRequestHeader, UnregisterClientRequestHeader,
+};
+use crate::remoting::message::OffsetMessageId;
+use crate::remoting::{RemotingCommand, RequestCode, ResponseCode};
+
+/// The client connection a request came from.
+pub struct Downstream {
+    pub connection: ConnectionId,
+    pub peer: SocketAddr,
+    /// What route data tells this client to connect to.
+    pub advertised: Arc<str>,
+}
+
+/// Handles one request; `None` for oneway requests, which get no response.
+pub async fn handle(
+    proxy: &Arc<Proxy>,
+    downstream: &Downstream,
+    request: RemotingCommand,
+) -> Option<RemotingCommand> {
+    proxy.stats.request(request.code);
+    let _active = proxy.stats.active_request();
+    let oneway = request.is_oneway();
+    let response = match request.request_code() {
+        RequestCode::GET_ROUTEINFO_BY_TOPIC => Some(route_info(proxy, downstream, &request).await),
+        RequestCode::HEART_BEAT => Some(heartbeat(proxy, downstream, &request)),
+        RequestCode::UNREGISTER_CLIENT => Some(unregister(proxy, &request)),
+        RequestCode::GET_CONSUMER_LIST_BY_GROUP => Some(consumer_list(proxy, &request)),
+        RequestCode::SEND_MESSAGE
+        | RequestCode::SEND_MESSAGE_V2
+        | RequestCode::SEND_BATCH_MESSAGE => send(proxy, request).await,
+        RequestCode::POP_MESSAGE => pop(proxy, request).await,
+        RequestCode::ACK_MESSAGE | RequestCode::CHANGE_MESSAGE_INVISIBLETIME => {
+            by_receipt(proxy, request).await
+        }
+        RequestCode::BATCH_ACK_MESSAGE => batch_ack(proxy, request).await,
+        RequestCode::QUERY_ASSIGNMENT | RequestCode::SET_MESSAGE_REQUEST_MODE => {
+            to_every_broker(proxy, request).await
+        }
+        RequestCode::VIEW_MESSAGE_BY_ID | RequestCode::QUERY_MESSAGE
+            if request.ext(BNAME).is_none_or(str::is_empty) =>
+        {
+            to_every_broker(proxy, request).await
+        }
+        RequestCode::PULL_MESSAGE
+        | RequestCode::LITE_PULL_MESSAGE
+        | RequestCode::QUERY_CONSUMER_OFFSET
+        | RequestCode::UPDATE_CONSUMER_OFFSET
+        | RequestCode::GET_MAX_OFFSET
+        | RequestCode::GET_MIN_OFFSET
+        | RequestCode::SEARCH_OFFSET_BY_TIMESTAMP
+        | RequestCode::GET_EARLIEST_MSG_STORETIME
+        | RequestCode::LOCK_BATCH_MQ
+        | RequestCode::UNLOCK_BATCH_MQ
+        | RequestCode::CONSUMER_SEND_MSG_BACK
+        | RequestCode::END_TRANSACTION
+        | RequestCode::VIEW_MESSAGE_BY_ID
+        | RequestCode::QUERY_MESSAGE => to_named_broker(proxy, request).await,
+        code => Some(RemotingCommand::error_response(
+            &request,
+            ResponseCode::REQUEST_CODE_NOT_SUPPORTED,
+            format!(
+                "request code {} ({}) is not supported by the rocketmesh sidecar",
+                code.0,
+                request.code_name().unwrap_or("unknown")
+            ),
+        )),
+    };
+    if oneway {
+        if let Some(response) = response.filter(|response| response.code != ResponseCode::SUCCESS.0)
+        {
+            // A oneway request has no one to tell; the log is the only trace.
+            warn!(code = response.code, remark = ?response.remark, "oneway request not delivered");
+        }
+        return None;
+    }
+    if let Some(response) = &response {
+        proxy.stats.response(response.code);
+    }
+    response
+}
+
+const BNAME: &str = "bname";
+
+fn reply(opaque: i32, code: ResponseCode, remark: impl Into<String>) -> RemotingCommand {
+    let template = RemotingCommand {
+        opaque,
+        ..RemotingCommand::default()
+    };
+    RemotingCommand::error_response(&template, code, remark)
+}
+
+fn no_route(opaque: i32, topic: &str) -> RemotingCommand {
+    reply(
+        opaque,
+        ResponseCode::TOPIC_NOT_EXIST,
+        format!("No topic route info in rocketmesh for the topic: {topic}"),
+    )
+}
+
+/// The route of (`topic`, `code`), waiting up to `route_wait_ms` for one to appear.
+async fn route(
+    proxy: &Proxy,
+    topic: &str,
+    code: i32,
+) -> Option<(Arc<RouteTable>, Arc<RouteAction>)> {
+    let table = proxy.routes.snapshot();
+    if let Some(action) = table.lookup(topic, code) {
+        return Some((table, action));
+    }
+    let wait = Duration::from_millis(proxy.config.route_wait_ms);
+    if wait.is_zero() {
+        return None;
+    }
+    let _pending = proxy.stats.pending_request();
+    proxy.routes.route_for(topic, code, wait).await
+}
+
+/// Sends `request` to `endpoint` and restores the client's opaque on the answer. Upstream failures
+/// become SYSTEM_BUSY (overload) or SYSTEM_ERROR with a remark naming the broker and the cause.
+async fn forward(
+    proxy: &Proxy,
+    endpoint: &Endpoint,
+    request: RemotingCommand,
+) -> Option<RemotingCommand> {
+    let pool = proxy.pool(endpoint);
+    let opaque = request.opaque;
+    if request.is_oneway() {
+        if let Err(error) = pool.send_oneway(request).await {
+            debug!(%error, "oneway request not delivered");
+        }
+        return None;
+    }
+    let timeout = endpoint.request_timeout + long_poll_time(&request);
+    Some(match pool.call(request, timeout).await {
+        Ok(mut response) => {
+            response.opaque = opaque;
+            response
+        }
+        Err(error) => reply(
+            opaque,
+            if error.is_busy() {
+                ResponseCode::SYSTEM_BUSY
+            } else {
+                ResponseCode::SYSTEM_ERROR
+            },
+            format!(
+                "rocketmesh: broker {} failed: {error}",
+                endpoint.metadata.broker_name
+            ),
+        ),
+    })
+}
+
+/// Longest long-poll a request may ask a broker to hold it for.
+const MAX_LONG_POLL: Duration = Duration::from_secs(300);
+
+/// How long the broker may hold a long-polling pull or pop before answering: added to the request
+/// timeout, so a parked request is not mistaken for a dead broker.
+fn long_poll_time(request: &RemotingCommand) -> Duration {
+    let key = match request.request_code() {
+        RequestCode::PULL_MESSAGE | RequestCode::LITE_PULL_MESSAGE => "suspendTimeoutMillis",
+        RequestCode::POP_MESSAGE => "pollTime",
+        _ => return Duration::ZERO,
+    };
+    request
+        .ext(key)
+        .and_then(|millis| millis.parse::<u64>().ok())
+        .map_or(Duration::ZERO, Duration::from_millis)
+        .min(MAX_LONG_POLL)
+}
+
+/// How many stored records (or batch entries) a body holds: each starts with its total size.
+fn count_records(body: &Bytes) -> u64 {
+    let mut offset = 0usize;
+    let mut count = 0;
+    while let Some(size) = body
+        .get(offset..offset + 4)
+        .and_then(|bytes| <[u8; 4]>::try_from(bytes).ok())
+        .map(i32::from_be_bytes)
+    {
+        let Ok(size) = usize::try_from(size) else {
+            break;
+        };
+        if size < 4 {
+            break;
+        }
+        offset += size;
+        count += 1;
+    }
+    count
+}
+
+async fn route_info(
+    proxy: &Proxy,
+    downstream: &Downstream,
+    request: &RemotingCommand,
+) -> RemotingCommand {
+    let header = match request.decode_header::<GetRouteInfoRequestHeader>() {
+        Ok(header) => header,
+        Err(error) => {
+            return RemotingCommand::error_response(
+                request,
+                ResponseCode::INVALID_PARAMETER,
+                error.to_string(),
+            );
+        }
+    };
+    let Some((table, action)) = route(proxy, &header.topic, request.code).await else {
+        return no_route(request.opaque, &header.topic);
+    };
+    let route = table.topic_route(&action, &downstream.advertised);
+    if route.queue_datas.is_empty() {
+        return no_route(request.opaque, &header.topic);
+    }
+    let standard_only = request
+        .ext("acceptStandardJsonOnly")
+        .is_some_and(|value| value.eq_ignore_ascii_case("true"));
+    match route.to_json_for_client(request.version, standard_only) {
+        Ok(body) => RemotingCommand::response_to(request, ResponseCode::SUCCESS).with_body(body),
+        Err(error) => {
+            RemotingCommand::error_response(request, ResponseCode::SYSTEM_ERROR, error.to_string())
+        }
+    }
+}
+
+/// Passes a client's registration on to every broker the sidecar knows, in the background: the
+/// brokers then treat the sidecar's connections as the client's (transaction checks, consumer
+/// membership, POP), and a slow broker never delays the client's heartbeat.
+fn to_all_brokers_in_background(proxy: &Arc<Proxy>, request: &RemotingCommand) {
+    let table = proxy.routes.snapshot();
+    for endpoint in table.all_endpoints() {
+        let proxy = proxy.clone();
+        let endpoint = endpoint.clone();
+        let request = request.clone();
+        tokio::spawn(async move {
+            let pool = proxy.pool(&endpoint);
+            if let Err(error) = pool.call(request, endpoint.request_timeout).await {
+                debug!(%error, broker = %endpoint.metadata.broker_name, "registration not passed on");
+            }
+        });
+    }
+}
+
+fn heartbeat(
+    proxy: &Arc<Proxy>,
+    downstream: &Downstream,
+    request: &RemotingCommand,
+) -> RemotingCommand {
+    let heartbeat = match HeartbeatData::from_json(&request.body) {
+        Ok(heartbeat) => heartbeat,
+        Err(error) => {
+            return RemotingCommand::error_response(
+                request,
+                ResponseCode::INVALID_PARAMETER,
+                format!("invalid heartbeat body: {error}"),
+            );
+        }
+    };
+    proxy.clients.heartbeat(downstream.connection, &heartbeat);
+    let mut upstream = request.clone();
+    upstream.set_oneway(false);
+    to_all_brokers_in_background(proxy, &upstream);
+    RemotingCommand::response_to(request, ResponseCode::SUCCESS)
+}
+
+fn unregister(proxy: &Arc<Proxy>, request: &RemotingCommand) -> RemotingCommand {
+    match request.decode_header::<UnregisterClientRequestHeader>() {
+        Ok(header) => {
+            proxy.clients.unregister(
+                &header.client_id,
+                header.producer_group.as_deref(),
+                header.consumer_group.as_deref(),
+            );
+            let mut upstream = request.clone();
+            upstream.set_oneway(false);
+            to_all_brokers_in_background(proxy, &upstream);
+            RemotingCommand::response_to(request, ResponseCode::SUCCESS)
+        }
+        Err(error) => RemotingCommand::error_response(
+            request,
+            ResponseCode::INVALID_PARAMETER,
+            error.to_string(),
+        ),
+    }
+}
+
+/// Tells every broker that the clients registered over a closed connection are gone.
+pub fn client_disconnected(proxy: &Arc<Proxy>, connection: ConnectionId) {
+    for registration in proxy.clients.registrations_of(connection) {
+        let groups = registration
+            .producer_groups
+            .iter()
+            .map(|group| (Some(group), None))
+            .chain(
+                registration
+                    .consumer_groups
+                    .iter()
+                    .map(|group| (None, Some(group))),
+            );
+        for (producer_group, consumer_group) in groups {
+            let header = UnregisterClientRequestHeader {
+                client_id: registration.client_id.clone(),
+                producer_group: producer_group.cloned(),
+                consumer_group: consumer_group.cloned(),
+                ..Default::default()
+            };
+            let request =
+                RemotingCommand::request(RequestCode::UNREGISTER_CLIENT, 0).with_header(&header);
+            to_all_brokers_in_background(proxy, &request);
+        }
+    }
+    proxy.clients.disconnected(connection);
+}
+
+fn consumer_list(proxy: &Proxy, request: &RemotingCommand) -> RemotingCommand {
+    let header = match request.decode_header::<GetConsumerListByGroupRequestHeader>() {
+        Ok(header) => header,
+        Err(error) => {
+            return RemotingCommand::error_response(
+                request,
+                ResponseCode::INVALID_PARAMETER,
+                error.to_string(),
+            );
+        }
+    };
+    let Some(consumer_id_list) = proxy.clients.consumer_ids(&header.consumer_group) else {
+        return RemotingCommand::error_response(
+            request,
+            ResponseCode::SYSTEM_ERROR,
+            format!("no consumer for this group, {}", header.consumer_group),
+        );
+    };
+    match (ConsumerList { consumer_id_list }).to_json() {
+        Ok(body) => RemotingCommand::response_to(request, ResponseCode::SUCCESS).with_body(body),
+        Err(error) => {
+            RemotingCommand::error_response(request, ResponseCode::SYSTEM_ERROR, error.to_string())
+        }
+    }
+}
+
+/// Whether `endpoint` is one of the route's endpoints.
+fn serves(action: &RouteAction, endpoint: &Arc<Endpoint>) -> bool {
+    action
+        .endpoints()
+        .any(|candidate| Arc::ptr_eq(candidate, endpoint))
+}
+
+async fn send(proxy: &Proxy, mut request: RemotingCommand) -> Option<RemotingCommand> {
+    // V2 headers (SEND_MESSAGE_V2, and batches from current clients) use one-letter keys.
+    let (topic_key, queue_key) = if request.ext("b").is_some() {
+        ("b", "e")
+    } else {
+        ("topic", "queueId")
+    };
+    let Some(topic) = request.ext(topic_key).map(str::to_owned) else {
+        return Some(reply(
+            request.opaque,
+            ResponseCode::INVALID_PARAMETER,
+            "the send request names no topic",
+        ));
+    };
+    let Some((table, action)) = route(proxy, &topic, request.code).await else {
+        return Some(no_route(request.opaque, &topic));
+    };
+    let requested_queue = request
+        .ext(queue_key)
+        .and_then(|queue| queue.parse::<i32>().ok())
+        .unwrap_or(-1);
+    // An ordered route keeps the client's broker and queue: its order depends on them.
+    let kept = request
+        .ext(BNAME)
+        .and_then(|name| table.broker(name))
+        .filter(|endpoint| {
+            action.ordered
+                && endpoint.metadata.writable()
+                && serves(&action, endpoint)
+                && (0..endpoint.metadata.write_queue_num).contains(&requested_queue)
+        });
+    let (endpoint, queue) = match kept {
+        Some(endpoint) => (endpoint, requested_queue),
+        None => {
+            let candidates: Vec<Arc<Endpoint>> = action
+                .endpoints()
+                .filter(|endpoint| endpoint.metadata.writable())
+                .cloned()
+                .collect();
+            let Some(endpoint) = proxy.picker.pick(&candidates, |e| proxy.healthy(e)) else {
+                return Some(reply(
+                    request.opaque,
+                    ResponseCode::TOPIC_NOT_EXIST,
+                    format!("no writable broker serves the topic {topic} in rocketmesh"),
+                ));
+            };
+            let queues = endpoint.metadata.write_queue_num.max(1);
+            let queue = if action.ordered && requested_queue >= 0 {
+                requested_queue % queues
+            } else {
+                (proxy.next_queue.fetch_add(1, Ordering::Relaxed) % queues as usize) as i32
+            };
+            (endpoint, queue)
+        }
+    };
+    request
+        .ext_fields
+        .insert(queue_key.to_owned(), queue.to_string());
+    request
+        .ext_fields
+        .insert(BNAME.to_owned(), endpoint.metadata.broker_name.clone());
+    let messages = if request.request_code() == RequestCode::SEND_BATCH_MESSAGE {
+        count_records(&request.body)
+    } else {
+        1
+    };
+    let started = Instant::now();
+    let response = forward(proxy, &endpoint, request).await;
+    match &response {
+        Some(response) if response.code != ResponseCode::SUCCESS.0 => {}
+        _ => {
+            proxy.stats.messages_in(&topic, messages);
+            proxy.stats.send_cost(&topic, started.elapsed());
+        }
+    }
+    response
+}
+
+async fn pop(proxy: &Proxy, request: RemotingCommand) -> Option<RemotingCommand> {
+    let Some(topic) = request.ext("topic").map(str::to_owned) else {
+        return Some(reply(
+            request.opaque,
+            ResponseCode::INVALID_PARAMETER,
+            "the pop request names no topic",
+        ));
+    };
+    let group = request.ext("consumerGroup").unwrap_or_default().to_owned();
+    let Some((table, action)) = route(proxy, &topic, request.code).await else {
+        return Some(no_route(request.opaque, &topic));
+    };
+    let queue_id = request
+        .ext("queueId")
+        .and_then(|queue| queue.parse::<i32>().ok())
+        .unwrap_or(-1);
+    // A pop of one queue means that broker's queue; a pop of all queues may go anywhere readable.
+    let named = request
+        .ext(BNAME)
+        .filter(|_| queue_id >= 0)
+        .and_then(|name| table.broker(name))
+        .filter(|endpoint| endpoint.metadata.readable() && serves(&action, endpoint));
+    let endpoint = match named {
+        Some(endpoint) => endpoint,
+        None => {
+            let candidates: Vec<Arc<Endpoint>> = action
+                .endpoints()
+                .filter(|endpoint| endpoint.metadata.readable())
+                .cloned()
+                .collect();
+            match proxy.picker.pick(&candidates, |e| proxy.healthy(e)) {
+                Some(endpoint) => endpoint,
+                None => {
+                    return Some(reply(
+                        request.opaque,
+                        ResponseCode::TOPIC_NOT_EXIST,
+                        format!("no readable broker serves the topic {topic} in rocketmesh"),
+                    ));
+                }
+            }
+        }
+    };
+    let response = forward(proxy, &endpoint, request).await;
+    if let Some(response) = &response
+        && response.code == ResponseCode::SUCCESS.0
+    {
+        proxy
+            .stats
+            .messages_out(&topic, &group, count_records(&response.body));
+    }
+    response
+}
+
+/// ACK_MESSAGE and CHANGE_MESSAGE_INVISIBLETIME go to the broker that served the pop, named in
+/// the receipt handle: no per-connection table, and acks still land after a reconnect.
+async fn by_receipt(proxy: &Proxy, request: RemotingCommand) -> Option<RemotingCommand> {
+    let table = proxy.routes.snapshot();
+    let handle = request
+        .ext("extraInfo")
+        .and_then(|text| text.parse::<ExtraInfo>().ok());
+    let endpoint = match handle {
+        Some(handle) => table.broker(&handle.broker_name).ok_or_else(|| {
+            format!(
+                "the receipt handle names broker {:?}, which rocketmesh does not know",
+                handle.broker_name
+            )
+        }),
+        None => named_broker(proxy, &table, &request),
+    };
+    match endpoint {
+        Ok(endpoint) => forward(proxy, &endpoint, request).await,
+        Err(reason) => Some(reply(request.opaque, ResponseCode::MESSAGE_ILLEGAL, reason)),
+    }
+}
+
+async fn batch_ack(proxy: &Proxy, request: RemotingCommand) -> Option<RemotingCommand> {
+    let table = proxy.routes.snapshot();
+    let endpoint = match BatchAckMessageRequestBody::from_json(&request.body) {
+        Ok(body) if !body.broker_name.is_empty() => {
+            table.broker(&body.broker_name).ok_or_else(|| {
+                format!(
+                    "the batch ack names broker {:?}, which rocketmesh does not know",
+                    body.broker_name
+                )
+            })
+        }
+        Ok(_) => named_broker(proxy, &table, &request),
+        Err(error) => Err(format!("invalid batch ack body: {error}")),
+    };
+    match endpoint {
+        Ok(endpoint) => forward(proxy, &endpoint, request).await,
+        Err(reason) => Some(reply(request.opaque, ResponseCode::MESSAGE_ILLEGAL, reason)),
+    }
+}
+
+/// The broker a request names: `bname`, a lock body's first queue, the store host of an
+/// END_TRANSACTION's offset message id, or the only broker serving its topic.
+fn named_broker(
+    proxy: &Proxy,
+    table: &RouteTable,
+    request: &RemotingCommand,
+) -> Result<Arc<Endpoint>, String> {
+    if let Some(name) = request.ext(BNAME).filter(|name| !name.is_empty()) {
+        return table
+            .broker(name)
+            .ok_or_else(|| format!("no broker named {name:?} is known to rocketmesh"));
+    }
+    let code = request.request_code();
+    if code == RequestCode::END_TRANSACTION {
+        // The answer to a relayed check goes back to the broker that asked; a first answer names
+        // the half message by its offset message id, which holds the store host.
+        let asked = ["msgId", "transactionId"]
+            .iter()
+            .filter_map(|key| request.ext(key))
+            .find_map(|id| proxy.checks.broker_of(id));
+        let stored_at = request
+            .ext("msgId")
+            .and_then(|id| id.parse::<OffsetMessageId>().ok())
+            .map(|id| id.store_host);
+        if let Some(endpoint) = asked
+            .or(stored_at)
+            .and_then(|address| table.endpoint_at(address))
+        {
+            return Ok(endpoint);
+        }
+    }
+    if (code == RequestCode::LOCK_BATCH_MQ || code == RequestCode::UNLOCK_BATCH_MQ)
+        && let Ok(body) = LockBatchRequestBody::from_json(&request.body)
+        && let Some(queue) = body.mq_set.first()
+    {
+        return table.broker(&queue.broker_name).ok_or_else(|| {
+            format!(
+                "no broker named {:?} is known to rocketmesh",
+                queue.broker_name
+            )
+        });
+    }
+    let topic = request.ext("topic").unwrap_or_default();
+    if let Some(action) = table.lookup(topic, request.code) {
+        let names: BTreeSet<&str> = action
+            .endpoints()
+            .map(|endpoint| endpoint.metadata.broker_name.as_str())
+            .collect();
+        if let [only] = names.into_iter().collect::<Vec<_>>().as_slice() {
+            return table
+                .broker(only)
+                .ok_or_else(|| format!("no broker named {only:?} is known to rocketmesh"));
+        }
+    }
+    Err(format!(
+        "cannot tell which broker should serve {} for topic {topic:?}: the request names none (no bname)",
+        request.code_name().unwrap_or("the request")
+    ))
+}
+
+async fn to_named_broker(proxy: &Proxy, request: RemotingCommand) -> Option<RemotingCommand> {
+    let table = proxy.routes.snapshot();
+    let endpoint = match named_broker(proxy, &table, &request) {
+        Ok(endpoint) => endpoint,
+        Err(reason) => return Some(reply(request.opaque, ResponseCode::SYSTEM_ERROR, reason)),
+    };
+    let pull = matches!(
+        request.request_code(),
+        RequestCode::PULL_MESSAGE | RequestCode::LITE_PULL_MESSAGE
+    );
+    let counted = pull.then(|| {
+        (
+            request.ext("topic").unwrap_or_default().to_owned(),
+            request.ext("consumerGroup").unwrap_or_default().to_owned(),
+        )
+    });
+    let response = forward(proxy, &endpoint, request).await;
+    if let (Some((topic, group)), Some(response)) = (counted, &response)
+        && response.code == ResponseCode::SUCCESS.0
+    {
+        proxy
+            .stats
+            .messages_out(&topic, &group, count_records(&response.body));
+    }
+    response
+}
+
+/// The topic of a request, from its header or, for QUERY_ASSIGNMENT and SET_MESSAGE_REQUEST_MODE,
+/// from its JSON body.
+fn topic_of(request: &RemotingCommand) -> Option<String> {
+    if let Some(topic) = request.ext("topic") {
+        return Some(topic.to_owned());
+    }
+    let body: serde_json::Value = serde_json::from_slice(&request.body).ok()?;
+    body.get("topic")?.as_str().map(str::to_owned)
+}
+
+/// Sends the request to every broker of its topic's route (or every known broker) and combines the
+/// answers: QUERY_ASSIGNMENT assignments and QUERY_MESSAGE records are merged; otherwise the first
+/// success is returned, or the last error when none succeeded.
+async fn to_every_broker(proxy: &Proxy, request: RemotingCommand) -> Option<RemotingCommand> {
+    let table = proxy.routes.snapshot();
+    let topic = topic_of(&request).unwrap_or_default();
+    let mut brokers: Vec<Arc<Endpoint>> = Vec::new();
+    let mut seen = BTreeSet::new();
+    let endpoints: Vec<Arc<Endpoint>> = match table.lookup(&topic, request.code) {
+        Some(action) => action.endpoints().cloned().collect(),
+        None => table.all_endpoints().cloned().collect(),
+    };
+    for endpoint in endpoints {
+        if seen.insert(endpoint.metadata.broker_name.clone())
+            && let Some(master) = table.broker(&endpoint.metadata.broker_name)
+        {
+            brokers.push(master);
+        }
+    }
+    if brokers.is_empty() {
+        return Some(no_route(request.opaque, &topic));
+    }
+    let code = request.request_code();
+    let oneway = request.is_oneway();
+    let calls = brokers
+        .iter()
+        .map(|endpoint| forward(proxy, endpoint, request.clone()));
+    let answers: Vec<RemotingCommand> = futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    if oneway {
+        return None;
+    }
+    let (successes, failures): (Vec<_>, Vec<_>) = answers
+        .into_iter()
+        .partition(|answer| answer.code == ResponseCode::SUCCESS.0);
+    let Some(first) = successes.first().cloned() else {
+        return failures.into_iter().last();
+    };
+    Some(match code {
+        RequestCode::QUERY_ASSIGNMENT => merge_assignments(first, &successes),
+        RequestCode::QUERY_MESSAGE => {
+            let body: Vec<u8> = successes
+                .iter()
+                .flat_map(|answer| answer.body.iter().copied())
+                .collect();
+            first.with_body(body)
+        }
+        _ => first,
+    })
+}
+
+/// Concatenates the `messageQueueAssignments` of every broker's QUERY_ASSIGNMENT answer: each
+/// broker assigns only its own queues.
+fn merge_assignments(first: RemotingCommand, answers: &[RemotingCommand]) -> RemotingCommand {
+    const KEY: &str = "messageQueueAssignments";
+    let mut merged: Vec<serde_json::Value> = Vec::new();
+    for answer in answers {
+        let Ok(body) = serde_json::from_slice::<serde_json::Value>(&answer.body) else {
+            continue;
+        };
+        if let Some(assignments) = body.get(KEY).and_then(serde_json::Value::as_array) {
+            merged.extend(assignments.iter().cloned());
+        }
+    }
+    let body = serde_json::json!({ KEY: merged });
+    match serde_json::to_vec(&body) {
+        Ok(bytes) => first.with_body(bytes),
+        Err(_) => first,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::remoting::message::MessageRecord;
+
+    #[test]
+    fn records_are_counted_by_their_size_fields() {
+        let mut body = bytes::BytesMut::new();
+        for index in 0..3 {
+            MessageRecord {
+                topic: "T".into(),
+                body: Bytes::from(vec![b'x'; index * 10]),
+                ..MessageRecord::default()
+            }
+            .encode(&mut body)
+            .expect("encode");
+        }
+        let body = body.freeze();
+        assert_eq!(count_records(&body), 3);
+        assert_eq!(count_records(&Bytes::from_static(&[0, 0, 0, 0])), 0);
+        assert_eq!(count_records(&Bytes::new()), 0);
+    }
+}

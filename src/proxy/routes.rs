@@ -1,0 +1,394 @@
+//! The route table: topic → cluster → endpoints, as an immutable snapshot swapped whole at run time.
+//!
+//! Request paths load the current snapshot once (`ArcSwap`, no lock) and work on it; a new
+//! configuration (or, later, an xDS update) builds a new table and swaps it in, waking requests that
+//! wait for a route that was missing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+
+use super::config::{ConfigError, EndpointMetadata, SidecarConfig, TopicMatcher};
+use crate::remoting::body::{BrokerData, QueueData, TopicRouteData};
+
+/// One broker address and what the sidecar knows of it.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub address: SocketAddr,
+    pub cluster: String,
+    pub metadata: EndpointMetadata,
+    /// The cluster's connection settings, copied here so a request needs only its endpoint.
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub pool_size: usize,
+    pub max_in_flight: usize,
+}
+
+#[derive(Debug)]
+pub struct Cluster {
+    pub name: String,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub pool_size: usize,
+    pub max_in_flight_per_endpoint: usize,
+    pub endpoints: Vec<Arc<Endpoint>>,
+}
+
+#[derive(Debug)]
+enum Matcher {
+    Exact(String),
+    Prefix(String),
+    Regex(regex::Regex),
+}
+
+impl Matcher {
+    fn matches(&self, topic: &str) -> bool {
+        match self {
+            Self::Exact(name) => topic == name,
+            Self::Prefix(prefix) => topic.starts_with(prefix.as_str()),
+            Self::Regex(regex) => regex
+                .find(topic)
+                .is_some_and(|found| found.start() == 0 && found.end() == topic.len()),
+        }
+    }
+}
+
+/// What a matched route says.
+#[derive(Debug)]
+pub struct RouteAction {
+    pub cluster: Arc<Cluster>,
+    /// (key, value) pairs every serving endpoint's metadata must have.
+    pub metadata_match: Vec<(String, String)>,
+    pub ordered: bool,
+}
+
+impl RouteAction {
+    /// The cluster's endpoints that pass the route's metadata match.
+    pub fn endpoints(&self) -> impl Iterator<Item = &Arc<Endpoint>> {
+        self.cluster.endpoints.iter().filter(|endpoint| {
+            self.metadata_match
+                .iter()
+                .all(|(key, value)| endpoint.metadata.get(key).as_deref() == Some(value.as_str()))
+        })
+    }
+}
+
+#[derive(Debug)]
+struct Route {
+    topic: Matcher,
+    codes: Option<Vec<i32>>,
+    action: Arc<RouteAction>,
+}
+
+/// One immutable version of the routing state.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+    clusters: BTreeMap<String, Arc<Cluster>>,
+    /// broker name → its endpoints, lowest broker id (the master) first.
+    brokers: HashMap<String, Vec<Arc<Endpoint>>>,
+    by_address: HashMap<SocketAddr, Arc<Endpoint>>,
+}
+
+impl RouteTable {
+    pub fn from_config(config: &SidecarConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let mut table = Self::default();
+        for cluster in &config.clusters {
+            let endpoints: Vec<Arc<Endpoint>> = cluster
+                .endpoints
+                .iter()
+                .map(|endpoint| {
+                    Arc::new(Endpoint {
+                        address: endpoint.address,
+                        cluster: cluster.name.clone(),
+                        metadata: endpoint.metadata.clone(),
+                        connect_timeout: Duration::from_millis(cluster.connect_timeout_ms),
+                        request_timeout: Duration::from_millis(cluster.request_timeout_ms),
+                        pool_size: cluster.pool_size,
+                        max_in_flight: cluster.max_in_flight_per_endpoint,
+                    })
+                })
+                .collect();
+            for endpoint in &endpoints {
+                table
+                    .brokers
+                    .entry(endpoint.metadata.broker_name.clone())
+                    .or_default()
+                    .push(endpoint.clone());
+                table.by_address.insert(endpoint.address, endpoint.clone());
+            }
+            table.clusters.insert(
+                cluster.name.clone(),
+                Arc::new(Cluster {
+                    name: cluster.name.clone(),
+                    connect_timeout: Duration::from_millis(cluster.connect_timeout_ms),
+                    request_timeout: Duration::from_millis(cluster.request_timeout_ms),
+                    pool_size: cluster.pool_size,
+                    max_in_flight_per_endpoint: cluster.max_in_flight_per_endpoint,
+                    endpoints,
+                }),
+            );
+        }
+        for endpoints in table.brokers.values_mut() {
+            endpoints.sort_by_key(|endpoint| endpoint.metadata.broker_id);
+        }
+        for (index, route) in config.routes.iter().enumerate() {
+            let topic = match &route.matcher.topic {
+                TopicMatcher {
+                    regex: Some(pattern),
+                    ..
+                } => Matcher::Regex(regex::Regex::new(pattern).map_err(|error| {
+                    ConfigError::Invalid {
+                        field: format!("routes[{index}].match.topic.regex"),
+                        reason: error.to_string(),
+                    }
+                })?),
+                TopicMatcher {
+                    prefix: Some(prefix),
+                    ..
+                } => Matcher::Prefix(prefix.clone()),
+                TopicMatcher { exact, .. } => Matcher::Exact(exact.clone().unwrap_or_default()),
+            };
+            let cluster = table
+                .clusters
+                .get(&route.route.cluster)
+                .cloned()
+                .ok_or_else(|| ConfigError::Invalid {
+                    field: format!("routes[{index}].route.cluster"),
+                    reason: format!("unknown cluster {:?}", route.route.cluster),
+                })?;
+            table.routes.push(Route {
+                topic,
+                codes: route.matcher.codes.clone(),
+                action: Arc::new(RouteAction {
+                    cluster,
+                    metadata_match: route
+                        .route
+                        .metadata_match
+                        .iter()
+                        .map(|(key, value)| (key.clone(), value.as_text()))
+                        .collect(),
+                    ordered: route.route.ordered,
+                }),
+            });
+        }
+        Ok(table)
+    }
+
+    /// The first route matching `topic` and request `code`.
+    pub fn lookup(&self, topic: &str, code: i32) -> Option<Arc<RouteAction>> {
+        self.routes
+            .iter()
+            .find(|route| {
+                route
+                    .codes
+                    .as_ref()
+                    .is_none_or(|codes| codes.contains(&code))
+                    && route.topic.matches(topic)
+            })
+            .map(|route| route.action.clone())
+    }
+
+    /// The endpoint that takes writes and offset updates for a broker name: its lowest id.
+    pub fn broker(&self, broker_name: &str) -> Option<Arc<Endpoint>> {
+        self.brokers.get(broker_name)?.first().cloned()
+    }
+
+    pub fn endpoint_at(&self, address: SocketAddr) -> Option<Arc<Endpoint>> {
+        self.by_address.get(&address).cloned()
+    }
+
+    pub fn clusters(&self) -> impl Iterator<Item = &Arc<Cluster>> {
+        self.clusters.values()
+    }
+
+    /// Every endpoint of every cluster, once per address.
+    pub fn all_endpoints(&self) -> impl Iterator<Item = &Arc<Endpoint>> {
+        self.by_address.values()
+    }
+
+    /// The route data a client gets for a topic served by `action`: the real broker names, every
+    /// address replaced by `advertised`.
+    pub fn topic_route(&self, action: &RouteAction, advertised: &str) -> TopicRouteData {
+        let mut brokers: BTreeMap<&str, BrokerData> = BTreeMap::new();
+        let mut queues: BTreeMap<&str, QueueData> = BTreeMap::new();
+        for endpoint in action.endpoints() {
+            let metadata = &endpoint.metadata;
+            let broker = brokers
+                .entry(metadata.broker_name.as_str())
+                .or_insert_with(|| BrokerData {
+                    broker_name: metadata.broker_name.clone(),
+                    cluster: metadata.cluster_name.clone(),
+                    zone_name: metadata.zone.clone(),
+                    ..BrokerData::default()
+                });
+            broker
+                .broker_addrs
+                .entry(metadata.broker_id)
+                .or_insert_with(|| advertised.to_owned());
+            // The master's queue counts and permission describe the broker.
+            let is_master = self
+                .broker(&metadata.broker_name)
+                .is_some_and(|master| Arc::ptr_eq(&master, endpoint));
+            if is_master || !queues.contains_key(metadata.broker_name.as_str()) {
+                queues.insert(
+                    metadata.broker_name.as_str(),
+                    QueueData {
+                        broker_name: metadata.broker_name.clone(),
+                        perm: metadata.perm,
+                        read_queue_nums: metadata.read_queue_num,
+                        write_queue_nums: metadata.write_queue_num,
+                        ..QueueData::default()
+                    },
+                );
+            }
+        }
+        TopicRouteData {
+            broker_datas: brokers.into_values().collect(),
+            queue_datas: queues.into_values().collect(),
+            ..TopicRouteData::default()
+        }
+    }
+}
+
+/// The live table plus a version counter that wakes requests waiting for a route.
+pub struct Routes {
+    current: ArcSwap<RouteTable>,
+    version: watch::Sender<u64>,
+}
+
+impl Routes {
+    pub fn new(table: RouteTable) -> Self {
+        Self {
+            current: ArcSwap::from_pointee(table),
+            version: watch::Sender::new(0),
+        }
+    }
+
+    pub fn snapshot(&self) -> Arc<RouteTable> {
+        self.current.load_full()
+    }
+
+    /// Installs a new table; requests waiting for a route look again.
+    pub fn replace(&self, table: RouteTable) {
+        self.current.store(Arc::new(table));
+        self.version.send_modify(|version| *version += 1);
+    }
+
+    /// The route for (`topic`, `code`), waiting up to `wait` for one to be installed.
+    pub async fn route_for(
+        &self,
+        topic: &str,
+        code: i32,
+        wait: Duration,
+    ) -> Option<(Arc<RouteTable>, Arc<RouteAction>)> {
+        let mut changes = self.version.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let table = self.snapshot();
+            if let Some(action) = table.lookup(topic, code) {
+                return Some((table, action));
+            }
+            if wait.is_zero()
+                || tokio::time::timeout_at(deadline, changes.changed())
+                    .await
+                    .is_err()
+            {
+                return None;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(yaml: &str) -> RouteTable {
+        RouteTable::from_config(&SidecarConfig::parse(yaml).expect("config")).expect("table")
+    }
+
+    const CONFIG: &str = r#"
+listeners: [{ address: "127.0.0.1:0" }]
+routes:
+  - match: { topic: { regex: "Order[0-9]+" } }
+    route: { cluster: c, ordered: true }
+  - match: { topic: { prefix: "" }, codes: [310] }
+    route: { cluster: c, metadata_match: { zone: z2 } }
+  - match: { topic: { exact: "T" } }
+    route: { cluster: c }
+clusters:
+  - name: c
+    endpoints:
+      - { address: "127.0.0.1:1", metadata: { broker_name: a, broker_id: 0, cluster_name: C, zone: z1, write_queue_num: 8 } }
+      - { address: "127.0.0.1:2", metadata: { broker_name: a, broker_id: 1, cluster_name: C, zone: z2, perm: 4 } }
+      - { address: "127.0.0.1:3", metadata: { broker_name: b, broker_id: 0, cluster_name: C, zone: z2 } }
+"#;
+
+    #[test]
+    fn first_matching_route_wins_and_codes_narrow_routes() {
+        let table = table(CONFIG);
+        let ordered = table.lookup("Order12", 310).expect("route");
+        assert!(ordered.ordered);
+        assert!(
+            table.lookup("Order12x", 10).is_none(),
+            "a regex matches whole names"
+        );
+        let send = table.lookup("T", 310).expect("route");
+        let names: Vec<_> = send.endpoints().map(|e| e.address.port()).collect();
+        assert_eq!(names, vec![2, 3], "metadata_match keeps zone z2 only");
+        let other = table.lookup("T", 10).expect("route");
+        assert_eq!(other.endpoints().count(), 3);
+        assert!(table.lookup("U", 10).is_none());
+        assert_eq!(table.broker("a").map(|e| e.address.port()), Some(1));
+    }
+
+    #[test]
+    fn route_data_names_real_brokers_at_the_sidecar_address() {
+        let table = table(CONFIG);
+        let action = table.lookup("T", 10).expect("route");
+        let route = table.topic_route(&action, "10.0.0.1:9876");
+        assert_eq!(route.broker_datas.len(), 2);
+        let a = &route.broker_datas[0];
+        assert_eq!(a.broker_name, "a");
+        assert_eq!(
+            a.broker_addrs.values().collect::<Vec<_>>(),
+            vec!["10.0.0.1:9876", "10.0.0.1:9876"]
+        );
+        assert_eq!(
+            a.broker_addrs.keys().copied().collect::<Vec<_>>(),
+            vec![0, 1]
+        );
+        let queues: Vec<_> = route
+            .queue_datas
+            .iter()
+            .map(|q| (q.broker_name.as_str(), q.perm, q.write_queue_nums))
+            .collect();
+        assert_eq!(
+            queues,
+            vec![("a", 6, 8), ("b", 6, 4)],
+            "the master describes broker a"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_waiting_request_sees_a_route_installed_later() {
+        let routes = Arc::new(Routes::new(RouteTable::default()));
+        assert!(routes.route_for("T", 10, Duration::ZERO).await.is_none());
+        let waiter = {
+            let routes = routes.clone();
+            tokio::spawn(async move { routes.route_for("T", 10, Duration::from_secs(10)).await })
+        };
+        routes.replace(table(CONFIG));
+        let found = tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .expect("in time")
+            .expect("join");
+        assert!(found.is_some());
+    }
+}

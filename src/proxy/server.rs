@@ -1,0 +1,297 @@
+//! Listeners and downstream connections, and the sidecar's lifecycle: start, then a graceful
+//! shutdown that stops accepting, lets requests in flight finish until a deadline, and closes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_util::codec::Framed;
+use tracing::{debug, info, warn};
+
+use super::config::{ConfigError, SidecarConfig};
+use super::dispatch::{self, Downstream};
+use super::routes::{RouteTable, Routes};
+use super::upstream::Upstreams;
+use super::{Proxy, relay};
+use crate::remoting::frame::FrameLimits;
+use crate::remoting::{RemotingCodec, RemotingCommand};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Broker requests waiting to be relayed before new ones are dropped.
+const RELAY_QUEUE: usize = 1024;
+const WRITE_BATCH_BYTES: usize = 64 * 1024;
+
+/// A started sidecar.
+pub struct RunningSidecar {
+    /// The bound address of each configured listener, in order.
+    pub listeners: Vec<SocketAddr>,
+    /// The bound admin address, when the admin server is on.
+    pub admin: Option<SocketAddr>,
+    pub proxy: Arc<Proxy>,
+    shutdown: watch::Sender<bool>,
+    /// Accept loops: each ends once its connections have answered what they were serving.
+    serving: JoinSet<()>,
+    /// Admin server and relay.
+    background: JoinSet<()>,
+}
+
+/// Binds every listener (and the admin server) and starts serving.
+pub async fn start(config: SidecarConfig) -> Result<RunningSidecar, SidecarError> {
+    let table = RouteTable::from_config(&config)?;
+    let (inbound_sender, inbound) = mpsc::channel(RELAY_QUEUE);
+    let proxy = Arc::new(Proxy {
+        routes: Routes::new(table),
+        upstreams: Upstreams::new(inbound_sender, config.limits.max_frame_size),
+        clients: Default::default(),
+        stats: Default::default(),
+        picker: Default::default(),
+        checks: Default::default(),
+        next_queue: AtomicUsize::new(0),
+        draining: AtomicBool::new(false),
+        config,
+    });
+    let (shutdown, _) = watch::channel(false);
+    let mut serving = JoinSet::new();
+    let mut background = JoinSet::new();
+    let mut listeners = Vec::new();
+    let connections = Arc::new(AtomicU64::new(0));
+    for listener_config in &proxy.config.listeners {
+        let listener = TcpListener::bind(listener_config.address)
+            .await
+            .map_err(|source| SidecarError::Bind {
+                address: listener_config.address,
+                source,
+            })?;
+        let local = listener.local_addr().map_err(|source| SidecarError::Bind {
+            address: listener_config.address,
+            source,
+        })?;
+        let advertised: Arc<str> = listener_config
+            .advertised_address
+            .clone()
+            .unwrap_or_else(|| local.to_string())
+            .into();
+        info!(listen = %local, %advertised, "sidecar listening");
+        listeners.push(local);
+        serving.spawn(accept(
+            proxy.clone(),
+            listener,
+            advertised,
+            connections.clone(),
+            shutdown.subscribe(),
+        ));
+    }
+    let admin = match proxy.config.admin.address {
+        Some(address) => {
+            let listener = TcpListener::bind(address)
+                .await
+                .map_err(|source| SidecarError::Bind { address, source })?;
+            let local = listener
+                .local_addr()
+                .map_err(|source| SidecarError::Bind { address, source })?;
+            info!(admin = %local, "admin endpoint listening");
+            background.spawn(crate::admin::serve(
+                listener,
+                proxy.clone(),
+                shutdown.subscribe(),
+            ));
+            Some(local)
+        }
+        None => None,
+    };
+    background.spawn(relay::run(proxy.clone(), inbound));
+    Ok(RunningSidecar {
+        listeners,
+        admin,
+        proxy,
+        shutdown,
+        serving,
+        background,
+    })
+}
+
+impl RunningSidecar {
+    /// Stops accepting, lets requests in flight finish until the configured drain deadline, then
+    /// closes every connection.
+    pub async fn shutdown(mut self) {
+        self.proxy.draining.store(true, Ordering::Release);
+        let _ = self.shutdown.send(true);
+        let deadline = Duration::from_millis(self.proxy.config.limits.drain_timeout_ms);
+        let serving = &mut self.serving;
+        let drained = tokio::time::timeout(deadline, async {
+            while serving.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!(
+                active = self.proxy.stats.requests_active(),
+                "drain deadline passed with requests in flight"
+            );
+        }
+        self.serving.abort_all();
+        self.background.abort_all();
+        while self.serving.join_next().await.is_some() {}
+        while self.background.join_next().await.is_some() {}
+        info!("sidecar stopped");
+    }
+}
+
+async fn accept(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    advertised: Arc<str>,
+    next_connection: Arc<AtomicU64>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut connections = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        };
+        let (socket, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Typically out of file descriptors: back off briefly instead of spinning.
+                warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if proxy.stats.connections_active() >= proxy.config.limits.max_connections as i64 {
+            warn!(%peer, limit = proxy.config.limits.max_connections, "connection refused: too many connections");
+            continue;
+        }
+        let downstream = Downstream {
+            connection: next_connection.fetch_add(1, Ordering::Relaxed),
+            peer,
+            advertised: advertised.clone(),
+        };
+        connections.spawn(serve_connection(
+            proxy.clone(),
+            downstream,
+            socket,
+            shutdown.clone(),
+        ));
+        // Reap finished connections so the set does not grow with churn.
+        while connections.try_join_next().is_some() {}
+    }
+    // Connections stop reading on the same signal and end once their requests are answered.
+    while connections.join_next().await.is_some() {}
+}
+
+async fn serve_connection(
+    proxy: Arc<Proxy>,
+    downstream: Downstream,
+    socket: TcpStream,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let _connection = proxy.stats.connection();
+    let _ = socket.set_nodelay(true);
+    let limits = FrameLimits {
+        max_frame: proxy.config.limits.max_frame_size,
+        ..FrameLimits::default()
+    };
+    let mut framed = Framed::new(socket, RemotingCodec::new(limits));
+    framed.set_backpressure_boundary(WRITE_BATCH_BYTES);
+    let (mut sink, mut stream) = framed.split();
+    let in_flight = proxy.config.limits.max_in_flight_per_connection;
+    let (outbound, mut responses) = mpsc::channel::<RemotingCommand>(in_flight);
+    proxy
+        .clients
+        .connected(downstream.connection, outbound.clone());
+    let peer = downstream.peer;
+    debug!(%peer, connection = downstream.connection, "client connected");
+
+    let writer = tokio::spawn(async move {
+        while let Some(command) = responses.recv().await {
+            let mut written = sink.feed(command).await;
+            while written.is_ok() {
+                match responses.try_recv() {
+                    Ok(command) => written = sink.feed(command).await,
+                    Err(_) => break,
+                }
+            }
+            if let Err(error) = written.and(sink.flush().await) {
+                debug!(%peer, %error, "write to client failed");
+                break;
+            }
+        }
+    });
+    let downstream = Arc::new(downstream);
+    let permits = Arc::new(Semaphore::new(in_flight));
+    let mut handlers = JoinSet::new();
+    loop {
+        let frame = tokio::select! {
+            frame = stream.next() => frame,
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        };
+        let request = match frame {
+            Some(Ok(command)) if command.is_response() => {
+                // Clients answer broker requests (e.g. a transaction check) with END_TRANSACTION,
+                // not with responses; a stray response has nowhere to go.
+                debug!(%peer, opaque = command.opaque, "response from a client dropped");
+                continue;
+            }
+            Some(Ok(command)) => command,
+            Some(Err(error)) => {
+                proxy.stats.decode_error();
+                // Without a decoded header there is no opaque to answer: close this connection only.
+                warn!(%peer, %error, "malformed frame from client, closing its connection");
+                break;
+            }
+            None => break,
+        };
+        // Back-pressure: stop reading while this connection has too many requests in flight.
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
+        let mut handled = Box::pin(handle_request(
+            proxy.clone(),
+            downstream.clone(),
+            request,
+            outbound.clone(),
+            permit,
+        ));
+        // Requests that finish without waiting (route answers, heartbeats) run here; the rest
+        // become tasks so a slow broker never holds up the requests behind them.
+        if futures::poll!(handled.as_mut()).is_pending() {
+            handlers.spawn(handled);
+        }
+        while handlers.try_join_next().is_some() {}
+    }
+    // Answer what is in flight (graceful shutdown aborts this task at its deadline).
+    while handlers.join_next().await.is_some() {}
+    dispatch::client_disconnected(&proxy, downstream.connection);
+    drop(outbound);
+    let _ = writer.await;
+    debug!(%peer, connection = downstream.connection, "client disconnected");
+}
+
+async fn handle_request(
+    proxy: Arc<Proxy>,
+    downstream: Arc<Downstream>,
+    request: RemotingCommand,
+    outbound: mpsc::Sender<RemotingCommand>,
+    permit: OwnedSemaphorePermit,
+) {
+    if let Some(response) = dispatch::handle(&proxy, &downstream, request).await {
+        let _ = outbound.send(response).await;
+    }
+    drop(permit);
+}

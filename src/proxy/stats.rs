@@ -1,0 +1,321 @@
+//! The sidecar's counters, gauges and latency histograms: updated on the request path with atomics,
+//! read by the admin endpoint. Nothing here blocks or allocates per request once a key exists.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+
+/// Upper bounds (ms) of the latency buckets: the RocketMQ client's `send_cost_time` bounds plus
+/// 800 ms (a common "slow send" rule) and 5 s.
+pub const LATENCY_BOUNDS_MS: [u64; 9] = [1, 5, 10, 20, 50, 200, 500, 800, 5000];
+
+/// A fixed-bucket latency histogram.
+#[derive(Default)]
+pub struct Histogram {
+    /// One count per bound, plus the overflow bucket.
+    buckets: [AtomicU64; LATENCY_BOUNDS_MS.len() + 1],
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+/// A point-in-time copy of a histogram.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistogramSnapshot {
+    /// Cumulative counts at each bound of [`LATENCY_BOUNDS_MS`].
+    pub cumulative: Vec<u64>,
+    pub count: u64,
+    pub sum_ms: f64,
+}
+
+impl HistogramSnapshot {
+    /// The smallest bucket bound at or above quantile `q` (an upper estimate), in ms.
+    pub fn quantile_ms(&self, q: f64) -> Option<u64> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = (q * self.count as f64).ceil() as u64;
+        LATENCY_BOUNDS_MS
+            .iter()
+            .zip(&self.cumulative)
+            .find(|(_, cumulative)| **cumulative >= rank)
+            .map(|(bound, _)| *bound)
+            .or(Some(u64::MAX))
+    }
+}
+
+impl Histogram {
+    pub fn record(&self, elapsed: Duration) {
+        let millis = elapsed.as_secs_f64() * 1000.0;
+        let index = LATENCY_BOUNDS_MS
+            .iter()
+            .position(|bound| millis <= *bound as f64)
+            .unwrap_or(LATENCY_BOUNDS_MS.len());
+        if let Some(bucket) = self.buckets.get(index) {
+            bucket.fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        let mut running = 0;
+        let cumulative = self
+            .buckets
+            .iter()
+            .take(LATENCY_BOUNDS_MS.len())
+            .map(|bucket| {
+                running += bucket.load(Ordering::Relaxed);
+                running
+            })
+            .collect();
+        HistogramSnapshot {
+            cumulative,
+            count: self.count.load(Ordering::Relaxed),
+            sum_ms: self.sum_micros.load(Ordering::Relaxed) as f64 / 1000.0,
+        }
+    }
+}
+
+/// Traffic to one upstream endpoint.
+pub struct HostStats {
+    pub cluster: String,
+    pub broker_name: String,
+    pub address: SocketAddr,
+    requests: AtomicU64,
+    errors: AtomicU64,
+    latency: Histogram,
+}
+
+impl HostStats {
+    pub fn new(cluster: &str, broker_name: &str, address: SocketAddr) -> Self {
+        Self {
+            cluster: cluster.to_owned(),
+            broker_name: broker_name.to_owned(),
+            address,
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            latency: Histogram::default(),
+        }
+    }
+
+    pub fn record(&self, elapsed: Duration, ok: bool) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if !ok {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.latency.record(elapsed);
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
+    pub fn latency(&self) -> HistogramSnapshot {
+        self.latency.snapshot()
+    }
+}
+
+/// Everything the sidecar counts.
+#[derive(Default)]
+pub struct ProxyStats {
+    requests: DashMap<i32, AtomicU64>,
+    responses: DashMap<i32, AtomicU64>,
+    decode_errors: AtomicU64,
+    connections_total: AtomicU64,
+    connections_active: AtomicI64,
+    requests_active: AtomicI64,
+    requests_pending: AtomicI64,
+    messages_in: DashMap<String, AtomicU64>,
+    messages_out: DashMap<(String, String), AtomicU64>,
+    send_cost: DashMap<String, Histogram>,
+    hosts: DashMap<SocketAddr, Arc<HostStats>>,
+}
+
+fn bump<K: std::hash::Hash + Eq>(map: &DashMap<K, AtomicU64>, key: K, by: u64) {
+    if let Some(counter) = map.get(&key) {
+        counter.fetch_add(by, Ordering::Relaxed);
+        return;
+    }
+    map.entry(key).or_default().fetch_add(by, Ordering::Relaxed);
+}
+
+fn read<K: Clone + Ord + std::hash::Hash + Eq>(map: &DashMap<K, AtomicU64>) -> Vec<(K, u64)> {
+    let mut values: Vec<(K, u64)> = map
+        .iter()
+        .map(|entry| (entry.key().clone(), entry.value().load(Ordering::Relaxed)))
+        .collect();
+    values.sort_by(|a, b| a.0.cmp(&b.0));
+    values
+}
+
+/// Counts a gauge up for as long as it lives.
+pub struct GaugeGuard<'a>(&'a AtomicI64);
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn raise(gauge: &AtomicI64) -> GaugeGuard<'_> {
+    gauge.fetch_add(1, Ordering::Relaxed);
+    GaugeGuard(gauge)
+}
+
+impl ProxyStats {
+    pub fn request(&self, code: i32) {
+        bump(&self.requests, code, 1);
+    }
+
+    pub fn response(&self, code: i32) {
+        bump(&self.responses, code, 1);
+    }
+
+    pub fn decode_error(&self) {
+        self.decode_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn connection(&self) -> GaugeGuard<'_> {
+        self.connections_total.fetch_add(1, Ordering::Relaxed);
+        raise(&self.connections_active)
+    }
+
+    pub fn active_request(&self) -> GaugeGuard<'_> {
+        raise(&self.requests_active)
+    }
+
+    /// A request waiting for a route or an upstream slot.
+    pub fn pending_request(&self) -> GaugeGuard<'_> {
+        raise(&self.requests_pending)
+    }
+
+    pub fn messages_in(&self, topic: &str, count: u64) {
+        bump(&self.messages_in, topic.to_owned(), count);
+    }
+
+    pub fn messages_out(&self, topic: &str, group: &str, count: u64) {
+        bump(
+            &self.messages_out,
+            (topic.to_owned(), group.to_owned()),
+            count,
+        );
+    }
+
+    pub fn send_cost(&self, topic: &str, elapsed: Duration) {
+        if let Some(histogram) = self.send_cost.get(topic) {
+            histogram.record(elapsed);
+            return;
+        }
+        self.send_cost
+            .entry(topic.to_owned())
+            .or_default()
+            .record(elapsed);
+    }
+
+    /// The stats of one endpoint, created on first use.
+    pub fn host(&self, cluster: &str, broker_name: &str, address: SocketAddr) -> Arc<HostStats> {
+        self.hosts
+            .entry(address)
+            .or_insert_with(|| Arc::new(HostStats::new(cluster, broker_name, address)))
+            .clone()
+    }
+
+    pub fn requests_by_code(&self) -> Vec<(i32, u64)> {
+        read(&self.requests)
+    }
+
+    pub fn responses_by_code(&self) -> Vec<(i32, u64)> {
+        read(&self.responses)
+    }
+
+    pub fn decode_errors(&self) -> u64 {
+        self.decode_errors.load(Ordering::Relaxed)
+    }
+
+    pub fn connections_total(&self) -> u64 {
+        self.connections_total.load(Ordering::Relaxed)
+    }
+
+    pub fn connections_active(&self) -> i64 {
+        self.connections_active.load(Ordering::Relaxed)
+    }
+
+    pub fn requests_active(&self) -> i64 {
+        self.requests_active.load(Ordering::Relaxed)
+    }
+
+    pub fn requests_pending(&self) -> i64 {
+        self.requests_pending.load(Ordering::Relaxed)
+    }
+
+    pub fn messages_in_by_topic(&self) -> Vec<(String, u64)> {
+        read(&self.messages_in)
+    }
+
+    pub fn messages_out_by_topic_group(&self) -> Vec<((String, String), u64)> {
+        read(&self.messages_out)
+    }
+
+    pub fn send_cost_by_topic(&self) -> Vec<(String, HistogramSnapshot)> {
+        let mut values: Vec<_> = self
+            .send_cost
+            .iter()
+            .map(|entry| (entry.key().clone(), entry.value().snapshot()))
+            .collect();
+        values.sort_by(|a, b| a.0.cmp(&b.0));
+        values
+    }
+
+    pub fn hosts(&self) -> Vec<Arc<HostStats>> {
+        let mut hosts: Vec<_> = self
+            .hosts
+            .iter()
+            .map(|entry| entry.value().clone())
+            .collect();
+        hosts.sort_by_key(|host| host.address);
+        hosts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_quantiles_are_upper_bounds() {
+        let histogram = Histogram::default();
+        for millis in [0.5, 3.0, 3.0, 700.0, 9000.0] {
+            histogram.record(Duration::from_secs_f64(millis / 1000.0));
+        }
+        let snapshot = histogram.snapshot();
+        assert_eq!(snapshot.count, 5);
+        assert_eq!(snapshot.cumulative, vec![1, 3, 3, 3, 3, 3, 3, 4, 4]);
+        assert_eq!(snapshot.quantile_ms(0.5), Some(5));
+        assert_eq!(snapshot.quantile_ms(0.8), Some(800));
+        assert_eq!(snapshot.quantile_ms(1.0), Some(u64::MAX));
+        assert!((snapshot.sum_ms - 9706.5).abs() < 0.01);
+    }
+
+    #[test]
+    fn gauges_fall_when_guards_drop() {
+        let stats = ProxyStats::default();
+        {
+            let _one = stats.active_request();
+            let _two = stats.active_request();
+            assert_eq!(stats.requests_active(), 2);
+        }
+        assert_eq!(stats.requests_active(), 0);
+        stats.request(310);
+        stats.request(310);
+        stats.request(10);
+        assert_eq!(stats.requests_by_code(), vec![(10, 1), (310, 2)]);
+    }
+}

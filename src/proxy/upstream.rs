@@ -1,0 +1,434 @@
+//! Connections to brokers: a small pool per endpoint, many requests in flight on each connection
+//! (every request gets a fresh opaque; the caller restores the client's), connect and request
+//! timeouts, reconnection with exponential backoff, and an in-flight limit per endpoint.
+//!
+//! Every call ends in exactly one outcome: the response, or an [`UpstreamError`]. A connection that
+//! dies fails all its waiting calls at once. Requests a broker sends the other way
+//! (CHECK_TRANSACTION_STATE, NOTIFY_CONSUMER_IDS_CHANGED) are handed to the [`Inbound`] channel.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use futures::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_util::codec::Framed;
+use tracing::{debug, warn};
+
+use super::stats::HostStats;
+use crate::remoting::frame::FrameLimits;
+use crate::remoting::{RemotingCodec, RemotingCommand};
+
+/// Why an upstream call produced no response.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum UpstreamError {
+    #[error("cannot connect to {address}: {reason}")]
+    Connect { address: SocketAddr, reason: String },
+    #[error("{address} is in reconnect backoff after {failures} failed connects ({reason})")]
+    Backoff {
+        address: SocketAddr,
+        failures: u32,
+        reason: String,
+    },
+    #[error("no response from {address} within {timeout:?}")]
+    Timeout {
+        address: SocketAddr,
+        timeout: Duration,
+    },
+    #[error("{address} has {limit} requests in flight, the configured limit")]
+    Busy { address: SocketAddr, limit: usize },
+    #[error("the connection to {address} closed before the response")]
+    Closed { address: SocketAddr },
+}
+
+impl UpstreamError {
+    /// Overload rather than failure: the client may retry elsewhere or later (SYSTEM_BUSY).
+    pub fn is_busy(&self) -> bool {
+        matches!(self, Self::Busy { .. })
+    }
+}
+
+/// A request a broker sent to the sidecar, and the endpoint it came from.
+#[derive(Debug)]
+pub struct Inbound {
+    pub from: SocketAddr,
+    pub request: RemotingCommand,
+}
+
+/// How to reach one endpoint.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub connect_timeout: Duration,
+    pub pool_size: usize,
+    pub max_in_flight: usize,
+    pub max_frame: usize,
+}
+
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Responses a connection's writer may have queued before callers wait.
+const WRITE_QUEUE: usize = 1024;
+const WRITE_BATCH_BYTES: usize = 64 * 1024;
+
+struct Connection {
+    outbound: mpsc::Sender<RemotingCommand>,
+    waiting: Mutex<HashMap<i32, oneshot::Sender<RemotingCommand>>>,
+    next_opaque: AtomicI32,
+    open: AtomicBool,
+}
+
+impl Connection {
+    fn is_open(&self) -> bool {
+        self.open.load(Ordering::Acquire) && !self.outbound.is_closed()
+    }
+
+    fn fail_all(&self) {
+        self.open.store(false, Ordering::Release);
+        // Dropping the senders wakes every waiting call with `Closed`.
+        self.waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+}
+
+#[derive(Default)]
+struct Backoff {
+    failures: u32,
+    until: Option<Instant>,
+    reason: String,
+}
+
+/// The connections to one endpoint.
+pub struct Pool {
+    address: SocketAddr,
+    settings: PoolSettings,
+    slots: Vec<tokio::sync::Mutex<Option<Arc<Connection>>>>,
+    next_slot: AtomicUsize,
+    in_flight: Arc<Semaphore>,
+    backoff: Mutex<Backoff>,
+    inbound: mpsc::Sender<Inbound>,
+    pub stats: Arc<HostStats>,
+    connects: AtomicU64,
+}
+
+impl Pool {
+    fn new(
+        address: SocketAddr,
+        settings: PoolSettings,
+        inbound: mpsc::Sender<Inbound>,
+        stats: Arc<HostStats>,
+    ) -> Self {
+        let slots = (0..settings.pool_size.max(1))
+            .map(|_| tokio::sync::Mutex::new(None))
+            .collect();
+        Self {
+            address,
+            in_flight: Arc::new(Semaphore::new(settings.max_in_flight.max(1))),
+            settings,
+            slots,
+            next_slot: AtomicUsize::new(0),
+            backoff: Mutex::new(Backoff::default()),
+            inbound,
+            stats,
+            connects: AtomicU64::new(0),
+        }
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// Whether the endpoint is usable now: not in reconnect backoff.
+    pub fn healthy(&self) -> bool {
+        let backoff = self.backoff.lock().unwrap_or_else(PoisonError::into_inner);
+        backoff.until.is_none_or(|until| Instant::now() >= until)
+    }
+
+    pub fn consecutive_connect_failures(&self) -> u32 {
+        self.backoff
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .failures
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.settings.max_in_flight
+            - self
+                .in_flight
+                .available_permits()
+                .min(self.settings.max_in_flight)
+    }
+
+    pub fn connects(&self) -> u64 {
+        self.connects.load(Ordering::Relaxed)
+    }
+
+    /// Sends `request` and waits for its response, within `timeout` overall. The response carries
+    /// the upstream opaque; the caller restores its own.
+    pub async fn call(
+        &self,
+        mut request: RemotingCommand,
+        timeout: Duration,
+    ) -> Result<RemotingCommand, UpstreamError> {
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + timeout;
+        // Back-pressure: wait for an in-flight slot within the deadline, else SYSTEM_BUSY.
+        let result =
+            match tokio::time::timeout_at(deadline, self.in_flight.clone().acquire_owned()).await {
+                Ok(Ok(permit)) => {
+                    let outcome = tokio::time::timeout_at(deadline, self.exchange(&mut request))
+                        .await
+                        .unwrap_or(Err(UpstreamError::Timeout {
+                            address: self.address,
+                            timeout,
+                        }));
+                    drop(permit);
+                    outcome
+                }
+                _ => Err(UpstreamError::Busy {
+                    address: self.address,
+                    limit: self.settings.max_in_flight,
+                }),
+            };
+        self.stats.record(started.elapsed(), result.is_ok());
+        result
+    }
+
+    async fn exchange(
+        &self,
+        request: &mut RemotingCommand,
+    ) -> Result<RemotingCommand, UpstreamError> {
+        let connection = self.connection().await?;
+        request.opaque = connection.next_opaque.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = oneshot::channel();
+        connection
+            .waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(request.opaque, sender);
+        let opaque = request.opaque;
+        let closed = UpstreamError::Closed {
+            address: self.address,
+        };
+        if connection.outbound.send(request.clone()).await.is_err() {
+            connection.fail_all();
+            return Err(closed);
+        }
+        // On timeout the caller drops this future; the guard forgets the waiter either way.
+        let guard = WaiterGuard {
+            connection: &connection,
+            opaque,
+        };
+        let response = receiver.await.map_err(|_| closed);
+        drop(guard);
+        response
+    }
+
+    /// Sends a oneway request: no response is expected or waited for.
+    pub async fn send_oneway(&self, mut request: RemotingCommand) -> Result<(), UpstreamError> {
+        let connection = self.connection().await?;
+        request.opaque = connection.next_opaque.fetch_add(1, Ordering::Relaxed);
+        request.set_oneway(true);
+        connection
+            .outbound
+            .send(request)
+            .await
+            .map_err(|_| UpstreamError::Closed {
+                address: self.address,
+            })
+    }
+
+    /// An open connection from the pool, connecting (or reconnecting) the next slot if needed.
+    async fn connection(&self) -> Result<Arc<Connection>, UpstreamError> {
+        let index = self.next_slot.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        let Some(slot) = self.slots.get(index) else {
+            return Err(UpstreamError::Closed {
+                address: self.address,
+            });
+        };
+        let mut slot = slot.lock().await;
+        if let Some(connection) = slot.as_ref().filter(|connection| connection.is_open()) {
+            return Ok(connection.clone());
+        }
+        {
+            let backoff = self.backoff.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(until) = backoff.until
+                && Instant::now() < until
+            {
+                return Err(UpstreamError::Backoff {
+                    address: self.address,
+                    failures: backoff.failures,
+                    reason: backoff.reason.clone(),
+                });
+            }
+        }
+        match self.connect().await {
+            Ok(connection) => {
+                *self.backoff.lock().unwrap_or_else(PoisonError::into_inner) = Backoff::default();
+                *slot = Some(connection.clone());
+                Ok(connection)
+            }
+            Err(reason) => {
+                let mut backoff = self.backoff.lock().unwrap_or_else(PoisonError::into_inner);
+                backoff.failures = backoff.failures.saturating_add(1);
+                let delay = BACKOFF_START
+                    .saturating_mul(1 << backoff.failures.min(16).saturating_sub(1))
+                    .min(BACKOFF_MAX);
+                backoff.until = Some(Instant::now() + delay);
+                backoff.reason = reason.clone();
+                warn!(address = %self.address, failures = backoff.failures, ?delay, %reason, "upstream connect failed");
+                Err(UpstreamError::Connect {
+                    address: self.address,
+                    reason,
+                })
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Arc<Connection>, String> {
+        let socket = tokio::time::timeout(
+            self.settings.connect_timeout,
+            TcpStream::connect(self.address),
+        )
+        .await
+        .map_err(|_| format!("timed out after {:?}", self.settings.connect_timeout))?
+        .map_err(|error| error.to_string())?;
+        let _ = socket.set_nodelay(true);
+        self.connects.fetch_add(1, Ordering::Relaxed);
+        let limits = FrameLimits {
+            max_frame: self.settings.max_frame,
+            ..FrameLimits::default()
+        };
+        let mut framed = Framed::new(socket, RemotingCodec::new(limits));
+        framed.set_backpressure_boundary(WRITE_BATCH_BYTES);
+        let (mut sink, mut stream) = framed.split();
+        let (outbound, mut queue) = mpsc::channel::<RemotingCommand>(WRITE_QUEUE);
+        let connection = Arc::new(Connection {
+            outbound,
+            waiting: Mutex::new(HashMap::new()),
+            next_opaque: AtomicI32::new(1),
+            open: AtomicBool::new(true),
+        });
+        let address = self.address;
+        tokio::spawn(async move {
+            while let Some(command) = queue.recv().await {
+                let mut written = sink.feed(command).await;
+                while written.is_ok() {
+                    match queue.try_recv() {
+                        Ok(command) => written = sink.feed(command).await,
+                        Err(_) => break,
+                    }
+                }
+                if let Err(error) = written.and(sink.flush().await) {
+                    debug!(%address, %error, "upstream write failed");
+                    break;
+                }
+            }
+        });
+        let reader = connection.clone();
+        let inbound = self.inbound.clone();
+        tokio::spawn(async move {
+            loop {
+                match stream.next().await {
+                    Some(Ok(command)) if command.is_response() => {
+                        let waiter = reader
+                            .waiting
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .remove(&command.opaque);
+                        match waiter {
+                            Some(waiter) => {
+                                let _ = waiter.send(command);
+                            }
+                            None => {
+                                debug!(%address, opaque = command.opaque, "late or unknown response dropped")
+                            }
+                        }
+                    }
+                    Some(Ok(request)) => {
+                        if inbound
+                            .try_send(Inbound {
+                                from: address,
+                                request,
+                            })
+                            .is_err()
+                        {
+                            warn!(%address, "broker request dropped: the relay queue is full");
+                        }
+                    }
+                    Some(Err(error)) => {
+                        warn!(%address, %error, "malformed frame from upstream, closing the connection");
+                        break;
+                    }
+                    None => {
+                        debug!(%address, "upstream closed the connection");
+                        break;
+                    }
+                }
+            }
+            reader.fail_all();
+        });
+        Ok(connection)
+    }
+}
+
+/// Forgets a waiter whose call ended (answered, timed out or cancelled).
+struct WaiterGuard<'a> {
+    connection: &'a Connection,
+    opaque: i32,
+}
+
+impl Drop for WaiterGuard<'_> {
+    fn drop(&mut self) {
+        self.connection
+            .waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.opaque);
+    }
+}
+
+/// Every pool, by endpoint address, created on first use.
+pub struct Upstreams {
+    pools: DashMap<SocketAddr, Arc<Pool>>,
+    inbound: mpsc::Sender<Inbound>,
+    max_frame: usize,
+}
+
+impl Upstreams {
+    pub fn new(inbound: mpsc::Sender<Inbound>, max_frame: usize) -> Self {
+        Self {
+            pools: DashMap::new(),
+            inbound,
+            max_frame,
+        }
+    }
+
+    /// The pool for `address`, made with `settings` the first time.
+    pub fn pool(
+        &self,
+        address: SocketAddr,
+        settings: impl FnOnce() -> (PoolSettings, Arc<HostStats>),
+    ) -> Arc<Pool> {
+        if let Some(pool) = self.pools.get(&address) {
+            return pool.clone();
+        }
+        self.pools
+            .entry(address)
+            .or_insert_with(|| {
+                let (mut settings, stats) = settings();
+                settings.max_frame = self.max_frame;
+                Arc::new(Pool::new(address, settings, self.inbound.clone(), stats))
+            })
+            .clone()
+    }
+
+    pub fn existing(&self, address: SocketAddr) -> Option<Arc<Pool>> {
+        self.pools.get(&address).map(|pool| pool.clone())
+    }
+}
