@@ -432,3 +432,154 @@ impl Upstreams {
         self.pools.get(&address).map(|pool| pool.clone())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::remoting::{RequestCode, ResponseCode};
+    use tokio::net::TcpListener;
+
+    const LIMIT: Duration = Duration::from_secs(10);
+
+    fn pool(address: SocketAddr, max_in_flight: usize) -> (Pool, mpsc::Receiver<Inbound>) {
+        let (inbound, relayed) = mpsc::channel(8);
+        let settings = PoolSettings {
+            connect_timeout: Duration::from_secs(2),
+            pool_size: 1,
+            max_in_flight,
+            max_frame: 1 << 20,
+        };
+        let stats = Arc::new(HostStats::new("c", "b", address));
+        (Pool::new(address, settings, inbound, stats), relayed)
+    }
+
+    /// A broker stand-in that first sends a request of its own. With `reverse_pairs` it reads two
+    /// requests and answers the second first, so answers must be matched by opaque; otherwise it
+    /// answers each after `delay`.
+    async fn fake_broker(
+        delay: Duration,
+        reverse_pairs: bool,
+    ) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            let Ok((socket, _)) = listener.accept().await else {
+                return;
+            };
+            let mut framed = Framed::new(socket, RemotingCodec::default());
+            let mut notice = RemotingCommand::request(RequestCode::NOTIFY_CONSUMER_IDS_CHANGED, 7);
+            notice.set_oneway(true);
+            let _ = framed.send(notice).await;
+            let answer = |request: &RemotingCommand| {
+                RemotingCommand::response_to(request, ResponseCode::SUCCESS).with_remark(format!(
+                    "answer to {}",
+                    request.ext("n").unwrap_or_default()
+                ))
+            };
+            while let Some(Ok(first)) = framed.next().await {
+                let mut batch = vec![first];
+                if reverse_pairs && let Some(Ok(second)) = framed.next().await {
+                    batch.push(second);
+                }
+                tokio::time::sleep(delay).await;
+                for request in batch.iter().rev() {
+                    if framed.send(answer(request)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        (address, task)
+    }
+
+    fn numbered(n: usize) -> RemotingCommand {
+        let mut request = RemotingCommand::request(RequestCode::GET_MAX_OFFSET, 99);
+        request.ext_fields.insert("n".into(), n.to_string());
+        request
+    }
+
+    #[tokio::test]
+    async fn concurrent_calls_share_a_connection_and_get_their_own_answers() {
+        let (address, _broker) = fake_broker(Duration::ZERO, true).await;
+        let (pool, mut relayed) = pool(address, 64);
+        let calls = (0..20).map(|n| pool.call(numbered(n), LIMIT));
+        let answers = futures::future::join_all(calls).await;
+        for (n, answer) in answers.into_iter().enumerate() {
+            let answer = answer.expect("answered");
+            assert_eq!(
+                answer.remark.as_deref(),
+                Some(format!("answer to {n}").as_str())
+            );
+        }
+        assert_eq!(pool.connects(), 1, "one connection carried every call");
+        let notice = tokio::time::timeout(LIMIT, relayed.recv())
+            .await
+            .expect("in time")
+            .expect("relayed");
+        assert_eq!(
+            notice.request.request_code(),
+            RequestCode::NOTIFY_CONSUMER_IDS_CHANGED
+        );
+        assert_eq!(notice.from, address);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_fails_then_backs_off() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("addr");
+        drop(listener);
+        let (pool, _relayed) = pool(address, 4);
+        let first = pool.call(numbered(0), LIMIT).await;
+        assert!(
+            matches!(first, Err(UpstreamError::Connect { .. })),
+            "{first:?}"
+        );
+        assert!(!pool.healthy());
+        let second = pool.call(numbered(1), LIMIT).await;
+        assert!(
+            matches!(second, Err(UpstreamError::Backoff { failures: 1, .. })),
+            "{second:?}"
+        );
+        assert_eq!(pool.stats.errors(), 2);
+    }
+
+    #[tokio::test]
+    async fn slow_answers_time_out_and_the_in_flight_limit_answers_busy() {
+        let (address, _broker) = fake_broker(Duration::from_millis(500), false).await;
+        let (pool, _relayed) = pool(address, 1);
+        let timed_out = pool.call(numbered(0), Duration::from_millis(100)).await;
+        assert!(
+            matches!(timed_out, Err(UpstreamError::Timeout { .. })),
+            "{timed_out:?}"
+        );
+        let (slow, busy) = tokio::join!(
+            pool.call(numbered(1), LIMIT),
+            pool.call(numbered(2), Duration::from_millis(100))
+        );
+        assert!(slow.is_ok(), "{slow:?}");
+        assert!(
+            matches!(busy, Err(UpstreamError::Busy { limit: 1, .. })),
+            "{busy:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dying_connection_fails_its_waiting_calls() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("addr");
+        // Accepts, reads one request, and hangs up without answering.
+        let broker = tokio::spawn(async move {
+            if let Ok((socket, _)) = listener.accept().await {
+                let mut framed = Framed::new(socket, RemotingCodec::default());
+                let _ = framed.next().await;
+            }
+        });
+        let (pool, _relayed) = pool(address, 4);
+        let outcome = pool.call(numbered(0), LIMIT).await;
+        assert!(
+            matches!(outcome, Err(UpstreamError::Closed { .. })),
+            "{outcome:?}"
+        );
+        let _ = broker.await;
+    }
+}
