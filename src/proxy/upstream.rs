@@ -172,7 +172,7 @@ impl Pool {
     /// the upstream opaque; the caller restores its own.
     pub async fn call(
         &self,
-        mut request: RemotingCommand,
+        request: RemotingCommand,
         timeout: Duration,
     ) -> Result<RemotingCommand, UpstreamError> {
         let started = Instant::now();
@@ -181,7 +181,7 @@ impl Pool {
         let result =
             match tokio::time::timeout_at(deadline, self.in_flight.clone().acquire_owned()).await {
                 Ok(Ok(permit)) => {
-                    let outcome = tokio::time::timeout_at(deadline, self.exchange(&mut request))
+                    let outcome = tokio::time::timeout_at(deadline, self.exchange(request))
                         .await
                         .unwrap_or(Err(UpstreamError::Timeout {
                             address: self.address,
@@ -201,7 +201,7 @@ impl Pool {
 
     async fn exchange(
         &self,
-        request: &mut RemotingCommand,
+        mut request: RemotingCommand,
     ) -> Result<RemotingCommand, UpstreamError> {
         let connection = self.connection().await?;
         request.opaque = connection.next_opaque.fetch_add(1, Ordering::Relaxed);
@@ -215,7 +215,7 @@ impl Pool {
         let closed = UpstreamError::Closed {
             address: self.address,
         };
-        if connection.outbound.send(request.clone()).await.is_err() {
+        if connection.outbound.send(request).await.is_err() {
             connection.fail_all();
             return Err(closed);
         }
