@@ -10,9 +10,11 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::mpsc;
 
-use crate::remoting::body::{ConsumerData, HeartbeatData, SubscriptionData};
+use crate::remoting::body::{
+    ConsumerData, ConsumerList, HeartbeatData, JsonBody, SubscriptionData,
+};
 use crate::remoting::header::NotifyConsumerIdsChangedRequestHeader;
-use crate::remoting::{RemotingCommand, RequestCode};
+use crate::remoting::{RemotingCommand, RequestCode, ResponseCode};
 
 /// Identifies one accepted connection.
 pub type ConnectionId = u64;
@@ -156,6 +158,31 @@ impl ClientRegistry {
             .consumers
             .get(group)
             .map(|consumers| consumers.members.keys().cloned().collect())
+    }
+
+    /// The GET_CONSUMER_LIST_BY_GROUP answer for `group`, with Java's remark when it has no member.
+    pub fn consumer_list_response(
+        &self,
+        request: &RemotingCommand,
+        group: &str,
+    ) -> RemotingCommand {
+        let Some(consumer_id_list) = self.consumer_ids(group) else {
+            return RemotingCommand::error_response(
+                request,
+                ResponseCode::SYSTEM_ERROR,
+                format!("no consumer for this group, {group}"),
+            );
+        };
+        match (ConsumerList { consumer_id_list }).to_json() {
+            Ok(body) => {
+                RemotingCommand::response_to(request, ResponseCode::SUCCESS).with_body(body)
+            }
+            Err(error) => RemotingCommand::error_response(
+                request,
+                ResponseCode::SYSTEM_ERROR,
+                error.to_string(),
+            ),
+        }
     }
 
     /// The group's subscription to `topic`, from the most recent registration that has one.

@@ -18,7 +18,7 @@ use rocketmq_protocol::protocol::heartbeat::message_model::MessageModel;
 use tokio::sync::Notify;
 
 mod common;
-use common::{Collector, RunningBroker, STEP_TIMEOUT, client_config, harness};
+use common::{Collector, RunningBroker, STEP_TIMEOUT, client_config, harness, send_all};
 
 const TOPIC: &str = "BrokerClientTopic";
 const GROUP: &str = "broker_client_group";
@@ -191,30 +191,17 @@ async fn producer_and_push_consumer_against_the_bundled_broker() {
     // group gets only what is sent after the restart.
     broker.stop().await;
     let broker = RunningBroker::start(data.path()).await;
-    let mut producer = DefaultMQProducer::builder(harness.runtime.clone())
-        .client_config(client_config(broker.addr, "broker-test-producer-2"))
-        .producer_group("broker_client_producer")
-        .send_msg_timeout(10_000)
-        .build();
-    tokio::time::timeout(STEP_TIMEOUT, producer.start())
-        .await
-        .expect("in time")
-        .expect("producer start");
     let fresh: Vec<String> = (0..10)
         .map(|index| format!("after-restart-{index}"))
         .collect();
-    for text in &fresh {
-        let message = Message::builder()
-            .topic(TOPIC)
-            .body_slice(text.as_bytes())
-            .build()
-            .expect("message");
-        tokio::time::timeout(STEP_TIMEOUT, producer.send(message))
-            .await
-            .expect("in time")
-            .expect("send after restart");
-    }
-    producer.shutdown().await;
+    send_all(
+        broker.addr,
+        "broker-test-producer-2",
+        "broker_client_producer",
+        TOPIC,
+        &fresh,
+    )
+    .await;
     let collector = Collector::default();
     let mut consumer = DefaultMQPushConsumer::builder(harness.runtime.clone())
         .client_config(client_config(broker.addr, "broker-test-consumer-2"))
@@ -524,30 +511,18 @@ async fn pop_mode_consumer_reads_everything_and_a_rejected_message_comes_back() 
     })
     .await;
     let harness = harness();
-    let mut producer = DefaultMQProducer::builder(harness.runtime.clone())
-        .client_config(client_config(broker.addr, "pop-producer"))
-        .producer_group("pop_producer")
-        .build();
-    tokio::time::timeout(STEP_TIMEOUT, producer.start())
-        .await
-        .expect("in time")
-        .expect("start");
     let mut bodies: Vec<String> = (0..POP_MESSAGES - 1)
         .map(|index| format!("pop-{index:03}"))
         .collect();
     bodies.push("poison".into());
-    for text in &bodies {
-        let message = Message::builder()
-            .topic(POP_TOPIC)
-            .body_slice(text.as_bytes())
-            .build()
-            .expect("message");
-        tokio::time::timeout(STEP_TIMEOUT, producer.send(message))
-            .await
-            .expect("in time")
-            .expect("send");
-    }
-    producer.shutdown().await;
+    send_all(
+        broker.addr,
+        "pop-producer",
+        "pop_producer",
+        POP_TOPIC,
+        &bodies,
+    )
+    .await;
 
     // "poison" is rejected once (RECONSUME_LATER), then accepted.
     let listener = RetryingListener::default();
@@ -816,28 +791,16 @@ async fn a_popped_message_left_unacked_comes_back_after_its_invisible_time() {
     })
     .await;
     let harness = harness();
-    let mut producer = DefaultMQProducer::builder(harness.runtime.clone())
-        .client_config(client_config(broker.addr, "slow-producer"))
-        .producer_group("slow_producer")
-        .build();
-    tokio::time::timeout(STEP_TIMEOUT, producer.start())
-        .await
-        .expect("in time")
-        .expect("start");
     let mut bodies: Vec<String> = (0..9).map(|index| format!("quick-{index}")).collect();
     bodies.push("slow".into());
-    for text in &bodies {
-        let message = Message::builder()
-            .topic(SLOW_TOPIC)
-            .body_slice(text.as_bytes())
-            .build()
-            .expect("message");
-        tokio::time::timeout(STEP_TIMEOUT, producer.send(message))
-            .await
-            .expect("in time")
-            .expect("send");
-    }
-    producer.shutdown().await;
+    send_all(
+        broker.addr,
+        "slow-producer",
+        "slow_producer",
+        SLOW_TOPIC,
+        &bodies,
+    )
+    .await;
 
     let listener = SlowListener::default();
     let mut consumer = DefaultMQPushConsumer::builder(harness.runtime.clone())

@@ -18,7 +18,7 @@ use rocketmq_protocol::protocol::heartbeat::message_model::MessageModel;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 mod common;
-use common::{Collector, RunningBroker, STEP_TIMEOUT, client_config, harness};
+use common::{Collector, RunningBroker, STEP_TIMEOUT, client_config, harness, send_all};
 
 /// Two brokers (weights 3:1) behind one sidecar; everything on ephemeral loopback ports.
 struct Mesh {
@@ -124,32 +124,10 @@ fn stored(state: &BrokerState, topic: &str) -> u64 {
 }
 
 async fn produce(addr: SocketAddr, instance: &str, topic: &str, count: usize) {
-    let mut producer = DefaultMQProducer::builder(harness().runtime.clone())
-        .client_config(client_config(addr, instance))
-        .producer_group(format!("{instance}_group"))
-        .build();
-    tokio::time::timeout(STEP_TIMEOUT, producer.start())
-        .await
-        .expect("in time")
-        .expect("producer start");
-    for index in 0..count {
-        let message = Message::builder()
-            .topic(topic)
-            .body_slice(format!("{topic}-{index:05}").as_bytes())
-            .build()
-            .expect("message");
-        let result = tokio::time::timeout(STEP_TIMEOUT, producer.send(message))
-            .await
-            .expect("in time")
-            .unwrap_or_else(|error| panic!("send {index} failed: {error}"))
-            .expect("a sync send has a result");
-        assert_eq!(
-            format!("{:?}", result.send_status),
-            "SendOk",
-            "send {index}: {result:?}"
-        );
-    }
-    producer.shutdown().await;
+    let bodies: Vec<String> = (0..count)
+        .map(|index| format!("{topic}-{index:05}"))
+        .collect();
+    send_all(addr, instance, &format!("{instance}_group"), topic, &bodies).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

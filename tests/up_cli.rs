@@ -6,12 +6,11 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use rocketmq_client_rust::{DefaultMQProducer, DefaultMQPushConsumer, MQPushConsumer};
+use rocketmq_client_rust::{DefaultMQPushConsumer, MQPushConsumer};
 use rocketmq_model::common::consumer::consume_from_where::ConsumeFromWhere;
-use rocketmq_model::common::message::message_single::Message;
 
 mod common;
-use common::{Collector, STEP_TIMEOUT, client_config, harness};
+use common::{Collector, STEP_TIMEOUT, client_config, harness, send_all};
 
 const ADDRESS_LINE: &str = "nameserver address for apps: ";
 
@@ -48,26 +47,10 @@ async fn up_serves_a_real_client_and_stops_on_sigterm() {
         .parse()
         .expect("a socket address");
 
-    let mut producer = DefaultMQProducer::builder(harness().runtime.clone())
-        .client_config(client_config(address, "up-producer"))
-        .producer_group("up_producer")
-        .build();
-    tokio::time::timeout(STEP_TIMEOUT, producer.start())
-        .await
-        .expect("in time")
-        .expect("producer start");
-    for index in 0..MESSAGES {
-        let message = Message::builder()
-            .topic("UpTopic")
-            .body_slice(format!("up-{index:03}").as_bytes())
-            .build()
-            .expect("message");
-        tokio::time::timeout(STEP_TIMEOUT, producer.send(message))
-            .await
-            .expect("in time")
-            .unwrap_or_else(|error| panic!("send {index} failed: {error}"));
-    }
-    producer.shutdown().await;
+    let bodies: Vec<String> = (0..MESSAGES)
+        .map(|index| format!("up-{index:03}"))
+        .collect();
+    send_all(address, "up-producer", "up_producer", "UpTopic", &bodies).await;
 
     let collector = Collector::default();
     let mut consumer = DefaultMQPushConsumer::builder(harness().runtime.clone())

@@ -4,10 +4,11 @@
 //! 800 ms bound); the rest are `rocketmesh_*`.
 
 use std::fmt::Write;
+use std::sync::Arc;
 
 use super::views::{request_name, response_name};
 use crate::proxy::Proxy;
-use crate::proxy::stats::{HistogramSnapshot, LATENCY_BOUNDS_MS};
+use crate::proxy::stats::{HistogramSnapshot, HostStats, LATENCY_BOUNDS_MS};
 
 fn escape(value: &str) -> String {
     value
@@ -43,175 +44,158 @@ fn histogram(out: &mut String, name: &str, pairs: &[(&str, &str)], snapshot: &Hi
     let _ = writeln!(out, "{name}_count{} {}", labels(pairs), snapshot.count);
 }
 
+/// A family with one unlabelled sample.
+fn single(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    family(out, name, kind, help);
+    let _ = writeln!(out, "{name} {value}");
+}
+
+/// A counter family with one sample per code, labelled with the code and its name.
+fn by_code(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    counts: &[(i32, u64)],
+    namer: fn(i32) -> String,
+) {
+    family(out, name, "counter", help);
+    for (code, count) in counts {
+        let code_text = code.to_string();
+        let code_name = namer(*code);
+        let _ = writeln!(
+            out,
+            "{name}{} {count}",
+            labels(&[("code", &code_text), ("name", &code_name)])
+        );
+    }
+}
+
+/// A family with one sample per upstream endpoint.
+fn per_host(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    hosts: &[(Arc<HostStats>, String)],
+    value: impl Fn(&HostStats) -> u64,
+) {
+    family(out, name, kind, help);
+    for (host, address) in hosts {
+        let pairs = [
+            ("cluster", host.cluster.as_str()),
+            ("broker", host.broker_name.as_str()),
+            ("host", address.as_str()),
+        ];
+        let _ = writeln!(out, "{name}{} {}", labels(&pairs), value(host));
+    }
+}
+
 pub fn render(proxy: &Proxy) -> String {
     let stats = &proxy.stats;
     let mut out = String::new();
+    let out = &mut out;
 
-    family(
-        &mut out,
+    by_code(
+        out,
         "rocketmesh_requests_total",
-        "counter",
         "Requests received from clients, by request code.",
+        &stats.requests_by_code(),
+        request_name,
     );
-    for (code, count) in stats.requests_by_code() {
-        let code_text = code.to_string();
-        let name = request_name(code);
-        let _ = writeln!(
-            out,
-            "rocketmesh_requests_total{} {count}",
-            labels(&[("code", &code_text), ("name", &name)])
-        );
-    }
-    family(
-        &mut out,
+    by_code(
+        out,
         "rocketmesh_responses_total",
-        "counter",
         "Responses sent to clients, by response code.",
+        &stats.responses_by_code(),
+        response_name,
     );
-    for (code, count) in stats.responses_by_code() {
-        let code_text = code.to_string();
-        let name = response_name(code);
-        let _ = writeln!(
-            out,
-            "rocketmesh_responses_total{} {count}",
-            labels(&[("code", &code_text), ("name", &name)])
-        );
-    }
-    family(
-        &mut out,
+    single(
+        out,
         "rocketmesh_request_decode_errors_total",
         "counter",
         "Client frames that could not be decoded (each closed its connection).",
+        stats.decode_errors(),
     );
-    let _ = writeln!(
+    single(
         out,
-        "rocketmesh_request_decode_errors_total {}",
-        stats.decode_errors()
-    );
-    family(
-        &mut out,
         "rocketmesh_downstream_connections",
         "gauge",
         "Client connections open now.",
+        stats.connections_active(),
     );
-    let _ = writeln!(
+    single(
         out,
-        "rocketmesh_downstream_connections {}",
-        stats.connections_active()
-    );
-    family(
-        &mut out,
         "rocketmesh_downstream_connections_total",
         "counter",
         "Client connections accepted.",
+        stats.connections_total(),
     );
-    let _ = writeln!(
+    single(
         out,
-        "rocketmesh_downstream_connections_total {}",
-        stats.connections_total()
-    );
-    family(
-        &mut out,
         "rocketmesh_requests_active",
         "gauge",
         "Client requests being handled now.",
+        stats.requests_active(),
     );
-    let _ = writeln!(
+    single(
         out,
-        "rocketmesh_requests_active {}",
-        stats.requests_active()
-    );
-    family(
-        &mut out,
         "rocketmesh_requests_pending",
         "gauge",
         "Client requests waiting for a route now.",
-    );
-    let _ = writeln!(
-        out,
-        "rocketmesh_requests_pending {}",
-        stats.requests_pending()
+        stats.requests_pending(),
     );
 
-    let hosts = stats.hosts();
-    family(
-        &mut out,
+    let hosts: Vec<(Arc<HostStats>, String)> = stats
+        .hosts()
+        .into_iter()
+        .map(|host| {
+            let address = host.address.to_string();
+            (host, address)
+        })
+        .collect();
+    per_host(
+        out,
         "rocketmesh_upstream_requests_total",
         "counter",
         "Requests sent to a broker endpoint.",
+        &hosts,
+        HostStats::requests,
     );
-    for host in &hosts {
-        let address = host.address.to_string();
-        let pairs = [
-            ("cluster", host.cluster.as_str()),
-            ("broker", host.broker_name.as_str()),
-            ("host", address.as_str()),
-        ];
-        let _ = writeln!(
-            out,
-            "rocketmesh_upstream_requests_total{} {}",
-            labels(&pairs),
-            host.requests()
-        );
-    }
-    family(
-        &mut out,
+    per_host(
+        out,
         "rocketmesh_upstream_errors_total",
         "counter",
         "Requests to a broker endpoint that got no response (connect failure, timeout, overload, closed connection).",
+        &hosts,
+        HostStats::errors,
     );
-    for host in &hosts {
-        let address = host.address.to_string();
-        let pairs = [
-            ("cluster", host.cluster.as_str()),
-            ("broker", host.broker_name.as_str()),
-            ("host", address.as_str()),
-        ];
-        let _ = writeln!(
-            out,
-            "rocketmesh_upstream_errors_total{} {}",
-            labels(&pairs),
-            host.errors()
-        );
-    }
-    family(
-        &mut out,
+    per_host(
+        out,
         "rocketmesh_upstream_in_flight",
         "gauge",
         "Requests to a broker endpoint awaiting their response now.",
+        &hosts,
+        |host| {
+            proxy
+                .upstreams
+                .existing(host.address)
+                .map_or(0, |pool| pool.in_flight() as u64)
+        },
     );
-    for host in &hosts {
-        let address = host.address.to_string();
-        let pairs = [
-            ("cluster", host.cluster.as_str()),
-            ("broker", host.broker_name.as_str()),
-            ("host", address.as_str()),
-        ];
-        let in_flight = proxy
-            .upstreams
-            .existing(host.address)
-            .map_or(0, |pool| pool.in_flight());
-        let _ = writeln!(
-            out,
-            "rocketmesh_upstream_in_flight{} {in_flight}",
-            labels(&pairs)
-        );
-    }
     family(
-        &mut out,
+        out,
         "rocketmesh_upstream_request_duration_milliseconds",
         "histogram",
         "Time from sending a request to a broker to its response, in ms.",
     );
-    for host in &hosts {
-        let address = host.address.to_string();
+    for (host, address) in &hosts {
         let pairs = [
             ("cluster", host.cluster.as_str()),
             ("broker", host.broker_name.as_str()),
             ("host", address.as_str()),
         ];
         histogram(
-            &mut out,
+            out,
             "rocketmesh_upstream_request_duration_milliseconds",
             &pairs,
             &host.latency(),
@@ -219,7 +203,7 @@ pub fn render(proxy: &Proxy) -> String {
     }
 
     family(
-        &mut out,
+        out,
         "rocketmq_messages_in_total",
         "counter",
         "Messages sent through the sidecar and acknowledged by a broker, by topic.",
@@ -232,7 +216,7 @@ pub fn render(proxy: &Proxy) -> String {
         );
     }
     family(
-        &mut out,
+        out,
         "rocketmq_messages_out_total",
         "counter",
         "Messages delivered to consumers through the sidecar (pull and pop), by topic and group.",
@@ -245,20 +229,20 @@ pub fn render(proxy: &Proxy) -> String {
         );
     }
     family(
-        &mut out,
+        out,
         "rocketmq_send_cost_time",
         "histogram",
         "Time from receiving a send to the broker's acknowledgement, in ms, by topic.",
     );
     for (topic, snapshot) in stats.send_cost_by_topic() {
         histogram(
-            &mut out,
+            out,
             "rocketmq_send_cost_time",
             &[("topic", &topic)],
             &snapshot,
         );
     }
-    out
+    std::mem::take(out)
 }
 
 #[cfg(test)]

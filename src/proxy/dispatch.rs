@@ -25,7 +25,7 @@ use super::Proxy;
 use super::routes::{Endpoint, RouteAction, RouteTable};
 use crate::client_registry::ConnectionId;
 use crate::remoting::body::{
-    BatchAckMessageRequestBody, ConsumerList, HeartbeatData, JsonBody, LockBatchRequestBody,
+    BatchAckMessageRequestBody, HeartbeatData, JsonBody, LockBatchRequestBody,
 };
 use crate::remoting::extra_info::ExtraInfo;
 use crate::remoting::header::{
@@ -354,19 +354,9 @@ fn consumer_list(proxy: &Proxy, request: &RemotingCommand) -> RemotingCommand {
             );
         }
     };
-    let Some(consumer_id_list) = proxy.clients.consumer_ids(&header.consumer_group) else {
-        return RemotingCommand::error_response(
-            request,
-            ResponseCode::SYSTEM_ERROR,
-            format!("no consumer for this group, {}", header.consumer_group),
-        );
-    };
-    match (ConsumerList { consumer_id_list }).to_json() {
-        Ok(body) => RemotingCommand::response_to(request, ResponseCode::SUCCESS).with_body(body),
-        Err(error) => {
-            RemotingCommand::error_response(request, ResponseCode::SYSTEM_ERROR, error.to_string())
-        }
-    }
+    proxy
+        .clients
+        .consumer_list_response(request, &header.consumer_group)
 }
 
 /// Whether `endpoint` is one of the route's endpoints.

@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use rocketmesh::broker::{BrokerConfig, BrokerState, server};
 use rocketmq_client_rust::{
     ClientConfig, ClientResult, ClientRuntime, ClientRuntimeConfig, ConsumeConcurrentlyContext,
-    ConsumeConcurrentlyStatus, MessageListenerConcurrently,
+    ConsumeConcurrentlyStatus, DefaultMQProducer, MessageListenerConcurrently,
 };
 use rocketmq_model::common::message::message_ext::MessageExt;
+use rocketmq_model::common::message::message_single::Message;
 use rocketmq_runtime::{RuntimeConfig, RuntimeOwner};
 use tokio::sync::{Notify, oneshot};
 
@@ -173,4 +174,42 @@ impl Collector {
 pub fn harness() -> &'static ClientHarness {
     static HARNESS: std::sync::OnceLock<ClientHarness> = std::sync::OnceLock::new();
     HARNESS.get_or_init(ClientHarness::start)
+}
+
+/// Starts a producer of `group` against `namesrv`, sends every body to `topic` with sync sends
+/// (each must be SEND_OK), and shuts the producer down.
+pub async fn send_all(
+    namesrv: SocketAddr,
+    instance: &str,
+    group: &str,
+    topic: &str,
+    bodies: &[String],
+) {
+    let mut producer = DefaultMQProducer::builder(harness().runtime.clone())
+        .client_config(client_config(namesrv, instance))
+        .producer_group(group)
+        .send_msg_timeout(10_000)
+        .build();
+    tokio::time::timeout(STEP_TIMEOUT, producer.start())
+        .await
+        .expect("in time")
+        .expect("producer start");
+    for (index, text) in bodies.iter().enumerate() {
+        let message = Message::builder()
+            .topic(topic)
+            .body_slice(text.as_bytes())
+            .build()
+            .expect("message");
+        let result = tokio::time::timeout(STEP_TIMEOUT, producer.send(message))
+            .await
+            .expect("in time")
+            .unwrap_or_else(|error| panic!("send {index} failed: {error}"))
+            .expect("a sync send has a result");
+        assert_eq!(
+            format!("{:?}", result.send_status),
+            "SendOk",
+            "send {index}: {result:?}"
+        );
+    }
+    producer.shutdown().await;
 }

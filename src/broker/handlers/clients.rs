@@ -3,7 +3,7 @@
 use super::bad_request;
 use crate::broker::clients::ConnectionId;
 use crate::broker::state::BrokerState;
-use crate::remoting::body::{ConsumerList, HeartbeatData, JsonBody};
+use crate::remoting::body::{HeartbeatData, JsonBody};
 use crate::remoting::header::{GetConsumerListByGroupRequestHeader, UnregisterClientRequestHeader};
 use crate::remoting::{RemotingCommand, ResponseCode};
 
@@ -50,17 +50,7 @@ pub fn consumer_list(state: &BrokerState, request: &RemotingCommand) -> Remoting
         Ok(header) => header,
         Err(error) => return bad_request(request, error),
     };
-    let Some(consumer_id_list) = state.clients.consumer_ids(&header.consumer_group) else {
-        return RemotingCommand::error_response(
-            request,
-            ResponseCode::SYSTEM_ERROR,
-            format!("no consumer for this group, {}", header.consumer_group),
-        );
-    };
-    match (ConsumerList { consumer_id_list }).to_json() {
-        Ok(body) => RemotingCommand::response_to(request, ResponseCode::SUCCESS).with_body(body),
-        Err(error) => {
-            RemotingCommand::error_response(request, ResponseCode::SYSTEM_ERROR, error.to_string())
-        }
-    }
+    state
+        .clients
+        .consumer_list_response(request, &header.consumer_group)
 }
