@@ -1,4 +1,5 @@
 pub mod admin;
+pub mod balance;
 pub mod broker;
 pub mod client_registry;
 pub mod proxy;
