@@ -82,10 +82,13 @@ fn picks_match_the_weights_by_chi_square() {
     let statistic = chi_square(&observed, &[(1, 0.1), (2, 0.2), (3, 0.7)], n);
     assert!(statistic < 13.82, "chi-square {statistic} for {observed:?}");
 
-    // Degraded weights: current 50, 20, 70 after one failure of endpoint 1 (the draw is by
-    // current weight, through rejection sampling).
+    // Degraded weights: endpoint 1 at 50 after one failure (the draw is by current weight,
+    // through rejection sampling).
     let (balancer, _) = build(
-        BalancerConfig::default(),
+        BalancerConfig {
+            track_in_flight: true,
+            ..BalancerConfig::default()
+        },
         vec![
             spec(1, 100.0, 0),
             spec(2, 20.0, 0),
@@ -170,7 +173,7 @@ fn p0_share(p0_weights: &[f64]) -> f64 {
             in_p0 += 1;
         }
         // Reporting nothing keeps the weights where the test put them.
-        picked.state.release();
+        drop(picked);
     }
     in_p0 as f64 / n as f64
 }
@@ -269,7 +272,7 @@ fn ejection_and_return_follow_the_timeline() {
             .filter(|_| {
                 let picked = balancer.pick(rng).expect("pick");
                 let hit = picked.key == key;
-                picked.state.release();
+                drop(picked);
                 hit
             })
             .count()
@@ -326,6 +329,7 @@ fn a_hot_update_keeps_the_state_of_endpoints_that_stay() {
     let (balancer, _) = build(
         BalancerConfig {
             initial_weight_share: 0.05,
+            track_in_flight: true,
             ..BalancerConfig::default()
         },
         vec![spec(1, 100.0, 0), spec(2, 100.0, 0), spec(3, 100.0, 0)],
@@ -440,6 +444,7 @@ fn concurrent_reports_lose_no_weight_updates() {
                 consecutive_failures: 0,
                 ..OutlierConfig::default()
             },
+            track_in_flight: true,
             ..BalancerConfig::default()
         },
         specs,

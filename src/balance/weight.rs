@@ -163,11 +163,10 @@ impl EndpointState {
 
     /// Releases one in-flight slot (never below zero).
     pub(crate) fn release(&self) {
-        let _ = self
-            .in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |count| {
-                count.checked_sub(1)
-            });
+        // One atomic op in the normal case; undo in the (buggy-caller) case of an extra release.
+        if self.in_flight.fetch_sub(1, Ordering::Relaxed) == 0 {
+            self.in_flight.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
