@@ -144,7 +144,11 @@ async fn sends_pops_and_pulls_go_through_the_sidecar_to_the_right_brokers() {
         MESSAGES as u64,
         "every acknowledged message is stored"
     );
-    assert_eq!((on_a, on_b), (7_500, 2_500), "weights 300:100");
+    // The balancer draws by weight (alias table and random): 3:1 within 3 points.
+    assert!(
+        (7_200..=7_800).contains(&on_a),
+        "weights 300:100 put {on_a} on broker-a and {on_b} on broker-b"
+    );
     println!(
         "{MESSAGES} sends through the sidecar in {:?}, all SEND_OK: broker-a stored {on_a}, broker-b {on_b}",
         started.elapsed()
@@ -236,8 +240,8 @@ async fn sends_pops_and_pulls_go_through_the_sidecar_to_the_right_brokers() {
     let b = &stats["clusters"]["brokers"][mesh.brokers[1].addr.to_string()];
     assert_eq!(a["errors"], 0);
     assert_eq!(b["errors"], 0);
-    assert!(a["requests"].as_u64() >= Some(7_500), "{a}");
-    assert!(b["requests"].as_u64() >= Some(2_500), "{b}");
+    assert!(a["requests"].as_u64() >= Some(on_a), "{a}");
+    assert!(b["requests"].as_u64() >= Some(on_b), "{b}");
     let (_, metrics) = mesh.admin("/metrics").await;
     assert!(
         metrics.contains("rocketmq_messages_in_total{topic=\"MeshTopic\"} 10000"),

@@ -202,6 +202,83 @@ pub fn render(proxy: &Proxy) -> String {
         );
     }
 
+    // One row per endpoint, then one family at a time: a family's samples must stay together.
+    let table = proxy.routes.snapshot();
+    let mut rows = Vec::new();
+    for cluster in table.clusters() {
+        let Some(runtime) = proxy.cluster(&cluster.name) else {
+            continue;
+        };
+        for view in runtime.balancer.endpoints() {
+            let broker = table
+                .endpoint_at(view.key)
+                .map(|e| e.metadata.broker_name.clone())
+                .unwrap_or_default();
+            let labels = labels(&[
+                ("cluster", cluster.name.as_str()),
+                ("broker", broker.as_str()),
+                ("host", view.key.to_string().as_str()),
+                ("priority", view.priority.to_string().as_str()),
+            ]);
+            rows.push((labels, view));
+        }
+    }
+    family(
+        out,
+        "rocketmesh_endpoint_weight",
+        "gauge",
+        "The balancer's current weight of each endpoint (its configured weight when healthy).",
+    );
+    for (labels, view) in &rows {
+        let _ = writeln!(
+            out,
+            "rocketmesh_endpoint_weight{labels} {}",
+            view.current_weight
+        );
+    }
+    family(
+        out,
+        "rocketmesh_endpoint_ejected",
+        "gauge",
+        "1 while the balancer has ejected the endpoint as an outlier.",
+    );
+    for (labels, view) in &rows {
+        let _ = writeln!(
+            out,
+            "rocketmesh_endpoint_ejected{labels} {}",
+            u8::from(view.ejected)
+        );
+    }
+    family(
+        out,
+        "rocketmesh_endpoint_ejections",
+        "gauge",
+        "Ejections in a row of the endpoint (forgiven one per base ejection time in service).",
+    );
+    for (labels, view) in &rows {
+        let _ = writeln!(
+            out,
+            "rocketmesh_endpoint_ejections{labels} {}",
+            view.ejections
+        );
+    }
+    family(
+        out,
+        "rocketmesh_send_retries_total",
+        "counter",
+        "Sends retried on another broker after a failure, by cluster.",
+    );
+    for cluster in table.clusters() {
+        if let Some(runtime) = proxy.cluster(&cluster.name) {
+            let _ = writeln!(
+                out,
+                "rocketmesh_send_retries_total{} {}",
+                labels(&[("cluster", &cluster.name)]),
+                runtime.retries()
+            );
+        }
+    }
+
     family(
         out,
         "rocketmq_messages_in_total",

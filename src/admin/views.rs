@@ -94,12 +94,22 @@ pub fn clusters(proxy: &Proxy) -> Value {
     let clusters: Vec<Value> = table
         .clusters()
         .map(|cluster| {
+            let runtime = proxy.cluster(&cluster.name);
             let hosts: Vec<Value> = cluster
                 .endpoints
                 .iter()
                 .map(|endpoint| {
                     let pool = proxy.upstreams.existing(endpoint.address);
                     let metadata = &endpoint.metadata;
+                    let balance = runtime
+                        .as_ref()
+                        .and_then(|runtime| {
+                            runtime
+                                .balancer
+                                .endpoints()
+                                .into_iter()
+                                .find(|view| view.key == endpoint.address)
+                        });
                     json!({
                         "address": endpoint.address.to_string(),
                         "broker_name": metadata.broker_name,
@@ -108,14 +118,29 @@ pub fn clusters(proxy: &Proxy) -> Value {
                         "zone": metadata.zone,
                         "priority": metadata.priority,
                         "weight": metadata.weight,
-                        "healthy": pool.as_ref().is_none_or(|pool| pool.healthy()),
+                        "connectable": pool.as_ref().is_none_or(|pool| pool.healthy()),
                         "connected_once": pool.as_ref().is_some_and(|pool| pool.connects() > 0),
                         "consecutive_connect_failures": pool.as_ref().map_or(0, |pool| pool.consecutive_connect_failures()),
                         "in_flight": pool.as_ref().map_or(0, |pool| pool.in_flight()),
+                        "current_weight": balance.as_ref().map(|view| view.current_weight),
+                        "ejected": balance.as_ref().is_some_and(|view| view.ejected),
+                        "ejections": balance.as_ref().map_or(0, |view| view.ejections),
                     })
                 })
                 .collect();
-            json!({ "name": cluster.name, "hosts": hosts })
+            let priorities: Vec<Value> = runtime
+                .as_ref()
+                .map(|runtime| runtime.balancer.priority_loads())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(priority, health, load)| json!({"priority": priority, "health": health, "load": load}))
+                .collect();
+            json!({
+                "name": cluster.name,
+                "hosts": hosts,
+                "priorities": priorities,
+                "retries": runtime.as_ref().map_or(0, |runtime| runtime.retries()),
+            })
         })
         .collect();
     json!({ "clusters": clusters })

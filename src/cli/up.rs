@@ -67,6 +67,7 @@ pub fn sidecar_config(
             request_timeout_ms: 5_000,
             pool_size: 2,
             max_in_flight_per_endpoint: 4_096,
+            balancer: Default::default(),
             endpoints: brokers
                 .iter()
                 .map(|(name, address, queues)| EndpointConfig {

@@ -35,7 +35,7 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SidecarConfig {
     pub listeners: Vec<ListenerConfig>,
@@ -169,7 +169,7 @@ impl MetadataValue {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     pub name: String,
@@ -183,7 +183,100 @@ pub struct ClusterConfig {
     /// Requests in flight to one endpoint; more wait up to the request timeout, then get SYSTEM_BUSY.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight_per_endpoint: usize,
+    #[serde(default)]
+    pub balancer: BalancerSettings,
     pub endpoints: Vec<EndpointConfig>,
+}
+
+/// How a cluster's endpoints are chosen, failed over, retried and health-checked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BalancerSettings {
+    /// `weighted` (exact shares of current weights) or `least_request` (two choices, fewer in
+    /// flight wins).
+    pub policy: BalancePolicy,
+    /// `least_request` only: effective weight = weight / (1 + in_flight)^bias.
+    pub active_request_bias: f64,
+    /// Envoy's overprovisioning factor: a priority takes all traffic down to 1/factor health.
+    pub overprovisioning_factor: f64,
+    /// A priority below this health (0..1) ignores health while total health is short.
+    pub panic_threshold: f64,
+    /// With every endpoint down: refuse (true) or try them all (false).
+    pub fail_when_all_down: bool,
+    /// Retries of a failed send on another broker, at most this many per send...
+    pub max_retries: u32,
+    /// ...and at most this share of all sends (plus a floor of 10), so retries cannot snowball.
+    pub retry_budget: f64,
+    /// How often endpoints at the minimum weight are probed with a real request.
+    pub health_check_interval_ms: u64,
+    /// Passing probes in a row before a down endpoint gets 10% of its weight back.
+    pub healthy_threshold: u32,
+    /// Consecutive failures that eject an endpoint (0: never eject).
+    pub outlier_consecutive_failures: u32,
+    pub outlier_base_ejection_ms: u64,
+    pub outlier_max_ejection_ms: u64,
+    /// Most of a priority (percent) ejected at once; one endpoint always may be.
+    pub outlier_max_ejection_percent: f64,
+    /// Share of its weight a new endpoint starts with (1: no slow start).
+    pub slow_start_initial_share: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalancePolicy {
+    Weighted,
+    LeastRequest,
+}
+
+impl Default for BalancerSettings {
+    fn default() -> Self {
+        Self {
+            policy: BalancePolicy::Weighted,
+            active_request_bias: 1.0,
+            overprovisioning_factor: 1.4,
+            panic_threshold: 0.5,
+            fail_when_all_down: false,
+            max_retries: 2,
+            retry_budget: 0.2,
+            health_check_interval_ms: 1_000,
+            healthy_threshold: 1,
+            outlier_consecutive_failures: 5,
+            outlier_base_ejection_ms: 30_000,
+            outlier_max_ejection_ms: 300_000,
+            outlier_max_ejection_percent: 10.0,
+            slow_start_initial_share: 1.0,
+        }
+    }
+}
+
+impl BalancerSettings {
+    pub fn to_balancer_config(&self) -> crate::balance::BalancerConfig {
+        use crate::balance::{BalancerConfig, OutlierConfig, Policy, weight::WeightRules};
+        use std::time::Duration;
+        BalancerConfig {
+            policy: match self.policy {
+                BalancePolicy::Weighted => Policy::Weighted,
+                BalancePolicy::LeastRequest => Policy::LeastRequest {
+                    bias: self.active_request_bias,
+                },
+            },
+            overprovisioning_factor: self.overprovisioning_factor,
+            panic_threshold: self.panic_threshold,
+            fail_when_all_down: self.fail_when_all_down,
+            rules: WeightRules {
+                recover_after_passes: self.healthy_threshold,
+                ..WeightRules::default()
+            },
+            outlier: OutlierConfig {
+                consecutive_failures: self.outlier_consecutive_failures,
+                base_ejection: Duration::from_millis(self.outlier_base_ejection_ms),
+                max_ejection: Duration::from_millis(self.outlier_max_ejection_ms),
+                max_ejection_share: self.outlier_max_ejection_percent / 100.0,
+            },
+            initial_weight_share: self.slow_start_initial_share,
+            track_in_flight: false,
+        }
+    }
 }
 
 fn default_connect_timeout_ms() -> u64 {
@@ -337,6 +430,48 @@ impl SidecarConfig {
                 if value == 0 {
                     return Err(invalid(field(name), "must be greater than 0"));
                 }
+            }
+            let balancer = &cluster.balancer;
+            for (name, value, range) in [
+                (
+                    "balancer.overprovisioning_factor",
+                    balancer.overprovisioning_factor,
+                    1.0..=100.0,
+                ),
+                (
+                    "balancer.panic_threshold",
+                    balancer.panic_threshold,
+                    0.0..=1.0,
+                ),
+                ("balancer.retry_budget", balancer.retry_budget, 0.0..=1.0),
+                (
+                    "balancer.active_request_bias",
+                    balancer.active_request_bias,
+                    0.0..=10.0,
+                ),
+                (
+                    "balancer.outlier_max_ejection_percent",
+                    balancer.outlier_max_ejection_percent,
+                    0.0..=100.0,
+                ),
+                (
+                    "balancer.slow_start_initial_share",
+                    balancer.slow_start_initial_share,
+                    0.0..=1.0,
+                ),
+            ] {
+                if !range.contains(&value) {
+                    return Err(invalid(
+                        field(name),
+                        format!("must be between {} and {}", range.start(), range.end()),
+                    ));
+                }
+            }
+            if balancer.health_check_interval_ms == 0 {
+                return Err(invalid(
+                    field("balancer.health_check_interval_ms"),
+                    "must be greater than 0",
+                ));
             }
             if cluster.endpoints.is_empty() {
                 return Err(invalid(

@@ -22,7 +22,10 @@ use bytes::Bytes;
 use tracing::{debug, warn};
 
 use super::Proxy;
+use super::failover;
 use super::routes::{Endpoint, RouteAction, RouteTable};
+use super::upstream::UpstreamError;
+use crate::balance::Outcome;
 use crate::client_registry::ConnectionId;
 use crate::remoting::body::{
     BatchAckMessageRequestBody, HeartbeatData, JsonBody, LockBatchRequestBody,
@@ -146,40 +149,61 @@ async fn route(
     proxy.routes.route_for(topic, code, wait).await
 }
 
-/// Sends `request` to `endpoint` and restores the client's opaque on the answer. Upstream failures
-/// become SYSTEM_BUSY (overload) or SYSTEM_ERROR with a remark naming the broker and the cause.
+/// Sends `request` to `endpoint`; the answer carries the client's opaque (`None` for oneway).
+async fn forward_raw(
+    proxy: &Proxy,
+    endpoint: &Endpoint,
+    request: RemotingCommand,
+) -> Result<Option<RemotingCommand>, UpstreamError> {
+    let pool = proxy.pool(endpoint);
+    let opaque = request.opaque;
+    if request.is_oneway() {
+        return pool.send_oneway(request).await.map(|()| None);
+    }
+    let timeout = endpoint.request_timeout + long_poll_time(&request);
+    let mut response = pool.call(request, timeout).await?;
+    response.opaque = opaque;
+    Ok(Some(response))
+}
+
+/// The client's answer for an upstream outcome: failures become SYSTEM_BUSY (overload) or
+/// SYSTEM_ERROR with a remark naming the broker and the cause.
+fn answer(
+    result: Result<Option<RemotingCommand>, UpstreamError>,
+    opaque: i32,
+    endpoint: &Endpoint,
+) -> Option<RemotingCommand> {
+    match result {
+        Ok(response) => response,
+        Err(error) => {
+            let code = if error.is_busy() {
+                ResponseCode::SYSTEM_BUSY
+            } else {
+                ResponseCode::SYSTEM_ERROR
+            };
+            Some(reply(
+                opaque,
+                code,
+                format!(
+                    "rocketmesh: broker {} failed: {error}",
+                    endpoint.metadata.broker_name
+                ),
+            ))
+        }
+    }
+}
+
 async fn forward(
     proxy: &Proxy,
     endpoint: &Endpoint,
     request: RemotingCommand,
 ) -> Option<RemotingCommand> {
-    let pool = proxy.pool(endpoint);
     let opaque = request.opaque;
-    if request.is_oneway() {
-        if let Err(error) = pool.send_oneway(request).await {
-            debug!(%error, "oneway request not delivered");
-        }
-        return None;
-    }
-    let timeout = endpoint.request_timeout + long_poll_time(&request);
-    Some(match pool.call(request, timeout).await {
-        Ok(mut response) => {
-            response.opaque = opaque;
-            response
-        }
-        Err(error) => reply(
-            opaque,
-            if error.is_busy() {
-                ResponseCode::SYSTEM_BUSY
-            } else {
-                ResponseCode::SYSTEM_ERROR
-            },
-            format!(
-                "rocketmesh: broker {} failed: {error}",
-                endpoint.metadata.broker_name
-            ),
-        ),
-    })
+    answer(
+        forward_raw(proxy, endpoint, request).await,
+        opaque,
+        endpoint,
+    )
 }
 
 /// Longest long-poll a request may ask a broker to hold it for.
@@ -366,7 +390,7 @@ fn serves(action: &RouteAction, endpoint: &Arc<Endpoint>) -> bool {
         .any(|candidate| Arc::ptr_eq(candidate, endpoint))
 }
 
-async fn send(proxy: &Proxy, mut request: RemotingCommand) -> Option<RemotingCommand> {
+async fn send(proxy: &Proxy, request: RemotingCommand) -> Option<RemotingCommand> {
     // V2 headers (SEND_MESSAGE_V2, and batches from current clients) use one-letter keys.
     let (topic_key, queue_key) = if request.ext("b").is_some() {
         ("b", "e")
@@ -383,6 +407,10 @@ async fn send(proxy: &Proxy, mut request: RemotingCommand) -> Option<RemotingCom
     let Some((table, action)) = route(proxy, &topic, request.code).await else {
         return Some(no_route(request.opaque, &topic));
     };
+    let Some(cluster) = proxy.cluster(&action.cluster.name) else {
+        return Some(no_route(request.opaque, &topic));
+    };
+    cluster.record_send();
     let requested_queue = request
         .ext(queue_key)
         .and_then(|queue| queue.parse::<i32>().ok())
@@ -397,51 +425,79 @@ async fn send(proxy: &Proxy, mut request: RemotingCommand) -> Option<RemotingCom
                 && serves(&action, endpoint)
                 && (0..endpoint.metadata.write_queue_num).contains(&requested_queue)
         });
-    let (endpoint, queue) = match kept {
-        Some(endpoint) => (endpoint, requested_queue),
-        None => {
-            let candidates: Vec<Arc<Endpoint>> = action
-                .endpoints()
-                .filter(|endpoint| endpoint.metadata.writable())
-                .cloned()
-                .collect();
-            let Some(endpoint) = proxy.picker.pick(&candidates, |e| proxy.healthy(e)) else {
-                return Some(reply(
-                    request.opaque,
-                    ResponseCode::TOPIC_NOT_EXIST,
-                    format!("no writable broker serves the topic {topic} in rocketmesh"),
-                ));
-            };
-            let queues = endpoint.metadata.write_queue_num.max(1);
-            let queue = if action.ordered && requested_queue >= 0 {
-                requested_queue % queues
-            } else {
-                (proxy.next_queue.fetch_add(1, Ordering::Relaxed) % queues as usize) as i32
-            };
-            (endpoint, queue)
-        }
-    };
-    request
-        .ext_fields
-        .insert(queue_key.to_owned(), queue.to_string());
-    request
-        .ext_fields
-        .insert(BNAME.to_owned(), endpoint.metadata.broker_name.clone());
     let messages = if request.request_code() == RequestCode::SEND_BATCH_MESSAGE {
         count_records(&request.body)
     } else {
         1
     };
+    let opaque = request.opaque;
     let started = Instant::now();
-    let response = forward(proxy, &endpoint, request).await;
-    match &response {
-        Some(response) if response.code != ResponseCode::SUCCESS.0 => {}
-        _ => {
-            proxy.stats.messages_in(&topic, messages);
-            proxy.stats.send_cost(&topic, started.elapsed());
-        }
+    if let Some(endpoint) = kept {
+        let result = forward_raw(proxy, &endpoint, request).await;
+        count_send(proxy, &topic, messages, started, &result);
+        return answer(result, opaque, &endpoint);
     }
-    response
+    // Otherwise the balancer picks, and a failed send is retried on another writable broker
+    // within the retry budget and the request's deadline.
+    let mut tried = Vec::new();
+    loop {
+        let Some((endpoint, picked)) =
+            cluster.pick(&action.cluster, &action, |e| e.metadata.writable(), &tried)
+        else {
+            return Some(reply(
+                opaque,
+                ResponseCode::TOPIC_NOT_EXIST,
+                format!("no writable broker serves the topic {topic} in rocketmesh"),
+            ));
+        };
+        let queues = endpoint.metadata.write_queue_num.max(1);
+        let queue = if action.ordered && requested_queue >= 0 {
+            requested_queue % queues
+        } else {
+            (proxy.next_queue.fetch_add(1, Ordering::Relaxed) % queues as usize) as i32
+        };
+        let mut attempt = request.clone();
+        attempt
+            .ext_fields
+            .insert(queue_key.to_owned(), queue.to_string());
+        attempt
+            .ext_fields
+            .insert(BNAME.to_owned(), endpoint.metadata.broker_name.clone());
+        let result = forward_raw(proxy, &endpoint, attempt).await;
+        let outcome = failover::outcome_of(&result);
+        cluster.balancer.report(picked, outcome);
+        let in_time = started.elapsed() < endpoint.request_timeout;
+        if outcome == Outcome::Failure
+            && !action.ordered
+            && in_time
+            && cluster.may_retry(tried.len() as u32 + 1)
+        {
+            debug!(broker = %endpoint.metadata.broker_name, topic, "send failed, retrying on another broker");
+            tried.push(endpoint.address);
+            continue;
+        }
+        count_send(proxy, &topic, messages, started, &result);
+        return answer(result, opaque, &endpoint);
+    }
+}
+
+/// Counts an acknowledged (or oneway, hence unconfirmed but delivered) send.
+fn count_send(
+    proxy: &Proxy,
+    topic: &str,
+    messages: u64,
+    started: Instant,
+    result: &Result<Option<RemotingCommand>, UpstreamError>,
+) {
+    let delivered = match result {
+        Ok(Some(response)) => response.code == ResponseCode::SUCCESS.0,
+        Ok(None) => true,
+        Err(_) => false,
+    };
+    if delivered {
+        proxy.stats.messages_in(topic, messages);
+        proxy.stats.send_cost(topic, started.elapsed());
+    }
 }
 
 async fn pop(proxy: &Proxy, request: RemotingCommand) -> Option<RemotingCommand> {
@@ -466,35 +522,40 @@ async fn pop(proxy: &Proxy, request: RemotingCommand) -> Option<RemotingCommand>
         .filter(|_| queue_id >= 0)
         .and_then(|name| table.broker(name))
         .filter(|endpoint| endpoint.metadata.readable() && serves(&action, endpoint));
-    let endpoint = match named {
-        Some(endpoint) => endpoint,
+    let opaque = request.opaque;
+    let result = match named {
+        Some(endpoint) => {
+            let result = forward_raw(proxy, &endpoint, request).await;
+            (result, endpoint)
+        }
         None => {
-            let candidates: Vec<Arc<Endpoint>> = action
-                .endpoints()
-                .filter(|endpoint| endpoint.metadata.readable())
-                .cloned()
-                .collect();
-            match proxy.picker.pick(&candidates, |e| proxy.healthy(e)) {
-                Some(endpoint) => endpoint,
-                None => {
-                    return Some(reply(
-                        request.opaque,
-                        ResponseCode::TOPIC_NOT_EXIST,
-                        format!("no readable broker serves the topic {topic} in rocketmesh"),
-                    ));
-                }
-            }
+            let cluster = proxy.cluster(&action.cluster.name);
+            let picked = cluster.as_ref().and_then(|cluster| {
+                cluster.pick(&action.cluster, &action, |e| e.metadata.readable(), &[])
+            });
+            let (Some(cluster), Some((endpoint, picked))) = (cluster, picked) else {
+                return Some(reply(
+                    opaque,
+                    ResponseCode::TOPIC_NOT_EXIST,
+                    format!("no readable broker serves the topic {topic} in rocketmesh"),
+                ));
+            };
+            let result = forward_raw(proxy, &endpoint, request).await;
+            cluster
+                .balancer
+                .report(picked, failover::outcome_of(&result));
+            (result, endpoint)
         }
     };
-    let response = forward(proxy, &endpoint, request).await;
-    if let Some(response) = &response
+    let (result, endpoint) = result;
+    if let Ok(Some(response)) = &result
         && response.code == ResponseCode::SUCCESS.0
     {
         proxy
             .stats
             .messages_out(&topic, &group, count_records(&response.body));
     }
-    response
+    answer(result, opaque, &endpoint)
 }
 
 /// ACK_MESSAGE and CHANGE_MESSAGE_INVISIBLETIME go to the broker that served the pop, named in

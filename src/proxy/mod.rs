@@ -4,7 +4,7 @@
 //!
 //! - [`config`]: the YAML configuration, validated at load.
 //! - [`routes`]: the route table, an immutable snapshot swapped at run time.
-//! - [`pick`]: which endpoint serves a send or a pop.
+//! - [`failover`]: each cluster's balancer, retry budget and health checks.
 //! - [`upstream`]: multiplexed, pooled broker connections.
 //! - [`dispatch`]: what each request code does.
 //! - [`relay`]: requests brokers send to clients (transaction checks, membership changes).
@@ -13,7 +13,7 @@
 
 pub mod config;
 pub mod dispatch;
-pub mod pick;
+pub mod failover;
 pub mod relay;
 pub mod routes;
 pub mod server;
@@ -38,7 +38,8 @@ pub struct Proxy {
     pub upstreams: Upstreams,
     pub clients: ClientRegistry,
     pub stats: ProxyStats,
-    pub picker: pick::WeightedPicker,
+    /// Balancing state per cluster, kept across route-table swaps.
+    pub clusters: dashmap::DashMap<String, Arc<failover::ClusterRuntime>>,
     /// Transaction checks relayed to producers, so their answers find the asking broker.
     pub checks: relay::PendingChecks,
     /// Round-robin cursor for the queue a routed send goes to.
@@ -67,10 +68,25 @@ impl Proxy {
         })
     }
 
-    /// Whether an endpoint is usable now (not in reconnect backoff).
-    pub fn healthy(&self, endpoint: &Endpoint) -> bool {
-        self.upstreams
-            .existing(endpoint.address)
-            .is_none_or(|pool| pool.healthy())
+    pub fn cluster(&self, name: &str) -> Option<Arc<failover::ClusterRuntime>> {
+        self.clusters.get(name).map(|runtime| runtime.clone())
+    }
+
+    /// Installs a route table: clusters that stay keep their balancing state.
+    pub fn install_routes(&self, table: routes::RouteTable) {
+        for cluster in table.clusters() {
+            match self.clusters.get(&cluster.name) {
+                Some(runtime) => runtime.update(cluster),
+                None => {
+                    self.clusters.insert(
+                        cluster.name.clone(),
+                        Arc::new(failover::ClusterRuntime::new(cluster)),
+                    );
+                }
+            }
+        }
+        let names: Vec<String> = table.clusters().map(|c| c.name.clone()).collect();
+        self.clusters.retain(|name, _| names.contains(name));
+        self.routes.replace(table);
     }
 }

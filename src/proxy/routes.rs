@@ -12,7 +12,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
-use super::config::{ConfigError, EndpointMetadata, SidecarConfig, TopicMatcher};
+use super::config::{BalancerSettings, ConfigError, EndpointMetadata, SidecarConfig, TopicMatcher};
 use crate::remoting::body::{BrokerData, QueueData, TopicRouteData};
 
 /// One broker address and what the sidecar knows of it.
@@ -35,6 +35,7 @@ pub struct Cluster {
     pub request_timeout: Duration,
     pub pool_size: usize,
     pub max_in_flight_per_endpoint: usize,
+    pub balancer: BalancerSettings,
     pub endpoints: Vec<Arc<Endpoint>>,
 }
 
@@ -130,6 +131,7 @@ impl RouteTable {
                     request_timeout: Duration::from_millis(cluster.request_timeout_ms),
                     pool_size: cluster.pool_size,
                     max_in_flight_per_endpoint: cluster.max_in_flight_per_endpoint,
+                    balancer: cluster.balancer.clone(),
                     endpoints,
                 }),
             );

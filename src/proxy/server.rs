@@ -55,16 +55,17 @@ pub async fn start(config: SidecarConfig) -> Result<RunningSidecar, SidecarError
     let table = RouteTable::from_config(&config)?;
     let (inbound_sender, inbound) = mpsc::channel(RELAY_QUEUE);
     let proxy = Arc::new(Proxy {
-        routes: Routes::new(table),
+        routes: Routes::new(RouteTable::default()),
         upstreams: Upstreams::new(inbound_sender, config.limits.max_frame_size),
         clients: Default::default(),
         stats: Default::default(),
-        picker: Default::default(),
+        clusters: Default::default(),
         checks: Default::default(),
         next_queue: AtomicUsize::new(0),
         draining: AtomicBool::new(false),
         config,
     });
+    proxy.install_routes(table);
     let (shutdown, _) = watch::channel(false);
     let mut serving = JoinSet::new();
     let mut background = JoinSet::new();
@@ -115,6 +116,7 @@ pub async fn start(config: SidecarConfig) -> Result<RunningSidecar, SidecarError
         None => None,
     };
     background.spawn(relay::run(proxy.clone(), inbound));
+    background.spawn(super::failover::health_checks(proxy.clone()));
     Ok(RunningSidecar {
         listeners,
         admin,

@@ -1,0 +1,184 @@
+//! Each cluster's live balancing state: the balancer over its endpoints (kept across route-table
+//! swaps), the retry budget, and the health checks that bring down endpoints back.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tracing::{debug, info};
+
+use super::Proxy;
+use super::config::BalancerSettings;
+use super::routes::{Cluster, Endpoint, RouteAction};
+use super::upstream::UpstreamError;
+use crate::balance::{Balancer, EndpointSpec, Outcome, Picked, SystemClock, ThreadRandom};
+use crate::remoting::body::{HeartbeatData, JsonBody};
+use crate::remoting::{RemotingCommand, RequestCode, ResponseCode};
+
+/// Retries always allowed on top of the budget's share, so a quiet cluster can still fail over.
+const RETRY_FLOOR: u64 = 10;
+
+pub struct ClusterRuntime {
+    pub name: String,
+    pub balancer: Balancer<SocketAddr>,
+    pub settings: BalancerSettings,
+    sends: AtomicU64,
+    retries: AtomicU64,
+}
+
+fn specs(cluster: &Cluster) -> Vec<EndpointSpec<SocketAddr>> {
+    cluster
+        .endpoints
+        .iter()
+        .map(|endpoint| EndpointSpec {
+            key: endpoint.address,
+            max_weight: f64::from(endpoint.metadata.weight),
+            min_weight: 0.0,
+            priority: endpoint.metadata.priority,
+            zone: endpoint.metadata.zone.clone(),
+        })
+        .collect()
+}
+
+impl ClusterRuntime {
+    pub fn new(cluster: &Cluster) -> Self {
+        let balancer = Balancer::new(
+            cluster.balancer.to_balancer_config(),
+            Arc::new(SystemClock::default()),
+        );
+        balancer.update(specs(cluster));
+        Self {
+            name: cluster.name.clone(),
+            balancer,
+            settings: cluster.balancer.clone(),
+            sends: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+        }
+    }
+
+    /// Applies a new definition of the cluster; endpoints that stay keep their weights.
+    pub fn update(&self, cluster: &Cluster) {
+        let result = self.balancer.update(specs(cluster));
+        if !result.added.is_empty() || !result.removed.is_empty() || !result.changed.is_empty() {
+            info!(cluster = %self.name, added = ?result.added, removed = ?result.removed, changed = ?result.changed, "cluster endpoints updated");
+        }
+    }
+
+    /// An endpoint of the route that passes `usable` and was not `tried`, chosen by the balancer.
+    pub fn pick(
+        &self,
+        cluster: &Cluster,
+        action: &RouteAction,
+        usable: impl Fn(&Endpoint) -> bool,
+        tried: &[SocketAddr],
+    ) -> Option<(Arc<Endpoint>, Picked<SocketAddr>)> {
+        let allowed = |endpoint: &Arc<Endpoint>| {
+            usable(endpoint)
+                && !tried.contains(&endpoint.address)
+                && action.endpoints().any(|e| Arc::ptr_eq(e, endpoint))
+        };
+        let exclude: Vec<SocketAddr> = cluster
+            .endpoints
+            .iter()
+            .filter(|endpoint| !allowed(endpoint))
+            .map(|endpoint| endpoint.address)
+            .collect();
+        let picked = self.balancer.pick_excluding(&mut ThreadRandom, &exclude)?;
+        let endpoint = cluster
+            .endpoints
+            .iter()
+            .find(|endpoint| endpoint.address == picked.key)
+            .cloned();
+        match endpoint {
+            Some(endpoint) => Some((endpoint, picked)),
+            None => {
+                self.balancer.report(picked, Outcome::Success);
+                None
+            }
+        }
+    }
+
+    pub fn record_send(&self) {
+        self.sends.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether retry number `attempt` (1 for the first retry) fits the per-request cap and the
+    /// cluster's budget; counts it if so.
+    pub fn may_retry(&self, attempt: u32) -> bool {
+        if attempt > self.settings.max_retries {
+            return false;
+        }
+        let sends = self.sends.load(Ordering::Relaxed);
+        let allowed = (sends as f64 * self.settings.retry_budget) as u64 + RETRY_FLOOR;
+        self.retries
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |retries| {
+                (retries < allowed).then_some(retries + 1)
+            })
+            .is_ok()
+    }
+
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
+    }
+}
+
+/// How an attempt counts for the balancer: no answer, SYSTEM_BUSY and SERVICE_NOT_AVAILABLE are
+/// failures; any other answer means the broker is alive and serving.
+pub fn outcome_of(result: &Result<Option<RemotingCommand>, UpstreamError>) -> Outcome {
+    match result {
+        Err(_) => Outcome::Failure,
+        Ok(Some(response))
+            if response.code == ResponseCode::SYSTEM_BUSY.0
+                || response.code == ResponseCode::SERVICE_NOT_AVAILABLE.0 =>
+        {
+            Outcome::Failure
+        }
+        Ok(_) => Outcome::Success,
+    }
+}
+
+/// Probes endpoints at their minimum weight with a real request (a heartbeat) at each cluster's
+/// interval; each answer is a passing check. Also repairs group totals.
+pub async fn health_checks(proxy: Arc<Proxy>) {
+    let interval = proxy
+        .config
+        .clusters
+        .iter()
+        .map(|cluster| cluster.balancer.health_check_interval_ms)
+        .min()
+        .unwrap_or(1_000)
+        .max(10);
+    let mut ticker = tokio::time::interval(Duration::from_millis(interval));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let probe_body = HeartbeatData {
+        client_id: format!("rocketmesh-health-check@{}", std::process::id()),
+        ..HeartbeatData::default()
+    }
+    .to_json()
+    .unwrap_or_default();
+    loop {
+        ticker.tick().await;
+        let table = proxy.routes.snapshot();
+        for cluster in table.clusters() {
+            let Some(runtime) = proxy.cluster(&cluster.name) else {
+                continue;
+            };
+            runtime.balancer.resync();
+            for address in runtime.balancer.check_candidates() {
+                let Some(endpoint) = table.endpoint_at(address) else {
+                    continue;
+                };
+                let probe = RemotingCommand::request(RequestCode::HEART_BEAT, 0)
+                    .with_body(probe_body.clone());
+                let pool = proxy.pool(&endpoint);
+                let passed = pool
+                    .call(probe, endpoint.connect_timeout + endpoint.request_timeout)
+                    .await
+                    .is_ok();
+                debug!(cluster = %cluster.name, %address, passed, "health check");
+                runtime.balancer.check_result(&address, passed);
+            }
+        }
+    }
+}
