@@ -478,3 +478,52 @@ fn concurrent_reports_lose_no_weight_updates() {
     );
     assert!(balancer.endpoints().iter().all(|view| view.in_flight == 0));
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, rng_seed: proptest::test_runner::RngSeed::Fixed(20261121), ..ProptestConfig::default() })]
+
+        /// Any sequence of outcomes keeps every weight within [min, max] and each level's total equal
+        /// to the sum of its endpoints' weights; in-flight slots all come back.
+        #[test]
+        fn outcomes_keep_weights_in_bounds_and_totals_exact(
+            weights in proptest::collection::vec(1u32..500, 1..8),
+            outcomes in proptest::collection::vec(0u8..3, 1..300),
+        ) {
+            let specs: Vec<_> = weights
+                .iter()
+                .enumerate()
+                .map(|(key, weight)| spec(key as u32, f64::from(*weight), key as u32 % 2))
+                .collect();
+            let (balancer, _) = build(
+                BalancerConfig { track_in_flight: true, ..BalancerConfig::default() },
+                specs,
+            );
+            let mut rng = fastrand::Rng::with_seed(3);
+            for outcome in outcomes {
+                let Some(picked) = balancer.pick(&mut rng) else { continue };
+                let outcome = match outcome {
+                    0 => Outcome::Success,
+                    1 => Outcome::Failure,
+                    _ => Outcome::Down,
+                };
+                balancer.report(picked, outcome);
+            }
+            for view in balancer.endpoints() {
+                prop_assert!(view.current_weight >= view.min_weight && view.current_weight <= view.max_weight);
+                prop_assert_eq!(view.in_flight, 0);
+            }
+            for (priority, health, _) in balancer.priority_loads() {
+                let (sum, max): (f64, f64) = balancer
+                    .endpoints()
+                    .iter()
+                    .filter(|view| view.priority == priority)
+                    .fold((0.0, 0.0), |(s, m), v| (s + v.current_weight, m + v.max_weight));
+                prop_assert!((health - sum / max).abs() < 1e-9);
+            }
+        }
+    }
+}
