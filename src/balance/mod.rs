@@ -189,7 +189,10 @@ pub enum Outcome {
 pub struct Picked<K> {
     pub key: K,
     pub priority: u32,
-    state: Arc<EndpointState>,
+    /// Where the endpoint sat in the snapshot it was picked from, so a report finds its state
+    /// without a lookup (or a reference count) while the snapshot is current.
+    generation: u64,
+    index: usize,
     /// Whether this pick holds an in-flight slot.
     counted: bool,
 }
@@ -262,7 +265,25 @@ pub struct Balancer<K> {
     config: BalancerConfig,
     clock: Arc<dyn Clock>,
     snapshot: ArcSwap<Snapshot<K>>,
+    /// Bumped after every snapshot swap; threads keep the snapshot of the generation they saw.
+    generation: AtomicU64,
+    /// Identifies this balancer in the per-thread snapshot caches.
+    id: usize,
     updating: Mutex<()>,
+}
+
+static NEXT_BALANCER_ID: AtomicUsize = AtomicUsize::new(1);
+
+/// Snapshots a thread has seen, by balancer: (balancer id, generation, snapshot).
+type CachedSnapshot = (usize, u64, Arc<dyn std::any::Any + Send + Sync>);
+
+/// Balancers a thread caches a snapshot for at most; the oldest entry makes room.
+const CACHED_BALANCERS: usize = 16;
+
+thread_local! {
+    // Picks and reports read the snapshot from here while its generation is current: no atomic
+    // read-modify-write on the hot path (an arc-swap guard costs two on this machine).
+    static SNAPSHOTS: std::cell::RefCell<Vec<CachedSnapshot>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 fn uniform(random: &mut impl Random) -> f64 {
@@ -275,6 +296,8 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
             config,
             clock,
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            generation: AtomicU64::new(0),
+            id: NEXT_BALANCER_ID.fetch_add(1, Ordering::Relaxed),
             updating: Mutex::new(()),
         }
     }
@@ -391,6 +414,7 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
         };
         resync(&snapshot);
         self.snapshot.store(Arc::new(snapshot));
+        self.generation.fetch_add(1, Ordering::Release);
         result
     }
 
@@ -400,21 +424,69 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
         resync(&self.snapshot.load());
     }
 
+    /// Runs `work` on the current snapshot (and its generation), from this thread's cache when it
+    /// is current. `work` must not call back into the balancer's pick or report.
+    fn with_snapshot<R>(&self, work: impl FnOnce(&Snapshot<K>, u64) -> R) -> R {
+        let generation = self.generation.load(Ordering::Acquire);
+        SNAPSHOTS.with(|cache| {
+            let Ok(mut cache) = cache.try_borrow_mut() else {
+                // Re-entered (a key's Clone or Hash calling back in): skip the cache.
+                return work(&self.snapshot.load(), generation);
+            };
+            let position = cache.iter().position(|(id, _, _)| *id == self.id);
+            let fresh = position
+                .and_then(|at| cache.get(at))
+                .is_some_and(|(_, seen, _)| *seen == generation);
+            if !fresh {
+                // Loaded after reading the generation: at least as new as that generation.
+                let snapshot: Arc<dyn std::any::Any + Send + Sync> = self.snapshot.load_full();
+                match position.and_then(|at| cache.get_mut(at)) {
+                    Some(entry) => *entry = (self.id, generation, snapshot),
+                    None => {
+                        if cache.len() >= CACHED_BALANCERS {
+                            cache.remove(0);
+                        }
+                        cache.push((self.id, generation, snapshot));
+                    }
+                }
+            }
+            let snapshot = cache
+                .iter()
+                .find(|(id, _, _)| *id == self.id)
+                .and_then(|(_, _, snapshot)| snapshot.downcast_ref::<Snapshot<K>>());
+            match snapshot {
+                Some(snapshot) => work(snapshot, generation),
+                None => work(&self.snapshot.load(), generation),
+            }
+        })
+    }
+
     pub fn pick(&self, random: &mut impl Random) -> Option<Picked<K>> {
         self.pick_excluding(random, &[])
     }
 
     /// Picks an endpoint not in `exclude` (for retries).
     pub fn pick_excluding(&self, random: &mut impl Random, exclude: &[K]) -> Option<Picked<K>> {
-        let snapshot = self.snapshot.load();
+        self.with_snapshot(|snapshot, generation| {
+            self.pick_from(snapshot, generation, random, exclude)
+        })
+    }
+
+    fn pick_from(
+        &self,
+        snapshot: &Snapshot<K>,
+        generation: u64,
+        random: &mut impl Random,
+        exclude: &[K],
+    ) -> Option<Picked<K>> {
         let groups = &snapshot.groups;
         let first = groups.first()?;
         // Fast path: the best level at full weight takes all traffic; no priority arithmetic.
         if exclude.is_empty()
             && first.fully_healthy()
-            && let Some(member) = self.pick_in(&snapshot, first, false, random, exclude)
+            && let Some((index, member)) = self.pick_in(snapshot, first, false, random, exclude)
         {
-            return Some(self.hand_out(member));
+            return Some(self.hand_out(member, index, generation));
         }
         let factor = self.config.overprovisioning_factor;
         let health = groups.iter().map(Group::health);
@@ -459,8 +531,8 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
             };
             let panic =
                 all_down || (normalized < 1.0 && group.health() < self.config.panic_threshold);
-            if let Some(member) = self.pick_in(&snapshot, group, panic, random, exclude) {
-                return Some(self.hand_out(member));
+            if let Some((index, member)) = self.pick_in(snapshot, group, panic, random, exclude) {
+                return Some(self.hand_out(member, index, generation));
             }
         }
         None
@@ -470,7 +542,7 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
         self.config.track_in_flight || matches!(self.config.policy, Policy::LeastRequest { .. })
     }
 
-    fn hand_out(&self, member: &Member<K>) -> Picked<K> {
+    fn hand_out(&self, member: &Member<K>, index: usize, generation: u64) -> Picked<K> {
         let counted = self.counts_in_flight();
         if counted {
             member.state.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -478,7 +550,8 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
         Picked {
             key: member.key.clone(),
             priority: member.priority,
-            state: member.state.clone(),
+            generation,
+            index,
             counted,
         }
     }
@@ -490,7 +563,7 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
         panic: bool,
         random: &mut impl Random,
         exclude: &[K],
-    ) -> Option<&'a Member<K>> {
+    ) -> Option<(usize, &'a Member<K>)> {
         let first = self.candidate(snapshot, group, panic, random, exclude)?;
         match self.config.policy {
             Policy::Weighted => Some(first),
@@ -498,7 +571,7 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
                 let second = self
                     .candidate(snapshot, group, panic, random, exclude)
                     .unwrap_or(first);
-                let score = |member: &Member<K>| {
+                let score = |(_, member): (usize, &Member<K>)| {
                     let weight = if panic {
                         member.state.max_weight()
                     } else {
@@ -515,7 +588,8 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
         }
     }
 
-    /// One endpoint drawn proportionally to current weight (maximum weight in panic).
+    /// One endpoint (and its index) drawn proportionally to current weight (maximum weight in
+    /// panic).
     fn candidate<'a>(
         &self,
         snapshot: &'a Snapshot<K>,
@@ -523,7 +597,7 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
         panic: bool,
         random: &mut impl Random,
         exclude: &[K],
-    ) -> Option<&'a Member<K>> {
+    ) -> Option<(usize, &'a Member<K>)> {
         let count = group.members.len();
         if count == 0 {
             return None;
@@ -536,15 +610,15 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
                 Some(alias) => alias.sample(random.next_u64(), random.next_u64()),
                 None => group.round_robin.fetch_add(1, Ordering::Relaxed) % count,
             };
-            let Some(member) = group
+            let Some((index, member)) = group
                 .members
                 .get(slot)
-                .and_then(|&i| snapshot.members.get(i))
+                .and_then(|&i| snapshot.members.get(i).map(|member| (i, member)))
             else {
                 continue;
             };
             if accept_all {
-                return Some(member);
+                return Some((index, member));
             }
             if exclude.contains(&member.key) {
                 continue;
@@ -563,7 +637,7 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
             if current >= max
                 || (max > 0 && ((random.next_u64() as u128 * max as u128) >> 64) < current as u128)
             {
-                return Some(member);
+                return Some((index, member));
             }
         }
         // Unlucky or mostly excluded: scan the level once.
@@ -590,7 +664,7 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
         let mut point = ((random.next_u64() as u128 * total as u128) >> 64) as u64;
         for (index, weight) in weights {
             if point < weight {
-                return snapshot.members.get(index);
+                return snapshot.members.get(index).map(|member| (index, member));
             }
             point -= weight;
         }
@@ -619,35 +693,56 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
         true
     }
 
-    /// Reports how a picked endpoint did and releases its in-flight slot.
+    /// Reports how a picked endpoint did and releases its in-flight slot. A report for an endpoint
+    /// no longer in the balancer is ignored.
     pub fn report(&self, picked: Picked<K>, outcome: Outcome) {
-        let state = &picked.state;
-        if picked.counted {
-            state.release();
-        }
         let rules = &self.config.rules;
-        match outcome {
-            Outcome::Success => {
-                // The common case, a healthy endpoint doing well, writes nothing shared.
-                if state.consecutive_failures.load(Ordering::Relaxed) != 0 {
-                    state.consecutive_failures.store(0, Ordering::Relaxed);
-                }
-                if state.current.load(Ordering::Relaxed) < state.max.load(Ordering::Relaxed) {
-                    state.update(|c, min, max| rules.after_success(c, min, max));
-                }
-                self.forgive_ejection(state);
+        // Successes (the hot path) are handled on the cached snapshot; failures take the state out,
+        // since ejection needs the snapshot again.
+        let failing = self.with_snapshot(|snapshot, generation| {
+            let member = if picked.generation == generation {
+                snapshot
+                    .members
+                    .get(picked.index)
+                    .filter(|member| member.key == picked.key)
+            } else {
+                None
             }
-            Outcome::Failure => {
-                let failures = state.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-                state.update(|c, min, max| rules.after_failure(c, min, max));
-                let threshold = self.config.outlier.consecutive_failures;
-                if threshold > 0 && failures >= threshold {
-                    self.try_eject(&picked.key);
-                }
+            .or_else(|| {
+                snapshot
+                    .by_key
+                    .get(&picked.key)
+                    .and_then(|&i| snapshot.members.get(i))
+            })?;
+            let state = &member.state;
+            if picked.counted {
+                state.release();
             }
-            Outcome::Down => {
-                state.update(|_, min, _| min);
+            if outcome != Outcome::Success {
+                return Some(state.clone());
             }
+            // The common case, a healthy endpoint doing well, writes nothing shared.
+            if state.consecutive_failures.load(Ordering::Relaxed) != 0 {
+                state.consecutive_failures.store(0, Ordering::Relaxed);
+            }
+            if state.current.load(Ordering::Relaxed) < state.max.load(Ordering::Relaxed) {
+                state.update(|c, min, max| rules.after_success(c, min, max));
+            }
+            self.forgive_ejection(state);
+            None
+        });
+        let Some(state) = failing else {
+            return;
+        };
+        if outcome == Outcome::Down {
+            state.update(|_, min, _| min);
+            return;
+        }
+        let failures = state.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        state.update(|c, min, max| rules.after_failure(c, min, max));
+        let threshold = self.config.outlier.consecutive_failures;
+        if threshold > 0 && failures >= threshold {
+            self.try_eject(&picked.key);
         }
     }
 
