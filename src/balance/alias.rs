@@ -46,11 +46,13 @@ impl AliasTable {
         self.keep.is_empty()
     }
 
-    /// An index drawn with probability proportional to its weight.
-    pub fn sample(&self, column_random: u64, coin: u64) -> usize {
+    /// An index drawn with probability proportional to its weight, from one random number: its
+    /// low half picks the column, its high half tosses the coin (32 bits each are plenty).
+    pub fn sample(&self, random: u64) -> usize {
         let count = self.keep.len() as u64;
-        // Multiply-shift maps a u64 uniformly onto 0..count without a division.
-        let column = ((u128::from(column_random) * u128::from(count)) >> 64) as usize;
+        // Multiply-shift maps 32 random bits uniformly onto 0..count without a division.
+        let column = (((random & 0xFFFF_FFFF) * count) >> 32) as usize;
+        let coin = random & 0xFFFF_FFFF_0000_0000;
         match (self.keep.get(column), self.alias.get(column)) {
             (Some(keep), Some(alias)) if coin > *keep => *alias as usize,
             _ => column,
@@ -68,7 +70,7 @@ mod tests {
         let mut rng = fastrand::Rng::with_seed(7);
         let mut counts = [0u32; 4];
         for _ in 0..100_000 {
-            counts[table.sample(rng.u64(..), rng.u64(..))] += 1;
+            counts[table.sample(rng.u64(..))] += 1;
         }
         assert_eq!(counts[3], 0, "a zero weight is never drawn");
         for (count, share) in counts.iter().zip([0.1, 0.2, 0.7]) {

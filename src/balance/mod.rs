@@ -434,27 +434,38 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
                 return work(&self.snapshot.load(), generation);
             };
             let position = cache.iter().position(|(id, _, _)| *id == self.id);
-            let fresh = position
-                .and_then(|at| cache.get(at))
-                .is_some_and(|(_, seen, _)| *seen == generation);
-            if !fresh {
-                // Loaded after reading the generation: at least as new as that generation.
-                let snapshot: Arc<dyn std::any::Any + Send + Sync> = self.snapshot.load_full();
-                match position.and_then(|at| cache.get_mut(at)) {
-                    Some(entry) => *entry = (self.id, generation, snapshot),
-                    None => {
-                        if cache.len() >= CACHED_BALANCERS {
-                            cache.remove(0);
+            let at = match position {
+                Some(at)
+                    if cache
+                        .get(at)
+                        .is_some_and(|(_, seen, _)| *seen == generation) =>
+                {
+                    at
+                }
+                _ => {
+                    // Loaded after reading the generation: at least as new as that generation.
+                    let snapshot: Arc<dyn std::any::Any + Send + Sync> = self.snapshot.load_full();
+                    match position {
+                        Some(at) => {
+                            if let Some(entry) = cache.get_mut(at) {
+                                *entry = (self.id, generation, snapshot);
+                            }
+                            at
                         }
-                        cache.push((self.id, generation, snapshot));
+                        None => {
+                            if cache.len() >= CACHED_BALANCERS {
+                                cache.remove(0);
+                            }
+                            cache.push((self.id, generation, snapshot));
+                            cache.len() - 1
+                        }
                     }
                 }
-            }
-            let snapshot = cache
-                .iter()
-                .find(|(id, _, _)| *id == self.id)
-                .and_then(|(_, _, snapshot)| snapshot.downcast_ref::<Snapshot<K>>());
-            match snapshot {
+            };
+            match cache
+                .get(at)
+                .and_then(|(_, _, snapshot)| snapshot.downcast_ref::<Snapshot<K>>())
+            {
                 Some(snapshot) => work(snapshot, generation),
                 None => work(&self.snapshot.load(), generation),
             }
@@ -607,7 +618,7 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
         let mut now = None;
         for _ in 0..SAMPLE_TRIES {
             let slot = match &group.alias {
-                Some(alias) => alias.sample(random.next_u64(), random.next_u64()),
+                Some(alias) => alias.sample(random.next_u64()),
                 None => group.round_robin.fetch_add(1, Ordering::Relaxed) % count,
             };
             let Some((index, member)) = group
