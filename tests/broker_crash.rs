@@ -3,10 +3,9 @@
 //! the queue offset it was acknowledged with, with no gaps or duplicates, and findable by key.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,51 +15,14 @@ use rocketmq_client_rust::{ClientConfig, ClientRuntime, ClientRuntimeConfig, Def
 use rocketmq_model::common::message::message_single::Message;
 use rocketmq_runtime::{RuntimeConfig, RuntimeOwner};
 
+mod common;
+
 const TOPIC: &str = "CrashTopic";
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Starts `rocketmesh broker` on an ephemeral port and returns it with the address it reports.
+/// Starts `rocketmesh broker` (sync flush) on an ephemeral port.
 fn start_broker(data_dir: &Path) -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rocketmesh"))
-        .args([
-            "broker",
-            "--listen",
-            "127.0.0.1:0",
-            "--flush",
-            "sync",
-            "--data-dir",
-        ])
-        .arg(data_dir)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn broker");
-    let stderr = child.stderr.take().expect("stderr");
-    let (found_tx, found) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut found_tx = Some(found_tx);
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if let Some(rest) = line.split("listen=").nth(1)
-                && let Some(tx) = found_tx.take()
-            {
-                let addr = rest
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned();
-                let _ = tx.send(addr);
-            }
-        }
-    });
-    let addr = found
-        .recv_timeout(STEP_TIMEOUT)
-        .expect("the broker reports its address")
-        .parse()
-        .expect("a socket address");
-    (child, addr)
+    common::start_broker_process(data_dir, &["--listen", "127.0.0.1:0", "--flush", "sync"])
 }
 
 fn client_runtime() -> (

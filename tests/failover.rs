@@ -3,10 +3,9 @@
 //! must see no failed send, traffic must move to the priority-1 brokers within a second, and after
 //! the broker restarts its weight climbs back and it takes traffic again.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,40 +25,10 @@ fn free_port() -> SocketAddr {
     listener.local_addr().expect("addr")
 }
 
-/// Starts `rocketmesh broker` at `addr` and waits until it listens.
+/// Starts `rocketmesh broker` named `name` at `addr` and waits until it listens.
 fn start_broker(data_dir: &Path, name: &str, addr: SocketAddr) -> Child {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rocketmesh"))
-        .args([
-            "broker",
-            "--broker-name",
-            name,
-            "--listen",
-            &addr.to_string(),
-            "--data-dir",
-        ])
-        .arg(data_dir)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn broker");
-    let stderr = child.stderr.take().expect("stderr");
-    let (ready, listening) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut ready = Some(ready);
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("broker ready")
-                && let Some(ready) = ready.take()
-            {
-                let _ = ready.send(());
-            }
-        }
-    });
-    listening
-        .recv_timeout(STEP_TIMEOUT)
-        .expect("the broker starts listening");
-    child
+    let listen = addr.to_string();
+    common::start_broker_process(data_dir, &["--broker-name", name, "--listen", &listen]).0
 }
 
 /// Waits until `done`, polling: the sender's progress is only visible in its shared log.

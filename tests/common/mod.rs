@@ -213,3 +213,47 @@ pub async fn send_all(
     }
     producer.shutdown().await;
 }
+
+/// Starts a `rocketmesh broker` process with `args` plus `--data-dir data_dir`, and returns it with
+/// the address it reports once it listens.
+pub fn start_broker_process(
+    data_dir: &std::path::Path,
+    args: &[&str],
+) -> (std::process::Child, SocketAddr) {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rocketmesh"))
+        .arg("broker")
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn broker");
+    let stderr = child.stderr.take().expect("stderr");
+    let (found, reported) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut found = Some(found);
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("listen=").nth(1)
+                && let Some(found) = found.take()
+            {
+                let _ = found.send(
+                    rest.split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned(),
+                );
+            }
+        }
+    });
+    let addr = reported
+        .recv_timeout(STEP_TIMEOUT)
+        .expect("the broker reports its address")
+        .parse()
+        .expect("a socket address");
+    (child, addr)
+}
