@@ -1,5 +1,7 @@
 //! Balancer pick + report: 5, 100 and 1,000 endpoints; weighted and least-request; 1,000 endpoints
-//! with 0.1% failures; on one thread and on two threads sharing one balancer.
+//! with 0.1% failures; on one thread and on two threads sharing one balancer. Each case runs through
+//! the balancer itself (`shared`: per-thread snapshot cache, thread-local random) and through a
+//! worker's own [`Picker`] handle (`picker`).
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -39,23 +41,45 @@ fn balancer(endpoints: u32, policy: Policy) -> Arc<Balancer<u32>> {
     Arc::new(balancer)
 }
 
+#[derive(Clone, Copy)]
+enum Mode {
+    Shared,
+    Picker,
+}
+
+fn outcome(round: u64, fail_every: u64) -> Outcome {
+    if fail_every != 0 && round.is_multiple_of(fail_every) {
+        Outcome::Failure
+    } else {
+        Outcome::Success
+    }
+}
+
 /// `iterations` pick + report rounds; every `fail_every`-th report is a failure (0: never).
-fn run(balancer: &Balancer<u32>, iterations: u64, fail_every: u64) {
-    let mut random = ThreadRandom;
-    for round in 0..iterations {
-        if let Some(picked) = balancer.pick(&mut random) {
-            let outcome = if fail_every != 0 && round % fail_every == 0 {
-                Outcome::Failure
-            } else {
-                Outcome::Success
-            };
-            balancer.report(black_box(picked), outcome);
+fn run(balancer: &Balancer<u32>, mode: Mode, iterations: u64, fail_every: u64) {
+    match mode {
+        Mode::Shared => {
+            let mut random = ThreadRandom;
+            for round in 0..iterations {
+                if let Some(picked) = balancer.pick(&mut random) {
+                    balancer.report(black_box(picked), outcome(round, fail_every));
+                }
+            }
+        }
+        Mode::Picker => {
+            let mut picker = balancer.picker();
+            for round in 0..iterations {
+                if let Some(picked) = picker.pick() {
+                    picker.report(black_box(picked), outcome(round, fail_every));
+                }
+            }
         }
     }
 }
 
 fn on_threads(
     balancer: &Arc<Balancer<u32>>,
+    mode: Mode,
     threads: u64,
     iterations: u64,
     fail_every: u64,
@@ -64,7 +88,7 @@ fn on_threads(
     let workers: Vec<_> = (0..threads)
         .map(|_| {
             let balancer = balancer.clone();
-            std::thread::spawn(move || run(&balancer, iterations / threads, fail_every))
+            std::thread::spawn(move || run(&balancer, mode, iterations / threads, fail_every))
         })
         .collect();
     for worker in workers {
@@ -86,18 +110,24 @@ fn picks(c: &mut Criterion) {
     ];
     for (name, endpoints, policy, fail_every) in cases {
         let shared = balancer(endpoints, policy);
-        group.bench_with_input(
-            BenchmarkId::new(format!("{name}/1_thread"), endpoints),
-            &endpoints,
-            |b, _| b.iter_custom(|iterations| on_threads(&shared, 1, iterations, fail_every)),
-        );
-        group.bench_with_input(
-            BenchmarkId::new(format!("{name}/2_threads"), endpoints),
-            &endpoints,
-            |b, _| {
-                b.iter_custom(|iterations| on_threads(&shared, 2, iterations.max(2), fail_every))
-            },
-        );
+        for (mode, mode_name) in [(Mode::Shared, "shared"), (Mode::Picker, "picker")] {
+            for threads in [1u64, 2] {
+                let label = if threads == 1 {
+                    "1_thread"
+                } else {
+                    "2_threads"
+                };
+                group.bench_with_input(
+                    BenchmarkId::new(format!("{name}/{mode_name}/{label}"), endpoints),
+                    &endpoints,
+                    |b, _| {
+                        b.iter_custom(|iterations| {
+                            on_threads(&shared, mode, threads, iterations.max(threads), fail_every)
+                        })
+                    },
+                );
+            }
+        }
     }
     group.finish();
 }

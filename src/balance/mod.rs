@@ -24,6 +24,7 @@ pub mod weight;
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
+use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -188,13 +189,56 @@ pub enum Outcome {
 #[derive(Debug)]
 pub struct Picked<K> {
     pub key: K,
-    pub priority: u32,
-    /// Where the endpoint sat in the snapshot it was picked from, so a report finds its state
-    /// without a lookup (or a reference count) while the snapshot is current.
-    generation: u64,
-    index: usize,
-    /// Whether this pick holds an in-flight slot.
-    counted: bool,
+    ticket: Ticket,
+}
+
+impl<K> Picked<K> {
+    /// The priority level the endpoint had when it was picked.
+    pub fn priority(&self) -> u32 {
+        self.ticket.priority()
+    }
+}
+
+/// The rest of a pick packed into one word, so that a [`Picked`] of a small key is a pair of
+/// scalars and travels in two registers: bit 63 is always set (a niche, so `Option<Picked>` needs
+/// no extra tag), bit 62 says whether the pick holds an in-flight slot, bits 32..62 hold the
+/// endpoint's index in the snapshot it was picked from, and the low 32 bits its priority. A report
+/// finds the endpoint by index without a lookup; the key is compared, so an index into a newer
+/// snapshot is harmless (the same key there is the same endpoint, with the same state).
+#[derive(Debug, Clone, Copy)]
+struct Ticket(NonZeroU64);
+
+impl Ticket {
+    const VALID: u64 = 1 << 63;
+    const COUNTED: u64 = 1 << 62;
+    /// Index bits all set: no usable index (the report looks the key up).
+    const NO_INDEX: u64 = (1 << 30) - 1;
+
+    #[inline]
+    fn new(index: usize, priority: u32, counted: bool) -> Self {
+        let index = u64::try_from(index)
+            .ok()
+            .filter(|i| *i < Self::NO_INDEX)
+            .unwrap_or(Self::NO_INDEX);
+        let counted = if counted { Self::COUNTED } else { 0 };
+        let bits = Self::VALID | counted | index << 32 | u64::from(priority);
+        Self(NonZeroU64::new(bits).unwrap_or(NonZeroU64::MIN))
+    }
+
+    #[inline]
+    fn counted(self) -> bool {
+        self.0.get() & Self::COUNTED != 0
+    }
+
+    #[inline]
+    fn index(self) -> Option<usize> {
+        let index = (self.0.get() >> 32) & Self::NO_INDEX;
+        (index != Self::NO_INDEX).then_some(index as usize)
+    }
+
+    fn priority(self) -> u32 {
+        self.0.get() as u32
+    }
 }
 
 /// A read-only view of one endpoint, for admin pages.
@@ -237,6 +281,20 @@ impl Group {
         (self.current_total.load(Ordering::Relaxed).max(0) as f64 / self.max_total as f64).min(1.0)
     }
 
+    /// A member (its snapshot index) drawn by maximum weight.
+    #[inline]
+    fn draw(&self, random: &mut impl Random) -> Option<usize> {
+        let slot = match &self.alias {
+            Some(alias) => alias.sample(random.next_u64()),
+            None => {
+                let turn = self.round_robin.fetch_add(1, Ordering::Relaxed);
+                turn.checked_rem(self.members.len())?
+            }
+        };
+        self.members.get(slot).copied()
+    }
+
+    #[inline]
     fn fully_healthy(&self) -> bool {
         self.max_total > 0 && self.current_total.load(Ordering::Relaxed) >= self.max_total as i64
     }
@@ -424,80 +482,147 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
         resync(&self.snapshot.load());
     }
 
-    /// Runs `work` on the current snapshot (and its generation), from this thread's cache when it
+    /// Runs `work` on the current snapshot, from this thread's cache when it
     /// is current. `work` must not call back into the balancer's pick or report.
-    fn with_snapshot<R>(&self, work: impl FnOnce(&Snapshot<K>, u64) -> R) -> R {
+    #[inline]
+    fn with_snapshot<R>(&self, work: impl FnOnce(&Snapshot<K>) -> R) -> R {
         let generation = self.generation.load(Ordering::Acquire);
         SNAPSHOTS.with(|cache| {
-            let Ok(mut cache) = cache.try_borrow_mut() else {
-                // Re-entered (a key's Clone or Hash calling back in): skip the cache.
-                return work(&self.snapshot.load(), generation);
-            };
-            let position = cache.iter().position(|(id, _, _)| *id == self.id);
-            let at = match position {
-                Some(at)
-                    if cache
-                        .get(at)
-                        .is_some_and(|(_, seen, _)| *seen == generation) =>
-                {
-                    at
-                }
-                _ => {
-                    // Loaded after reading the generation: at least as new as that generation.
-                    let snapshot: Arc<dyn std::any::Any + Send + Sync> = self.snapshot.load_full();
-                    match position {
-                        Some(at) => {
-                            if let Some(entry) = cache.get_mut(at) {
-                                *entry = (self.id, generation, snapshot);
-                            }
-                            at
-                        }
-                        None => {
-                            if cache.len() >= CACHED_BALANCERS {
-                                cache.remove(0);
-                            }
-                            cache.push((self.id, generation, snapshot));
-                            cache.len() - 1
-                        }
-                    }
+            // A failed borrow means re-entry (a key's Clone or Hash calling back in): no cache.
+            let mut borrowed = cache.try_borrow_mut().ok();
+            let cached = borrowed
+                .as_deref_mut()
+                .and_then(|cache| self.cached_snapshot(cache, generation));
+            let loaded;
+            let snapshot = match cached {
+                Some(snapshot) => snapshot,
+                None => {
+                    loaded = self.load_snapshot();
+                    &*loaded
                 }
             };
-            match cache
-                .get(at)
-                .and_then(|(_, _, snapshot)| snapshot.downcast_ref::<Snapshot<K>>())
-            {
-                Some(snapshot) => work(snapshot, generation),
-                None => work(&self.snapshot.load(), generation),
-            }
+            // One call site, so `work` is inlined and its result stays in registers.
+            work(snapshot)
         })
     }
 
+    /// This balancer's snapshot of `generation` from a thread's cache, stored there first if the
+    /// cache holds an older one or none.
+    #[inline]
+    fn cached_snapshot<'c>(
+        &self,
+        cache: &'c mut Vec<CachedSnapshot>,
+        generation: u64,
+    ) -> Option<&'c Snapshot<K>> {
+        let position = cache.iter().position(|(id, _, _)| *id == self.id);
+        let at = match position {
+            Some(at)
+                if cache
+                    .get(at)
+                    .is_some_and(|(_, seen, _)| *seen == generation) =>
+            {
+                at
+            }
+            _ => self.cache_snapshot(cache, position, generation),
+        };
+        cache
+            .get(at)
+            .and_then(|(_, _, snapshot)| snapshot.downcast_ref::<Snapshot<K>>())
+    }
+
+    /// Out of line, to keep the cached path small enough to inline.
+    #[inline(never)]
+    fn load_snapshot(&self) -> Arc<Snapshot<K>> {
+        self.snapshot.load_full()
+    }
+
+    #[inline(never)]
+    fn cache_snapshot(
+        &self,
+        cache: &mut Vec<CachedSnapshot>,
+        position: Option<usize>,
+        generation: u64,
+    ) -> usize {
+        // Loaded after reading the generation: at least as new as that generation.
+        let snapshot: Arc<dyn std::any::Any + Send + Sync> = self.snapshot.load_full();
+        if let Some(entry) = position.and_then(|at| cache.get_mut(at)) {
+            *entry = (self.id, generation, snapshot);
+            return position.unwrap_or_default();
+        }
+        if cache.len() >= CACHED_BALANCERS {
+            cache.remove(0);
+        }
+        cache.push((self.id, generation, snapshot));
+        cache.len() - 1
+    }
+
+    /// A handle for one worker (a thread or a long-lived task) that picks repeatedly: it keeps
+    /// the snapshot it last saw and its own random generator, so while the endpoint set is
+    /// unchanged a pick or report costs one atomic load of the generation and the balancing work
+    /// itself, with no thread-local lookup.
+    pub fn picker(&self) -> Picker<'_, K> {
+        self.picker_with(fastrand::Rng::new())
+    }
+
+    /// A [`picker`](Self::picker) drawing from `random` (a seeded one makes its picks repeatable).
+    pub fn picker_with(&self, random: fastrand::Rng) -> Picker<'_, K> {
+        let generation = self.generation.load(Ordering::Acquire);
+        Picker {
+            balancer: self,
+            generation,
+            // Loaded after reading the generation: at least as new as that generation.
+            snapshot: self.snapshot.load_full(),
+            random,
+        }
+    }
+
+    #[inline]
     pub fn pick(&self, random: &mut impl Random) -> Option<Picked<K>> {
         self.pick_excluding(random, &[])
     }
 
     /// Picks an endpoint not in `exclude` (for retries).
+    #[inline]
     pub fn pick_excluding(&self, random: &mut impl Random, exclude: &[K]) -> Option<Picked<K>> {
-        self.with_snapshot(|snapshot, generation| {
-            self.pick_from(snapshot, generation, random, exclude)
-        })
+        self.with_snapshot(|snapshot| self.pick_from(snapshot, random, exclude))
     }
 
+    /// The common case inline (nothing excluded, weighted policy, the best level at full weight:
+    /// one draw by maximum weight, no priority arithmetic); everything else out of line.
+    #[inline]
     fn pick_from(
         &self,
         snapshot: &Snapshot<K>,
-        generation: u64,
+        random: &mut impl Random,
+        exclude: &[K],
+    ) -> Option<Picked<K>> {
+        if exclude.is_empty()
+            && self.config.policy == Policy::Weighted
+            && let Some(first) = snapshot.groups.first()
+            && first.fully_healthy()
+            && let Some(index) = first.draw(random)
+            && let Some(member) = snapshot.members.get(index)
+        {
+            return Some(self.hand_out(member, index));
+        }
+        self.pick_general(snapshot, random, exclude)
+    }
+
+    #[inline(never)]
+    fn pick_general(
+        &self,
+        snapshot: &Snapshot<K>,
         random: &mut impl Random,
         exclude: &[K],
     ) -> Option<Picked<K>> {
         let groups = &snapshot.groups;
         let first = groups.first()?;
-        // Fast path: the best level at full weight takes all traffic; no priority arithmetic.
+        // The best level at full weight takes all traffic; no priority arithmetic.
         if exclude.is_empty()
             && first.fully_healthy()
             && let Some((index, member)) = self.pick_in(snapshot, first, false, random, exclude)
         {
-            return Some(self.hand_out(member, index, generation));
+            return Some(self.hand_out(member, index));
         }
         let factor = self.config.overprovisioning_factor;
         let health = groups.iter().map(Group::health);
@@ -543,27 +668,26 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
             let panic =
                 all_down || (normalized < 1.0 && group.health() < self.config.panic_threshold);
             if let Some((index, member)) = self.pick_in(snapshot, group, panic, random, exclude) {
-                return Some(self.hand_out(member, index, generation));
+                return Some(self.hand_out(member, index));
             }
         }
         None
     }
 
+    #[inline]
     fn counts_in_flight(&self) -> bool {
         self.config.track_in_flight || matches!(self.config.policy, Policy::LeastRequest { .. })
     }
 
-    fn hand_out(&self, member: &Member<K>, index: usize, generation: u64) -> Picked<K> {
+    #[inline]
+    fn hand_out(&self, member: &Member<K>, index: usize) -> Picked<K> {
         let counted = self.counts_in_flight();
         if counted {
             member.state.in_flight.fetch_add(1, Ordering::Relaxed);
         }
         Picked {
             key: member.key.clone(),
-            priority: member.priority,
-            generation,
-            index,
-            counted,
+            ticket: Ticket::new(index, member.priority, counted),
         }
     }
 
@@ -617,14 +741,9 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
         let accept_all = exclude.is_empty() && group.fully_healthy();
         let mut now = None;
         for _ in 0..SAMPLE_TRIES {
-            let slot = match &group.alias {
-                Some(alias) => alias.sample(random.next_u64()),
-                None => group.round_robin.fetch_add(1, Ordering::Relaxed) % count,
-            };
             let Some((index, member)) = group
-                .members
-                .get(slot)
-                .and_then(|&i| snapshot.members.get(i).map(|member| (i, member)))
+                .draw(random)
+                .and_then(|i| snapshot.members.get(i).map(|member| (i, member)))
             else {
                 continue;
             };
@@ -706,49 +825,69 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
 
     /// Reports how a picked endpoint did and releases its in-flight slot. A report for an endpoint
     /// no longer in the balancer is ignored.
+    #[inline]
     pub fn report(&self, picked: Picked<K>, outcome: Outcome) {
-        let rules = &self.config.rules;
-        // Successes (the hot path) are handled on the cached snapshot; failures take the state out,
-        // since ejection needs the snapshot again.
-        let failing = self.with_snapshot(|snapshot, generation| {
-            let member = if picked.generation == generation {
-                snapshot
-                    .members
-                    .get(picked.index)
-                    .filter(|member| member.key == picked.key)
-            } else {
-                None
-            }
+        let failing = self.with_snapshot(|snapshot| self.report_on(snapshot, &picked, outcome));
+        if let Some(state) = failing {
+            self.report_failure(&picked, &state, outcome);
+        }
+    }
+
+    /// The report's work on one snapshot. Successes (the hot path) finish here; a failure hands
+    /// the endpoint's state back, since ejection needs the snapshot again.
+    #[inline]
+    fn report_on(
+        &self,
+        snapshot: &Snapshot<K>,
+        picked: &Picked<K>,
+        outcome: Outcome,
+    ) -> Option<Arc<EndpointState>> {
+        let member = picked
+            .ticket
+            .index()
+            .and_then(|index| snapshot.members.get(index))
+            .filter(|member| member.key == picked.key)
             .or_else(|| {
                 snapshot
                     .by_key
                     .get(&picked.key)
                     .and_then(|&i| snapshot.members.get(i))
             })?;
-            let state = &member.state;
-            if picked.counted {
-                state.release();
-            }
-            if outcome != Outcome::Success {
-                return Some(state.clone());
-            }
-            // The common case, a healthy endpoint doing well, writes nothing shared.
-            if state.consecutive_failures.load(Ordering::Relaxed) != 0 {
-                state.consecutive_failures.store(0, Ordering::Relaxed);
-            }
-            if state.current.load(Ordering::Relaxed) < state.max.load(Ordering::Relaxed) {
-                state.update(|c, min, max| rules.after_success(c, min, max));
-            }
-            self.forgive_ejection(state);
-            None
-        });
-        let Some(state) = failing else {
-            return;
-        };
+        let state = &member.state;
+        if picked.ticket.counted() {
+            state.release();
+        }
+        if outcome != Outcome::Success {
+            return Some(state.clone());
+        }
+        // The common case, a healthy endpoint doing well, only reads.
+        if state.consecutive_failures.load(Ordering::Relaxed) != 0
+            || state.current.load(Ordering::Relaxed) < state.max.load(Ordering::Relaxed)
+            || state.ejections() != 0
+        {
+            self.recover_on_success(state);
+        }
+        None
+    }
+
+    #[inline(never)]
+    fn recover_on_success(&self, state: &EndpointState) {
+        if state.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            state.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+        if state.current.load(Ordering::Relaxed) < state.max.load(Ordering::Relaxed) {
+            let rules = &self.config.rules;
+            state.update(|c, min, max| rules.after_success(c, min, max));
+        }
+        self.forgive_ejection(state);
+    }
+
+    fn report_failure(&self, picked: &Picked<K>, state: &EndpointState, outcome: Outcome) {
         if outcome == Outcome::Down {
             state.update(|_, min, _| min);
             return;
         }
+        let rules = &self.config.rules;
         let failures = state.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         state.update(|c, min, max| rules.after_failure(c, min, max));
         let threshold = self.config.outlier.consecutive_failures;
@@ -903,6 +1042,49 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
             .zip(loads)
             .map(|((group, health), load)| (group.priority, health, load))
             .collect()
+    }
+}
+
+/// A worker's own view of a [`Balancer`]; see [`Balancer::picker`]. Picks from it may be reported
+/// to the balancer or to any picker of it.
+pub struct Picker<'a, K> {
+    balancer: &'a Balancer<K>,
+    generation: u64,
+    snapshot: Arc<Snapshot<K>>,
+    random: fastrand::Rng,
+}
+
+impl<K: Clone + Eq + Hash + Send + Sync + 'static> Picker<'_, K> {
+    /// The current snapshot, reloaded only when an update has happened since the last call.
+    #[inline]
+    fn refresh(&mut self) {
+        let generation = self.balancer.generation.load(Ordering::Acquire);
+        if generation != self.generation {
+            self.snapshot = self.balancer.snapshot.load_full();
+            self.generation = generation;
+        }
+    }
+
+    #[inline]
+    pub fn pick(&mut self) -> Option<Picked<K>> {
+        self.pick_excluding(&[])
+    }
+
+    /// Picks an endpoint not in `exclude` (for retries).
+    #[inline]
+    pub fn pick_excluding(&mut self, exclude: &[K]) -> Option<Picked<K>> {
+        self.refresh();
+        self.balancer
+            .pick_from(&self.snapshot, &mut self.random, exclude)
+    }
+
+    /// Same as [`Balancer::report`].
+    #[inline]
+    pub fn report(&mut self, picked: Picked<K>, outcome: Outcome) {
+        self.refresh();
+        if let Some(state) = self.balancer.report_on(&self.snapshot, &picked, outcome) {
+            self.balancer.report_failure(&picked, &state, outcome);
+        }
     }
 }
 

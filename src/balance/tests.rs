@@ -169,7 +169,7 @@ fn p0_share(p0_weights: &[f64]) -> f64 {
     let mut in_p0 = 0;
     for _ in 0..n {
         // Not reported: the weights stay where the test put them.
-        if balancer.pick(&mut rng).expect("pick").priority == 0 {
+        if balancer.pick(&mut rng).expect("pick").priority() == 0 {
             in_p0 += 1;
         }
     }
@@ -522,4 +522,51 @@ mod properties {
             }
         }
     }
+}
+
+#[test]
+fn a_picker_follows_the_weights_and_the_updates() {
+    let (balancer, _) = build(
+        BalancerConfig {
+            track_in_flight: true,
+            ..BalancerConfig::default()
+        },
+        vec![spec(1, 10.0, 0), spec(2, 20.0, 0), spec(3, 70.0, 0)],
+    );
+    let mut picker = balancer.picker_with(fastrand::Rng::with_seed(11));
+    let n = 200_000;
+    let mut observed: HashMap<u32, usize> = HashMap::new();
+    for _ in 0..n {
+        let picked = picker.pick().expect("pick");
+        *observed.entry(picked.key).or_default() += 1;
+        picker.report(picked, Outcome::Success);
+    }
+    let statistic = chi_square(&observed, &[(1, 0.1), (2, 0.2), (3, 0.7)], n);
+    assert!(statistic < 13.82, "chi-square {statistic} for {observed:?}");
+
+    // A pick held across an update that moves every index still reports to its endpoint.
+    let held = picker.pick_excluding(&[1, 2]).expect("pick");
+    assert_eq!(held.key, 3);
+    balancer.update(vec![
+        spec(4, 100.0, 0),
+        spec(1, 10.0, 0),
+        spec(2, 20.0, 0),
+        spec(3, 70.0, 0),
+    ]);
+    picker.report(held, Outcome::Failure);
+    assert_eq!(weight_of_key(&balancer, 3), 35.0, "the failure reached 3");
+    assert_eq!(weight_of_key(&balancer, 4), 100.0);
+    assert!(balancer.endpoints().iter().all(|view| view.in_flight == 0));
+
+    // The picker sees the new set at once: 3 removed, 4 added.
+    balancer.update(vec![spec(1, 10.0, 0), spec(2, 20.0, 0), spec(4, 100.0, 0)]);
+    let mut seen: HashMap<u32, usize> = HashMap::new();
+    for _ in 0..10_000 {
+        let picked = picker.pick().expect("pick");
+        *seen.entry(picked.key).or_default() += 1;
+        // Picks from a picker may be reported to the balancer itself.
+        balancer.report(picked, Outcome::Success);
+    }
+    assert_eq!(seen.get(&3), None, "{seen:?}");
+    assert!(seen.get(&4).is_some_and(|count| *count > 7_000), "{seen:?}");
 }

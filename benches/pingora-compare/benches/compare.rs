@@ -1,6 +1,7 @@
 //! One run, same endpoint sets (5, 100, 1,000 endpoints, weights 100..106), one and two threads:
-//! rocketmesh's balancer (pick + report success) next to pingora-load-balancing's weighted round
-//! robin `select` (pingora has no success/failure feedback, so it only picks).
+//! rocketmesh's balancer (pick + report success, through the balancer and through a worker's own
+//! picker handle) next to pingora-load-balancing's weighted round robin `select` (pingora has no
+//! success/failure feedback, so it only picks).
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -75,6 +76,24 @@ fn compare(c: &mut Criterion) {
                             for _ in 0..rounds {
                                 if let Some(picked) = shared.pick(&mut ThreadRandom) {
                                     shared.report(black_box(picked), Outcome::Success);
+                                }
+                            }
+                        })
+                    })
+                },
+            );
+            let shared = mine.clone();
+            group.bench_with_input(
+                BenchmarkId::new(format!("rocketmesh_picker_pick_and_report/{threads}_thread"), endpoints),
+                &endpoints,
+                |b, _| {
+                    b.iter_custom(|iterations| {
+                        let shared = shared.clone();
+                        on_threads(threads, iterations, move |rounds| {
+                            let mut picker = shared.picker();
+                            for _ in 0..rounds {
+                                if let Some(picked) = picker.pick() {
+                                    picker.report(black_box(picked), Outcome::Success);
                                 }
                             }
                         })
