@@ -829,8 +829,37 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
     pub fn report(&self, picked: Picked<K>, outcome: Outcome) {
         let failing = self.with_snapshot(|snapshot| self.report_on(snapshot, &picked, outcome));
         if let Some(state) = failing {
-            self.report_failure(&picked, &state, outcome);
+            self.report_failure(&picked.key, &state, outcome);
         }
+    }
+
+    /// Records how a request the balancer did not pick went (one sent to the endpoint a client
+    /// named, such as an ack for the broker that served a pop): the weight moves as for a report,
+    /// with no in-flight slot to release. Such failures do not count towards ejection: clients
+    /// keep naming a dead broker until they learn otherwise, and the ejection multiplier would
+    /// otherwise keep a restarted broker out for minutes; health checks bring it back instead.
+    /// Unknown keys are ignored.
+    pub fn observe(&self, key: &K, outcome: Outcome) {
+        self.with_snapshot(|snapshot| {
+            let Some(member) = snapshot
+                .by_key
+                .get(key)
+                .and_then(|&i| snapshot.members.get(i))
+            else {
+                return;
+            };
+            let state = &member.state;
+            match outcome {
+                Outcome::Success => self.success_on(state),
+                Outcome::Failure => {
+                    let rules = &self.config.rules;
+                    state.update(|c, min, max| rules.after_failure(c, min, max));
+                }
+                Outcome::Down => {
+                    state.update(|_, min, _| min);
+                }
+            }
+        });
     }
 
     /// The report's work on one snapshot. Successes (the hot path) finish here; a failure hands
@@ -860,6 +889,12 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
         if outcome != Outcome::Success {
             return Some(state.clone());
         }
+        self.success_on(state);
+        None
+    }
+
+    #[inline]
+    fn success_on(&self, state: &EndpointState) {
         // The common case, a healthy endpoint doing well, only reads.
         if state.consecutive_failures.load(Ordering::Relaxed) != 0
             || state.current.load(Ordering::Relaxed) < state.max.load(Ordering::Relaxed)
@@ -867,7 +902,6 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
         {
             self.recover_on_success(state);
         }
-        None
     }
 
     #[inline(never)]
@@ -882,7 +916,7 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
         self.forgive_ejection(state);
     }
 
-    fn report_failure(&self, picked: &Picked<K>, state: &EndpointState, outcome: Outcome) {
+    fn report_failure(&self, key: &K, state: &EndpointState, outcome: Outcome) {
         if outcome == Outcome::Down {
             state.update(|_, min, _| min);
             return;
@@ -892,7 +926,7 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
         state.update(|c, min, max| rules.after_failure(c, min, max));
         let threshold = self.config.outlier.consecutive_failures;
         if threshold > 0 && failures >= threshold {
-            self.try_eject(&picked.key);
+            self.try_eject(key);
         }
     }
 
@@ -1083,7 +1117,7 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Picker<'_, K> {
     pub fn report(&mut self, picked: Picked<K>, outcome: Outcome) {
         self.refresh();
         if let Some(state) = self.balancer.report_on(&self.snapshot, &picked, outcome) {
-            self.balancer.report_failure(&picked, &state, outcome);
+            self.balancer.report_failure(&picked.key, &state, outcome);
         }
     }
 }

@@ -570,3 +570,44 @@ fn a_picker_follows_the_weights_and_the_updates() {
     assert_eq!(seen.get(&3), None, "{seen:?}");
     assert!(seen.get(&4).is_some_and(|count| *count > 7_000), "{seen:?}");
 }
+
+#[test]
+fn observed_outcomes_move_weights_like_reports() {
+    let (balancer, _) = build(
+        BalancerConfig {
+            track_in_flight: true,
+            outlier: OutlierConfig {
+                consecutive_failures: 3,
+                max_ejection_share: 0.5,
+                ..OutlierConfig::default()
+            },
+            ..BalancerConfig::default()
+        },
+        vec![spec(1, 100.0, 0), spec(2, 100.0, 0)],
+    );
+    balancer.observe(&1, Outcome::Failure);
+    assert_eq!(weight_of_key(&balancer, 1), 50.0);
+    balancer.observe(&1, Outcome::Success);
+    assert_eq!(weight_of_key(&balancer, 1), 51.0);
+    balancer.observe(&9, Outcome::Failure);
+    assert_eq!(
+        weight_of_key(&balancer, 2),
+        100.0,
+        "an unknown key changes nothing"
+    );
+    for _ in 0..3 {
+        balancer.observe(&2, Outcome::Failure);
+    }
+    assert_eq!(weight_of_key(&balancer, 2), 12.5);
+    let view = |key| {
+        balancer
+            .endpoints()
+            .into_iter()
+            .find(|view| view.key == key)
+            .expect("endpoint")
+    };
+    assert!(!view(2).ejected, "observed failures do not eject");
+    assert!(balancer.endpoints().iter().all(|view| view.in_flight == 0));
+    balancer.observe(&2, Outcome::Down);
+    assert_eq!(weight_of_key(&balancer, 2), 0.0);
+}

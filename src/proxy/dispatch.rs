@@ -193,17 +193,17 @@ fn answer(
     }
 }
 
+/// Sends a request to the broker it names (not one the balancer picked); the outcome still
+/// moves that broker's weight, so acks and pulls to a dying broker count against it too.
 async fn forward(
     proxy: &Proxy,
     endpoint: &Endpoint,
     request: RemotingCommand,
 ) -> Option<RemotingCommand> {
     let opaque = request.opaque;
-    answer(
-        forward_raw(proxy, endpoint, request).await,
-        opaque,
-        endpoint,
-    )
+    let result = forward_raw(proxy, endpoint, request).await;
+    proxy.observe(endpoint, failover::outcome_of(&result));
+    answer(result, opaque, endpoint)
 }
 
 /// Longest long-poll a request may ask a broker to hold it for.
@@ -526,6 +526,7 @@ async fn pop(proxy: &Proxy, request: RemotingCommand) -> Option<RemotingCommand>
     let result = match named {
         Some(endpoint) => {
             let result = forward_raw(proxy, &endpoint, request).await;
+            proxy.observe(&endpoint, failover::outcome_of(&result));
             (result, endpoint)
         }
         None => {

@@ -68,6 +68,13 @@ impl Proxy {
         })
     }
 
+    /// Records the outcome of a request the balancer did not pick with its endpoint's cluster.
+    pub fn observe(&self, endpoint: &Endpoint, outcome: crate::balance::Outcome) {
+        if let Some(runtime) = self.clusters.get(&endpoint.cluster) {
+            runtime.balancer.observe(&endpoint.address, outcome);
+        }
+    }
+
     pub fn cluster(&self, name: &str) -> Option<Arc<failover::ClusterRuntime>> {
         self.clusters.get(name).map(|runtime| runtime.clone())
     }
