@@ -86,6 +86,10 @@ pub struct Limits {
     pub max_in_flight_per_connection: usize,
     /// How long a graceful shutdown waits for requests in flight.
     pub drain_timeout_ms: u64,
+    /// Distinct topics (topic and group pairs for consumption) counted per metric family; the
+    /// rest count under the topic `_other`, so invented topic names cannot grow memory or
+    /// `/metrics` without end.
+    pub max_topic_series: usize,
 }
 
 impl Default for Limits {
@@ -95,6 +99,7 @@ impl Default for Limits {
             max_connections: 10_000,
             max_in_flight_per_connection: 1024,
             drain_timeout_ms: 5_000,
+            max_topic_series: 10_000,
         }
     }
 }

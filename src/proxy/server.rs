@@ -16,6 +16,7 @@ use tracing::{debug, info, warn};
 use super::config::{ConfigError, SidecarConfig};
 use super::dispatch::{self, Downstream};
 use super::routes::{RouteTable, Routes};
+use super::stats::ProxyStats;
 use super::upstream::Upstreams;
 use super::{Proxy, relay};
 use crate::remoting::frame::FrameLimits;
@@ -58,7 +59,7 @@ pub async fn start(config: SidecarConfig) -> Result<RunningSidecar, SidecarError
         routes: Routes::new(RouteTable::default()),
         upstreams: Upstreams::new(inbound_sender, config.limits.max_frame_size),
         clients: Default::default(),
-        stats: Default::default(),
+        stats: ProxyStats::new(config.limits.max_topic_series),
         clusters: Default::default(),
         checks: Default::default(),
         next_queue: AtomicUsize::new(0),

@@ -3,10 +3,15 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
+use dashmap::mapref::one::Ref;
+use tracing::warn;
+
+/// The topic (and group) label of everything counted past a family's series limit.
+pub const OTHER_LABEL: &str = "_other";
 
 /// Upper bounds (ms) of the latency buckets: the RocketMQ client's `send_cost_time` bounds plus
 /// 800 ms (a common "slow send" rule) and 5 s.
@@ -123,8 +128,148 @@ impl HostStats {
     }
 }
 
+/// How many label sets a metric family may hold; the ones past it share [`OTHER_LABEL`].
+struct SeriesLimit {
+    family: &'static str,
+    max: usize,
+    series: AtomicUsize,
+    warned: AtomicBool,
+}
+
+impl SeriesLimit {
+    fn new(family: &'static str, max: usize) -> Self {
+        Self {
+            family,
+            max,
+            series: AtomicUsize::new(0),
+            warned: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether a new series fits (the caller then adds it); logs the first refusal.
+    fn has_room(&self) -> bool {
+        if self.series.load(Ordering::Relaxed) < self.max {
+            return true;
+        }
+        if !self.warned.swap(true, Ordering::Relaxed) {
+            warn!(
+                family = self.family,
+                limit = self.max,
+                "topic series limit reached; further topics are counted as {OTHER_LABEL:?} (limits.max_topic_series)"
+            );
+        }
+        false
+    }
+
+    fn added(&self) {
+        self.series.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Values by topic with a capped number of topics. Lookups of known topics borrow the name;
+/// only a new topic allocates.
+struct ByTopic<V> {
+    map: DashMap<String, V>,
+    limit: SeriesLimit,
+}
+
+impl<V: Default> ByTopic<V> {
+    fn new(family: &'static str, max: usize) -> Self {
+        Self {
+            map: DashMap::new(),
+            limit: SeriesLimit::new(family, max),
+        }
+    }
+
+    fn get(&self, topic: &str) -> Ref<'_, String, V> {
+        if let Some(value) = self.map.get(topic) {
+            return value;
+        }
+        let topic = if self.limit.has_room() {
+            topic
+        } else {
+            OTHER_LABEL
+        };
+        self.map
+            .entry(topic.to_owned())
+            .or_insert_with(|| {
+                self.limit.added();
+                V::default()
+            })
+            .downgrade()
+    }
+
+    fn read<R>(&self, value: impl Fn(&V) -> R) -> Vec<(String, R)> {
+        let mut values: Vec<(String, R)> = self
+            .map
+            .iter()
+            .map(|entry| (entry.key().clone(), value(entry.value())))
+            .collect();
+        values.sort_by(|a, b| a.0.cmp(&b.0));
+        values
+    }
+}
+
+/// Counters by (topic, group) with a capped number of pairs; past the cap both labels are
+/// [`OTHER_LABEL`].
+struct ByTopicAndGroup {
+    topics: DashMap<String, DashMap<String, AtomicU64>>,
+    limit: SeriesLimit,
+}
+
+impl ByTopicAndGroup {
+    fn new(family: &'static str, max: usize) -> Self {
+        Self {
+            topics: DashMap::new(),
+            limit: SeriesLimit::new(family, max),
+        }
+    }
+
+    fn add(&self, topic: &str, group: &str, by: u64) {
+        if let Some(groups) = self.topics.get(topic)
+            && let Some(counter) = groups.get(group)
+        {
+            counter.fetch_add(by, Ordering::Relaxed);
+            return;
+        }
+        let (topic, group) = if self.limit.has_room() {
+            (topic, group)
+        } else {
+            (OTHER_LABEL, OTHER_LABEL)
+        };
+        let groups = self.topics.entry(topic.to_owned()).or_default().downgrade();
+        groups
+            .entry(group.to_owned())
+            .or_insert_with(|| {
+                self.limit.added();
+                AtomicU64::new(0)
+            })
+            .fetch_add(by, Ordering::Relaxed);
+    }
+
+    fn read(&self) -> Vec<((String, String), u64)> {
+        let mut values: Vec<((String, String), u64)> = self
+            .topics
+            .iter()
+            .flat_map(|topic| {
+                topic
+                    .value()
+                    .iter()
+                    .map(|group| {
+                        (
+                            (topic.key().clone(), group.key().clone()),
+                            group.value().load(Ordering::Relaxed),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        values.sort_by(|a, b| a.0.cmp(&b.0));
+        values
+    }
+}
+
 /// Everything the sidecar counts.
-#[derive(Default)]
 pub struct ProxyStats {
     requests: DashMap<i32, AtomicU64>,
     responses: DashMap<i32, AtomicU64>,
@@ -133,10 +278,16 @@ pub struct ProxyStats {
     connections_active: AtomicI64,
     requests_active: AtomicI64,
     requests_pending: AtomicI64,
-    messages_in: DashMap<String, AtomicU64>,
-    messages_out: DashMap<(String, String), AtomicU64>,
-    send_cost: DashMap<String, Histogram>,
+    messages_in: ByTopic<AtomicU64>,
+    messages_out: ByTopicAndGroup,
+    send_cost: ByTopic<Histogram>,
     hosts: DashMap<SocketAddr, Arc<HostStats>>,
+}
+
+impl Default for ProxyStats {
+    fn default() -> Self {
+        Self::new(crate::proxy::config::Limits::default().max_topic_series)
+    }
 }
 
 fn bump<K: std::hash::Hash + Eq>(map: &DashMap<K, AtomicU64>, key: K, by: u64) {
@@ -171,6 +322,23 @@ fn raise(gauge: &AtomicI64) -> GaugeGuard<'_> {
 }
 
 impl ProxyStats {
+    /// Counts at most `max_topic_series` topics (or topic and group pairs) per family.
+    pub fn new(max_topic_series: usize) -> Self {
+        Self {
+            requests: DashMap::new(),
+            responses: DashMap::new(),
+            decode_errors: AtomicU64::new(0),
+            connections_total: AtomicU64::new(0),
+            connections_active: AtomicI64::new(0),
+            requests_active: AtomicI64::new(0),
+            requests_pending: AtomicI64::new(0),
+            messages_in: ByTopic::new("rocketmq_messages_in_total", max_topic_series),
+            messages_out: ByTopicAndGroup::new("rocketmq_messages_out_total", max_topic_series),
+            send_cost: ByTopic::new("rocketmq_send_cost_time", max_topic_series),
+            hosts: DashMap::new(),
+        }
+    }
+
     pub fn request(&self, code: i32) {
         bump(&self.requests, code, 1);
     }
@@ -198,26 +366,17 @@ impl ProxyStats {
     }
 
     pub fn messages_in(&self, topic: &str, count: u64) {
-        bump(&self.messages_in, topic.to_owned(), count);
+        self.messages_in
+            .get(topic)
+            .fetch_add(count, Ordering::Relaxed);
     }
 
     pub fn messages_out(&self, topic: &str, group: &str, count: u64) {
-        bump(
-            &self.messages_out,
-            (topic.to_owned(), group.to_owned()),
-            count,
-        );
+        self.messages_out.add(topic, group, count);
     }
 
     pub fn send_cost(&self, topic: &str, elapsed: Duration) {
-        if let Some(histogram) = self.send_cost.get(topic) {
-            histogram.record(elapsed);
-            return;
-        }
-        self.send_cost
-            .entry(topic.to_owned())
-            .or_default()
-            .record(elapsed);
+        self.send_cost.get(topic).record(elapsed);
     }
 
     /// The stats of one endpoint, created on first use.
@@ -257,21 +416,16 @@ impl ProxyStats {
     }
 
     pub fn messages_in_by_topic(&self) -> Vec<(String, u64)> {
-        read(&self.messages_in)
+        self.messages_in
+            .read(|counter| counter.load(Ordering::Relaxed))
     }
 
     pub fn messages_out_by_topic_group(&self) -> Vec<((String, String), u64)> {
-        read(&self.messages_out)
+        self.messages_out.read()
     }
 
     pub fn send_cost_by_topic(&self) -> Vec<(String, HistogramSnapshot)> {
-        let mut values: Vec<_> = self
-            .send_cost
-            .iter()
-            .map(|entry| (entry.key().clone(), entry.value().snapshot()))
-            .collect();
-        values.sort_by(|a, b| a.0.cmp(&b.0));
-        values
+        self.send_cost.read(Histogram::snapshot)
     }
 
     pub fn hosts(&self) -> Vec<Arc<HostStats>> {
@@ -317,5 +471,46 @@ mod tests {
         stats.request(310);
         stats.request(10);
         assert_eq!(stats.requests_by_code(), vec![(10, 1), (310, 2)]);
+    }
+
+    #[test]
+    fn topics_past_the_series_limit_count_as_other() {
+        let stats = ProxyStats::new(2);
+        for topic in ["a", "b", "c", "d", "a"] {
+            stats.messages_in(topic, 1);
+            stats.send_cost(topic, Duration::from_millis(1));
+            stats.messages_out(topic, "g", 2);
+        }
+        stats.messages_out("a", "h", 2);
+        assert_eq!(
+            stats.messages_in_by_topic(),
+            vec![
+                ("_other".to_owned(), 2),
+                ("a".to_owned(), 2),
+                ("b".to_owned(), 1)
+            ]
+        );
+        let costs: Vec<(String, u64)> = stats
+            .send_cost_by_topic()
+            .into_iter()
+            .map(|(topic, snapshot)| (topic, snapshot.count))
+            .collect();
+        assert_eq!(
+            costs,
+            vec![
+                ("_other".to_owned(), 2),
+                ("a".to_owned(), 2),
+                ("b".to_owned(), 1)
+            ]
+        );
+        let pair = |topic: &str, group: &str| (topic.to_owned(), group.to_owned());
+        assert_eq!(
+            stats.messages_out_by_topic_group(),
+            vec![
+                (pair("_other", "_other"), 6),
+                (pair("a", "g"), 4),
+                (pair("b", "g"), 2),
+            ]
+        );
     }
 }
