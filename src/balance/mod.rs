@@ -306,6 +306,12 @@ struct Snapshot<K> {
     by_key: HashMap<K, usize>,
 }
 
+impl<K: Eq + Hash> Snapshot<K> {
+    fn member(&self, key: &K) -> Option<&Member<K>> {
+        self.by_key.get(key).and_then(|&i| self.members.get(i))
+    }
+}
+
 impl<K> Default for Snapshot<K> {
     fn default() -> Self {
         Self {
@@ -382,7 +388,7 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
             }
             let max = spec.max_weight.max(0.0);
             let min = spec.min_weight.clamp(0.0, max);
-            let state = match old.by_key.get(&spec.key).and_then(|&i| old.members.get(i)) {
+            let state = match old.member(&spec.key) {
                 Some(existing) => {
                     let state = existing.state.clone();
                     let (old_max, old_min) = (state.max_weight(), state.min_weight());
@@ -841,11 +847,7 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
     /// Unknown keys are ignored.
     pub fn observe(&self, key: &K, outcome: Outcome) {
         self.with_snapshot(|snapshot| {
-            let Some(member) = snapshot
-                .by_key
-                .get(key)
-                .and_then(|&i| snapshot.members.get(i))
-            else {
+            let Some(member) = snapshot.member(key) else {
                 return;
             };
             let state = &member.state;
@@ -876,12 +878,7 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
             .index()
             .and_then(|index| snapshot.members.get(index))
             .filter(|member| member.key == picked.key)
-            .or_else(|| {
-                snapshot
-                    .by_key
-                    .get(&picked.key)
-                    .and_then(|&i| snapshot.members.get(i))
-            })?;
+            .or_else(|| snapshot.member(&picked.key))?;
         let state = &member.state;
         if picked.ticket.counted() {
             state.release();
@@ -955,11 +952,7 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
     /// Ejects `key` unless its level already has its share ejected.
     fn try_eject(&self, key: &K) {
         let snapshot = self.snapshot.load();
-        let Some(member) = snapshot
-            .by_key
-            .get(key)
-            .and_then(|&i| snapshot.members.get(i))
-        else {
+        let Some(member) = snapshot.member(key) else {
             return;
         };
         let now = self.clock.now_nanos();
@@ -1021,11 +1014,7 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
     /// Records a health check: passes at the minimum recover the weight step by step.
     pub fn check_result(&self, key: &K, passed: bool) {
         let snapshot = self.snapshot.load();
-        let Some(member) = snapshot
-            .by_key
-            .get(key)
-            .and_then(|&i| snapshot.members.get(i))
-        else {
+        let Some(member) = snapshot.member(key) else {
             return;
         };
         let state = &member.state;
