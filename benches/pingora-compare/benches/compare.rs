@@ -7,11 +7,16 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{
+    BenchmarkGroup, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main,
+};
 use futures::FutureExt;
 use pingora_load_balancing::selection::RoundRobin;
 use pingora_load_balancing::{Backend, Backends, LoadBalancer, discovery};
-use rocketmesh::balance::{Balancer, BalancerConfig, EndpointSpec, Outcome, SystemClock, ThreadRandom};
+use rocketmesh::balance::{
+    Balancer, BalancerConfig, EndpointSpec, Outcome, SystemClock, ThreadRandom,
+};
 
 fn ours(endpoints: u32) -> Balancer<u32> {
     let balancer = Balancer::new(BalancerConfig::default(), Arc::new(SystemClock::default()));
@@ -32,7 +37,11 @@ fn ours(endpoints: u32) -> Balancer<u32> {
 fn pingora(endpoints: u32) -> LoadBalancer<RoundRobin> {
     let backends = (0..endpoints)
         .filter_map(|key| {
-            Backend::new_with_weight(&format!("127.0.0.1:{}", 10_000 + key), 100 + (key % 7) as usize).ok()
+            Backend::new_with_weight(
+                &format!("127.0.0.1:{}", 10_000 + key),
+                100 + (key % 7) as usize,
+            )
+            .ok()
         })
         .collect();
     let balancer = LoadBalancer::from_backends(Backends::new(discovery::Static::new(backends)));
@@ -42,7 +51,11 @@ fn pingora(endpoints: u32) -> LoadBalancer<RoundRobin> {
 }
 
 /// Runs `work` for `iterations` rounds split over `threads` threads; the wall time.
-fn on_threads(threads: u64, iterations: u64, work: impl Fn(u64) + Send + Sync + 'static) -> Duration {
+fn on_threads(
+    threads: u64,
+    iterations: u64,
+    work: impl Fn(u64) + Send + Sync + 'static,
+) -> Duration {
     let work = Arc::new(work);
     let started = Instant::now();
     let workers: Vec<_> = (0..threads)
@@ -58,6 +71,21 @@ fn on_threads(threads: u64, iterations: u64, work: impl Fn(u64) + Send + Sync + 
     started.elapsed()
 }
 
+/// One benchmark: `work(rounds)` on `threads` threads, each taking its share of the iterations.
+fn bench(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    endpoints: u32,
+    threads: u64,
+    work: impl Fn(u64) + Clone + Send + Sync + 'static,
+) {
+    group.bench_with_input(
+        BenchmarkId::new(format!("{name}/{threads}_thread"), endpoints),
+        &endpoints,
+        |b, _| b.iter_custom(|iterations| on_threads(threads, iterations, work.clone())),
+    );
+}
+
 fn compare(c: &mut Criterion) {
     let mut group = c.benchmark_group("weighted_pick");
     group.throughput(Throughput::Elements(1));
@@ -66,53 +94,44 @@ fn compare(c: &mut Criterion) {
         let theirs = Arc::new(pingora(endpoints));
         for threads in [1u64, 2] {
             let shared = mine.clone();
-            group.bench_with_input(
-                BenchmarkId::new(format!("rocketmesh_pick_and_report/{threads}_thread"), endpoints),
-                &endpoints,
-                |b, _| {
-                    b.iter_custom(|iterations| {
-                        let shared = shared.clone();
-                        on_threads(threads, iterations, move |rounds| {
-                            for _ in 0..rounds {
-                                if let Some(picked) = shared.pick(&mut ThreadRandom) {
-                                    shared.report(black_box(picked), Outcome::Success);
-                                }
-                            }
-                        })
-                    })
+            bench(
+                &mut group,
+                "rocketmesh_pick_and_report",
+                endpoints,
+                threads,
+                move |rounds| {
+                    for _ in 0..rounds {
+                        if let Some(picked) = shared.pick(&mut ThreadRandom) {
+                            shared.report(black_box(picked), Outcome::Success);
+                        }
+                    }
                 },
             );
             let shared = mine.clone();
-            group.bench_with_input(
-                BenchmarkId::new(format!("rocketmesh_picker_pick_and_report/{threads}_thread"), endpoints),
-                &endpoints,
-                |b, _| {
-                    b.iter_custom(|iterations| {
-                        let shared = shared.clone();
-                        on_threads(threads, iterations, move |rounds| {
-                            let mut picker = shared.picker();
-                            for _ in 0..rounds {
-                                if let Some(picked) = picker.pick() {
-                                    picker.report(black_box(picked), Outcome::Success);
-                                }
-                            }
-                        })
-                    })
+            bench(
+                &mut group,
+                "rocketmesh_picker_pick_and_report",
+                endpoints,
+                threads,
+                move |rounds| {
+                    let mut picker = shared.picker();
+                    for _ in 0..rounds {
+                        if let Some(picked) = picker.pick() {
+                            picker.report(black_box(picked), Outcome::Success);
+                        }
+                    }
                 },
             );
             let shared = theirs.clone();
-            group.bench_with_input(
-                BenchmarkId::new(format!("pingora_select/{threads}_thread"), endpoints),
-                &endpoints,
-                |b, _| {
-                    b.iter_custom(|iterations| {
-                        let shared = shared.clone();
-                        on_threads(threads, iterations, move |rounds| {
-                            for _ in 0..rounds {
-                                black_box(shared.select(b"", 256));
-                            }
-                        })
-                    })
+            bench(
+                &mut group,
+                "pingora_select",
+                endpoints,
+                threads,
+                move |rounds| {
+                    for _ in 0..rounds {
+                        black_box(shared.select(b"", 256));
+                    }
                 },
             );
         }
