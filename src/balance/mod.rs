@@ -488,8 +488,8 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
         resync(&self.snapshot.load());
     }
 
-    /// Runs `work` on the current snapshot, from this thread's cache when it
-    /// is current. `work` must not call back into the balancer's pick or report.
+    /// Runs `work` on the current snapshot, from this thread's cache when it is current. `work`
+    /// must not call back into the balancer's pick or report.
     #[inline]
     fn with_snapshot<R>(&self, work: impl FnOnce(&Snapshot<K>) -> R) -> R {
         let generation = self.generation.load(Ordering::Acquire);
@@ -551,9 +551,11 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
     ) -> usize {
         // Loaded after reading the generation: at least as new as that generation.
         let snapshot: Arc<dyn std::any::Any + Send + Sync> = self.snapshot.load_full();
-        if let Some(entry) = position.and_then(|at| cache.get_mut(at)) {
+        if let Some(at) = position
+            && let Some(entry) = cache.get_mut(at)
+        {
             *entry = (self.id, generation, snapshot);
-            return position.unwrap_or_default();
+            return at;
         }
         if cache.len() >= CACHED_BALANCERS {
             cache.remove(0);
@@ -853,13 +855,7 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
             let state = &member.state;
             match outcome {
                 Outcome::Success => self.success_on(state),
-                Outcome::Failure => {
-                    let rules = &self.config.rules;
-                    state.update(|c, min, max| rules.after_failure(c, min, max));
-                }
-                Outcome::Down => {
-                    state.update(|_, min, _| min);
-                }
+                Outcome::Failure | Outcome::Down => self.lower_weight(state, outcome),
             }
         });
     }
@@ -913,14 +909,23 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
         self.forgive_ejection(state);
     }
 
-    fn report_failure(&self, key: &K, state: &EndpointState, outcome: Outcome) {
+    /// A failure halves the weight (to the minimum below 1% of max); `Down` drops it to the
+    /// minimum at once.
+    fn lower_weight(&self, state: &EndpointState, outcome: Outcome) {
         if outcome == Outcome::Down {
             state.update(|_, min, _| min);
+        } else {
+            let rules = &self.config.rules;
+            state.update(|c, min, max| rules.after_failure(c, min, max));
+        }
+    }
+
+    fn report_failure(&self, key: &K, state: &EndpointState, outcome: Outcome) {
+        self.lower_weight(state, outcome);
+        if outcome == Outcome::Down {
             return;
         }
-        let rules = &self.config.rules;
         let failures = state.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-        state.update(|c, min, max| rules.after_failure(c, min, max));
         let threshold = self.config.outlier.consecutive_failures;
         if threshold > 0 && failures >= threshold {
             self.try_eject(key);
