@@ -4,7 +4,9 @@
 //! Shared by the bundled broker and the sidecar, which both answer for their own clients; neither
 //! imports the other.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -28,22 +30,35 @@ pub struct Registration {
     pub client_id: String,
     pub producer_groups: Vec<String>,
     pub consumer_groups: Vec<String>,
+    /// Where the client's other live connections arrived (see [`ClientRegistry::connected`]).
+    pub other_connections: Vec<Via>,
+}
+
+/// Which of a server's listeners a connection arrived on, when it has several (the sidecar's
+/// per-broker listeners carry the broker name); `None` for the main one.
+pub type Via = Option<Arc<str>>;
+
+#[derive(Default)]
+struct Member {
+    /// A client may register over several connections (one per broker address it dials).
+    connections: BTreeSet<ConnectionId>,
+    data: ConsumerData,
 }
 
 #[derive(Default)]
 struct ConsumerGroup {
-    /// client id → (connection, its registration)
-    members: BTreeMap<String, (ConnectionId, ConsumerData)>,
+    /// client id → its connections and latest registration
+    members: BTreeMap<String, Member>,
 }
 
 #[derive(Default)]
 struct Registry {
-    connections: HashMap<ConnectionId, Outbound>,
+    connections: HashMap<ConnectionId, (Outbound, Via)>,
     /// (group, topic, queue) → the connection that pulled it last: who consumes what.
     pullers: HashMap<(String, String, i32), ConnectionId>,
     consumers: HashMap<String, ConsumerGroup>,
-    /// group → client id → connection
-    producers: HashMap<String, BTreeMap<String, ConnectionId>>,
+    /// group → client id → its connections
+    producers: HashMap<String, BTreeMap<String, BTreeSet<ConnectionId>>>,
 }
 
 /// A server's view of its clients.
@@ -58,24 +73,32 @@ impl ClientRegistry {
         self.registry.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub fn connected(&self, connection: ConnectionId, outbound: Outbound) {
-        self.lock().connections.insert(connection, outbound);
+    /// A new connection, and the listener it arrived `via`.
+    pub fn connected(&self, connection: ConnectionId, outbound: Outbound, via: Via) {
+        self.lock().connections.insert(connection, (outbound, via));
     }
 
     /// Forgets everything registered over a closed connection and tells the remaining members of
-    /// affected consumer groups.
+    /// consumer groups that lost a member. A client that is still connected another way stays.
     pub fn disconnected(&self, connection: ConnectionId) {
         let changed = {
             let mut registry = self.lock();
             registry.connections.remove(&connection);
             registry.pullers.retain(|_, puller| *puller != connection);
             for members in registry.producers.values_mut() {
-                members.retain(|_, conn| *conn != connection);
+                members.retain(|_, connections| {
+                    connections.remove(&connection);
+                    !connections.is_empty()
+                });
             }
+            registry.producers.retain(|_, members| !members.is_empty());
             let mut changed = Vec::new();
             for (group, consumers) in &mut registry.consumers {
                 let before = consumers.members.len();
-                consumers.members.retain(|_, (conn, _)| *conn != connection);
+                consumers.members.retain(|_, member| {
+                    member.connections.remove(&connection);
+                    !member.connections.is_empty()
+                });
                 if consumers.members.len() != before {
                     changed.push(group.clone());
                 }
@@ -100,19 +123,24 @@ impl ClientRegistry {
                     .producers
                     .entry(producer.group_name.clone())
                     .or_default()
-                    .insert(heartbeat.client_id.clone(), connection);
+                    .entry(heartbeat.client_id.clone())
+                    .or_default()
+                    .insert(connection);
             }
             for consumer in &heartbeat.consumer_data_set {
                 let group = registry
                     .consumers
                     .entry(consumer.group_name.clone())
                     .or_default();
-                let previous = group
-                    .members
-                    .insert(heartbeat.client_id.clone(), (connection, consumer.clone()));
-                if previous.is_none() {
-                    joined.push(consumer.group_name.clone());
-                }
+                let member = match group.members.entry(heartbeat.client_id.clone()) {
+                    Entry::Occupied(member) => member.into_mut(),
+                    Entry::Vacant(vacant) => {
+                        joined.push(consumer.group_name.clone());
+                        vacant.insert(Member::default())
+                    }
+                };
+                member.connections.insert(connection);
+                member.data = consumer.clone();
             }
         }
         for group in &joined {
@@ -193,8 +221,10 @@ impl ClientRegistry {
             .get(group)?
             .members
             .values()
-            .find_map(|(_, data)| {
-                data.subscription_data_set
+            .find_map(|member| {
+                member
+                    .data
+                    .subscription_data_set
                     .iter()
                     .find(|subscription| subscription.topic == topic)
                     .cloned()
@@ -218,21 +248,43 @@ impl ClientRegistry {
             .collect()
     }
 
-    /// A live connection of a producer of `group`, for transaction checks.
-    pub fn producer_connection(&self, group: &str) -> Option<Outbound> {
+    /// A live connection of a producer of `group`, for transaction checks; one that arrived
+    /// `via` the given listener when there is one.
+    pub fn producer_connection(&self, group: &str, prefer: Option<&str>) -> Option<Outbound> {
         let registry = self.lock();
-        let connection = registry.producers.get(group)?.values().next()?;
-        registry.connections.get(connection).cloned()
+        let live = registry
+            .producers
+            .get(group)?
+            .values()
+            .flatten()
+            .filter_map(|connection| registry.connections.get(connection));
+        let mut fallback = None;
+        for (outbound, via) in live {
+            if prefer.is_none() || via.as_deref() == prefer {
+                return Some(outbound.clone());
+            }
+            fallback.get_or_insert(outbound);
+        }
+        fallback.cloned()
     }
 
-    /// The registrations made over `connection`: client id, producer groups, consumer groups.
+    /// The registrations made over `connection`: client id, producer groups, consumer groups, and
+    /// where the client is connected besides.
     pub fn registrations_of(&self, connection: ConnectionId) -> Vec<Registration> {
         let registry = self.lock();
         let mut found: BTreeMap<String, Registration> = BTreeMap::new();
-        fn entry<'a>(
+        let mut others: BTreeMap<String, BTreeSet<ConnectionId>> = BTreeMap::new();
+        fn note<'a>(
             found: &'a mut BTreeMap<String, Registration>,
+            others: &mut BTreeMap<String, BTreeSet<ConnectionId>>,
             client_id: &str,
+            connections: &BTreeSet<ConnectionId>,
+            this: ConnectionId,
         ) -> &'a mut Registration {
+            others
+                .entry(client_id.to_owned())
+                .or_default()
+                .extend(connections.iter().filter(|other| **other != this));
             found
                 .entry(client_id.to_owned())
                 .or_insert_with(|| Registration {
@@ -241,22 +293,40 @@ impl ClientRegistry {
                 })
         }
         for (group, members) in &registry.producers {
-            for (client_id, _) in members.iter().filter(|(_, conn)| **conn == connection) {
-                entry(&mut found, client_id)
+            for (client_id, connections) in members
+                .iter()
+                .filter(|(_, connections)| connections.contains(&connection))
+            {
+                note(&mut found, &mut others, client_id, connections, connection)
                     .producer_groups
                     .push(group.clone());
             }
         }
         for (group, consumers) in &registry.consumers {
-            for (client_id, _) in consumers
+            for (client_id, member) in consumers
                 .members
                 .iter()
-                .filter(|(_, (conn, _))| *conn == connection)
+                .filter(|(_, member)| member.connections.contains(&connection))
             {
-                entry(&mut found, client_id)
-                    .consumer_groups
-                    .push(group.clone());
+                note(
+                    &mut found,
+                    &mut others,
+                    client_id,
+                    &member.connections,
+                    connection,
+                )
+                .consumer_groups
+                .push(group.clone());
             }
+        }
+        for (client_id, registration) in &mut found {
+            registration.other_connections = others
+                .get(client_id)
+                .into_iter()
+                .flatten()
+                .filter_map(|other| registry.connections.get(other))
+                .map(|(_, via)| via.clone())
+                .collect();
         }
         found.into_values().collect()
     }
@@ -268,10 +338,17 @@ impl ClientRegistry {
             let Some(consumers) = registry.consumers.get(group) else {
                 return;
             };
+            // One notice per member, over any of its live connections.
             consumers
                 .members
                 .values()
-                .filter_map(|(connection, _)| registry.connections.get(connection).cloned())
+                .filter_map(|member| {
+                    member
+                        .connections
+                        .iter()
+                        .find_map(|connection| registry.connections.get(connection))
+                        .map(|(outbound, _)| outbound.clone())
+                })
                 .collect()
         };
         let header = NotifyConsumerIdsChangedRequestHeader {

@@ -2,5 +2,6 @@ pub mod admin;
 pub mod balance;
 pub mod broker;
 pub mod client_registry;
+pub mod log_throttle;
 pub mod proxy;
 pub mod remoting;

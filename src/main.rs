@@ -46,28 +46,28 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => match cli::bench::run(&args) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(error) => {
-                eprintln!("rocketmesh bench: {error:#}");
+                eprintln!("rocketmesh bench: {}", describe(&error));
                 std::process::ExitCode::from(2)
             }
         },
         Command::Broker(args) => match cli::broker::run(&args) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(error) => {
-                eprintln!("rocketmesh broker: {error:#}");
+                eprintln!("rocketmesh broker: {}", describe(&error));
                 std::process::ExitCode::from(2)
             }
         },
         Command::Sidecar(args) => match cli::sidecar::run(&args) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(error) => {
-                eprintln!("rocketmesh sidecar: {error:#}");
+                eprintln!("rocketmesh sidecar: {}", describe(&error));
                 std::process::ExitCode::from(2)
             }
         },
         Command::Up(args) => match cli::up::run(&args) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(error) => {
-                eprintln!("rocketmesh up: {error:#}");
+                eprintln!("rocketmesh up: {}", describe(&error));
                 std::process::ExitCode::from(2)
             }
         },
@@ -84,9 +84,46 @@ fn main() -> std::process::ExitCode {
                 }
             }
             Err(error) => {
-                eprintln!("rocketmesh decode: {error:#}");
+                eprintln!("rocketmesh decode: {}", describe(&error));
                 std::process::ExitCode::from(2)
             }
         },
+    }
+}
+
+/// An error and its causes on one line. Library errors often already include their cause's text in
+/// their own message (`cannot read x: No such file`); a cause is printed only when it adds
+/// something, so no text appears twice.
+fn describe(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("invalid config: {0}")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        let error = anyhow::Error::new(Outer(std::io::Error::other("bad type at line 3")))
+            .context("loading sidecar.yaml");
+        assert_eq!(
+            describe(&error),
+            "loading sidecar.yaml: invalid config: bad type at line 3"
+        );
     }
 }

@@ -147,6 +147,6 @@ pub fn clusters(proxy: &Proxy) -> Value {
 }
 
 pub fn config_dump(proxy: &Proxy) -> Value {
-    serde_json::to_value(&proxy.config)
+    serde_json::to_value(&**proxy.current.load())
         .unwrap_or_else(|error| json!({ "error": error.to_string() }))
 }

@@ -18,6 +18,10 @@ use super::state::BrokerState;
 use crate::remoting::frame::FrameLimits;
 use crate::remoting::{RemotingCodec, RemotingCommand};
 
+/// Malformed frames are logged at most once a second (`skipped` counts the rest).
+static MALFORMED_LOG: crate::log_throttle::LogThrottle =
+    crate::log_throttle::LogThrottle::new(std::time::Duration::from_secs(1));
+
 /// Accepts connections on `listener` until `shutdown` completes, then flushes the store.
 pub async fn serve(
     listener: TcpListener,
@@ -88,7 +92,7 @@ async fn serve_connection(
     let (mut sink, mut stream) = framed.split();
     let (outbound, mut responses) =
         mpsc::channel::<RemotingCommand>(state.config.max_in_flight_per_connection);
-    state.clients.connected(connection, outbound.clone());
+    state.clients.connected(connection, outbound.clone(), None);
     debug!(%peer, connection, "connected");
 
     let writer = tokio::spawn(async move {
@@ -112,9 +116,15 @@ async fn serve_connection(
         let request = match frame {
             Ok(command) if command.is_response() => continue,
             Ok(command) => command,
+            Err(error) if error.is_closed_connection() => {
+                debug!(%peer, %error, "connection closed");
+                break;
+            }
             Err(error) => {
                 // Without a decoded header there is no opaque to answer: close this connection only.
-                warn!(%peer, %error, "malformed frame, closing the connection");
+                if let Some(skipped) = MALFORMED_LOG.allow() {
+                    warn!(%peer, %error, skipped, "malformed frame, closing the connection");
+                }
                 break;
             }
         };
@@ -265,7 +275,10 @@ async fn check_transactions(state: Arc<BrokerState>) {
             }
         };
         for check in checks {
-            let Some(producer) = state.clients.producer_connection(&check.producer_group) else {
+            let Some(producer) = state
+                .clients
+                .producer_connection(&check.producer_group, None)
+            else {
                 debug!(group = %check.producer_group, "no live producer to check a transaction with");
                 continue;
             };

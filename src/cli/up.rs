@@ -50,6 +50,9 @@ pub fn sidecar_config(
         },
         limits: Limits::default(),
         route_wait_ms: 0,
+        // Each broker gets its own sidecar address (ports the OS picks), so clients that send
+        // no `bname` reach the broker they mean.
+        broker_listeners: Default::default(),
         routes: vec![RouteConfig {
             matcher: RouteMatchConfig {
                 topic: TopicMatcher::prefix(""),
@@ -127,10 +130,17 @@ pub fn run(args: &UpArgs) -> anyhow::Result<()> {
         if let Some(admin) = sidecar.admin {
             writeln!(out, "  admin:                       http://{admin}/stats")?;
         }
+        let listeners = sidecar.proxy.broker_listeners.listening();
         for (name, broker, _) in &brokers {
+            let through = listeners
+                .iter()
+                .find(|listener| listener.broker_name == *name)
+                .map_or_else(String::new, |listener| {
+                    format!(", through the sidecar at {}", listener.advertised)
+                });
             writeln!(
                 out,
-                "  {name}:                    {broker} (data in {})",
+                "  {name}:                    {broker} (data in {}{through})",
                 args.data_dir.join(name).display()
             )?;
         }

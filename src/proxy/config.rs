@@ -17,13 +17,15 @@ use crate::remoting::frame::DEFAULT_MAX_FRAME;
 /// Why a configuration was refused; the message names the field.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    // The cause is part of the message and deliberately not a `source`: error chains (`{:#}`)
+    // would print it twice.
+    #[error("cannot read {path}: {reason}")]
     Read {
         path: String,
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     #[error("invalid sidecar config: {0}")]
-    Syntax(#[from] serde_yaml_ng::Error),
+    Syntax(serde_yaml_ng::Error),
     #[error("invalid sidecar config: {field}: {reason}")]
     Invalid { field: String, reason: String },
 }
@@ -46,6 +48,9 @@ pub struct SidecarConfig {
     /// How long a request for a topic without a route waits for one to appear (0: answer at once).
     #[serde(default)]
     pub route_wait_ms: u64,
+    /// One address per upstream broker name, so clients that name brokers by address reach them.
+    #[serde(default)]
+    pub broker_listeners: BrokerListenersConfig,
     pub routes: Vec<RouteConfig>,
     pub clusters: Vec<ClusterConfig>,
 }
@@ -71,6 +76,65 @@ impl Default for AdminConfig {
         Self {
             address: Some(SocketAddr::from(([127, 0, 0, 1], 9901))),
         }
+    }
+}
+
+/// Each upstream broker name gets a listener of its own on the sidecar, and route data gives
+/// clients that address for that broker. Clients that do not send `bname` (Java 4, the C++ client
+/// and everything built on it, ali-ons) name a broker only by the address they dial; with one
+/// shared address that identity would be lost.
+///
+/// Ports rather than one loopback address each: ports work on any interface and for remote
+/// clients of a gateway, while extra loopback addresses exist only on Linux's 127/8.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerListenersConfig {
+    /// `false`: every broker is advertised at the main listener's address (clients must send
+    /// `bname` for broker-addressed requests).
+    pub enabled: bool,
+    /// Interface to bind; the first listener's IP when absent.
+    pub address: Option<std::net::IpAddr>,
+    /// Host written into route data; the host of the first listener's advertised address when
+    /// absent.
+    pub advertised_host: Option<String>,
+    /// `"FIRST-LAST"`, or `"FIRST"` for a base port (brokers take FIRST, FIRST+1, ...); ports
+    /// the OS picks when absent.
+    pub port_range: Option<String>,
+}
+
+impl Default for BrokerListenersConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            address: None,
+            advertised_host: None,
+            port_range: None,
+        }
+    }
+}
+
+impl BrokerListenersConfig {
+    /// The configured ports; `None` lets the OS pick.
+    pub fn ports(&self) -> Result<Option<std::ops::RangeInclusive<u16>>, ConfigError> {
+        let Some(text) = self.port_range.as_deref() else {
+            return Ok(None);
+        };
+        let field = "broker_listeners.port_range";
+        let port = |part: &str| {
+            part.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|port| *port > 0)
+                .ok_or_else(|| invalid(field, format!("{part:?} is not a port number (1-65535)")))
+        };
+        let range = match text.split_once('-') {
+            Some((first, last)) => port(first)?..=port(last)?,
+            None => port(text)?..=u16::MAX,
+        };
+        if range.is_empty() {
+            return Err(invalid(field, "the first port is above the last"));
+        }
+        Ok(Some(range))
     }
 }
 
@@ -380,15 +444,15 @@ const METADATA_KEYS: [&str; 9] = [
 
 impl SidecarConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|reason| ConfigError::Read {
             path: path.display().to_string(),
-            source,
+            reason,
         })?;
         Self::parse(&text)
     }
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let config: Self = serde_yaml_ng::from_str(text)?;
+        let config: Self = serde_yaml_ng::from_str(text).map_err(ConfigError::Syntax)?;
         config.validate()?;
         Ok(config)
     }
@@ -522,6 +586,24 @@ impl SidecarConfig {
         }
         if self.routes.is_empty() {
             return Err(invalid("routes", "at least one route is needed"));
+        }
+        if let Some(ports) = self.broker_listeners.ports()? {
+            let brokers: HashSet<&str> = self
+                .clusters
+                .iter()
+                .flat_map(|cluster| &cluster.endpoints)
+                .map(|endpoint| endpoint.metadata.broker_name.as_str())
+                .collect();
+            if ports.len() < brokers.len() {
+                return Err(invalid(
+                    "broker_listeners.port_range",
+                    format!(
+                        "{} ports for {} broker names: each broker name needs its own port",
+                        ports.len(),
+                        brokers.len()
+                    ),
+                ));
+            }
         }
         for (index, route) in self.routes.iter().enumerate() {
             if !names.contains(route.route.cluster.as_str()) {

@@ -7,10 +7,10 @@
 //! - Routed by topic: sends to a writable broker of the route (queue id rewritten, or kept on an
 //!   `ordered` route), pops to a readable one.
 //! - Routed by name: acks to the broker inside the receipt handle, everything else to the broker the
-//!   request names (`bname`, a lock body's queue, an END_TRANSACTION's offset message id, or the
-//!   only broker of the topic).
+//!   request addresses: `bname`, else the broker whose listener the connection arrived on, else a
+//!   lock body's queue, an END_TRANSACTION's offset message id, or the only broker of the topic.
 //! - Fanned out: QUERY_ASSIGNMENT (answers merged), SET_MESSAGE_REQUEST_MODE, and VIEW_MESSAGE_BY_ID
-//!   or QUERY_MESSAGE that name no broker.
+//!   or QUERY_MESSAGE that address no broker.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -34,15 +34,18 @@ use crate::remoting::extra_info::ExtraInfo;
 use crate::remoting::header::{
     GetConsumerListByGroupRequestHeader, GetRouteInfoRequestHeader, UnregisterClientRequestHeader,
 };
-use crate::remoting::message::OffsetMessageId;
+use crate::remoting::message::{OffsetMessageId, sys_flag};
 use crate::remoting::{RemotingCommand, RequestCode, ResponseCode};
 
 /// The client connection a request came from.
 pub struct Downstream {
     pub connection: ConnectionId,
     pub peer: SocketAddr,
-    /// What route data tells this client to connect to.
+    /// The address of the listener the client dialled, as route data gives it.
     pub advertised: Arc<str>,
+    /// The broker name whose own listener the client dialled: how clients that send no `bname`
+    /// address a broker. `None` on the main listener.
+    pub broker: Option<Arc<str>>,
 }
 
 /// Handles one request; `None` for oneway requests, which get no response.
@@ -57,21 +60,21 @@ pub async fn handle(
     let response = match request.request_code() {
         RequestCode::GET_ROUTEINFO_BY_TOPIC => Some(route_info(proxy, downstream, &request).await),
         RequestCode::HEART_BEAT => Some(heartbeat(proxy, downstream, &request)),
-        RequestCode::UNREGISTER_CLIENT => Some(unregister(proxy, &request)),
+        RequestCode::UNREGISTER_CLIENT => Some(unregister(proxy, downstream, &request)),
         RequestCode::GET_CONSUMER_LIST_BY_GROUP => Some(consumer_list(proxy, &request)),
         RequestCode::SEND_MESSAGE
         | RequestCode::SEND_MESSAGE_V2
-        | RequestCode::SEND_BATCH_MESSAGE => send(proxy, request).await,
-        RequestCode::POP_MESSAGE => pop(proxy, request).await,
+        | RequestCode::SEND_BATCH_MESSAGE => send(proxy, downstream, request).await,
+        RequestCode::POP_MESSAGE => pop(proxy, downstream, request).await,
         RequestCode::ACK_MESSAGE | RequestCode::CHANGE_MESSAGE_INVISIBLETIME => {
-            by_receipt(proxy, request).await
+            by_receipt(proxy, downstream, request).await
         }
-        RequestCode::BATCH_ACK_MESSAGE => batch_ack(proxy, request).await,
+        RequestCode::BATCH_ACK_MESSAGE => batch_ack(proxy, downstream, request).await,
         RequestCode::QUERY_ASSIGNMENT | RequestCode::SET_MESSAGE_REQUEST_MODE => {
             to_every_broker(proxy, request).await
         }
         RequestCode::VIEW_MESSAGE_BY_ID | RequestCode::QUERY_MESSAGE
-            if request.ext(BNAME).is_none_or(str::is_empty) =>
+            if request.ext(BNAME).is_none_or(str::is_empty) && downstream.broker.is_none() =>
         {
             to_every_broker(proxy, request).await
         }
@@ -88,7 +91,7 @@ pub async fn handle(
         | RequestCode::CONSUMER_SEND_MSG_BACK
         | RequestCode::END_TRANSACTION
         | RequestCode::VIEW_MESSAGE_BY_ID
-        | RequestCode::QUERY_MESSAGE => to_named_broker(proxy, request).await,
+        | RequestCode::QUERY_MESSAGE => to_named_broker(proxy, downstream, request).await,
         code => Some(RemotingCommand::error_response(
             &request,
             ResponseCode::REQUEST_CODE_NOT_SUPPORTED,
@@ -141,7 +144,7 @@ async fn route(
     if let Some(action) = table.lookup(topic, code) {
         return Some((table, action));
     }
-    let wait = Duration::from_millis(proxy.config.route_wait_ms);
+    let wait = Duration::from_millis(proxy.current.load().route_wait_ms);
     if wait.is_zero() {
         return None;
     }
@@ -263,7 +266,12 @@ async fn route_info(
     let Some((table, action)) = route(proxy, &header.topic, request.code).await else {
         return no_route(request.opaque, &header.topic);
     };
-    let route = table.topic_route(&action, &downstream.advertised);
+    let brokers = proxy.broker_listeners.advertised();
+    let route = table.topic_route(&action, |name| {
+        brokers
+            .get(name)
+            .map_or(&downstream.advertised, |address| address)
+    });
     if route.queue_datas.is_empty() {
         return no_route(request.opaque, &header.topic);
     }
@@ -278,12 +286,17 @@ async fn route_info(
     }
 }
 
-/// Passes a client's registration on to every broker the sidecar knows, in the background: the
-/// brokers then treat the sidecar's connections as the client's (transaction checks, consumer
-/// membership, POP), and a slow broker never delays the client's heartbeat.
-fn to_all_brokers_in_background(proxy: &Arc<Proxy>, request: &RemotingCommand) {
+/// Passes a client's registration on to brokers in the background: the brokers then treat the
+/// sidecar's connections as the client's (transaction checks, consumer membership, POP), and a
+/// slow broker never delays the client's heartbeat. A registration sent to a broker's own listener
+/// goes to that broker only (the client sends one to each broker it uses); one sent to the main
+/// listener goes to every broker.
+fn to_brokers_in_background(proxy: &Arc<Proxy>, broker: Option<&str>, request: &RemotingCommand) {
     let table = proxy.routes.snapshot();
-    for endpoint in table.all_endpoints() {
+    let endpoints = table
+        .all_endpoints()
+        .filter(|endpoint| broker.is_none_or(|name| endpoint.metadata.broker_name == name));
+    for endpoint in endpoints {
         let proxy = proxy.clone();
         let endpoint = endpoint.clone();
         let request = request.clone();
@@ -314,11 +327,15 @@ fn heartbeat(
     proxy.clients.heartbeat(downstream.connection, &heartbeat);
     let mut upstream = request.clone();
     upstream.set_oneway(false);
-    to_all_brokers_in_background(proxy, &upstream);
+    to_brokers_in_background(proxy, downstream.broker.as_deref(), &upstream);
     RemotingCommand::response_to(request, ResponseCode::SUCCESS)
 }
 
-fn unregister(proxy: &Arc<Proxy>, request: &RemotingCommand) -> RemotingCommand {
+fn unregister(
+    proxy: &Arc<Proxy>,
+    downstream: &Downstream,
+    request: &RemotingCommand,
+) -> RemotingCommand {
     match request.decode_header::<UnregisterClientRequestHeader>() {
         Ok(header) => {
             proxy.clients.unregister(
@@ -328,7 +345,7 @@ fn unregister(proxy: &Arc<Proxy>, request: &RemotingCommand) -> RemotingCommand 
             );
             let mut upstream = request.clone();
             upstream.set_oneway(false);
-            to_all_brokers_in_background(proxy, &upstream);
+            to_brokers_in_background(proxy, downstream.broker.as_deref(), &upstream);
             RemotingCommand::response_to(request, ResponseCode::SUCCESS)
         }
         Err(error) => RemotingCommand::error_response(
@@ -339,9 +356,20 @@ fn unregister(proxy: &Arc<Proxy>, request: &RemotingCommand) -> RemotingCommand 
     }
 }
 
-/// Tells every broker that the clients registered over a closed connection are gone.
-pub fn client_disconnected(proxy: &Arc<Proxy>, connection: ConnectionId) {
-    for registration in proxy.clients.registrations_of(connection) {
+/// Tells brokers that the clients registered over a closed connection are gone, where the
+/// registration went: a broker listener's own broker, unless the client is still connected
+/// through that listener; every broker for the main listener, unless the client is still
+/// connected at all.
+pub fn client_disconnected(proxy: &Arc<Proxy>, downstream: &Downstream) {
+    for registration in proxy.clients.registrations_of(downstream.connection) {
+        let others = &registration.other_connections;
+        let target = match &downstream.broker {
+            None if others.is_empty() => None,
+            Some(broker) if !others.iter().flatten().any(|other| other == broker) => {
+                Some(broker.as_ref())
+            }
+            _ => continue,
+        };
         let groups = registration
             .producer_groups
             .iter()
@@ -361,10 +389,10 @@ pub fn client_disconnected(proxy: &Arc<Proxy>, connection: ConnectionId) {
             };
             let request =
                 RemotingCommand::request(RequestCode::UNREGISTER_CLIENT, 0).with_header(&header);
-            to_all_brokers_in_background(proxy, &request);
+            to_brokers_in_background(proxy, target, &request);
         }
     }
-    proxy.clients.disconnected(connection);
+    proxy.clients.disconnected(downstream.connection);
 }
 
 fn consumer_list(proxy: &Proxy, request: &RemotingCommand) -> RemotingCommand {
@@ -390,12 +418,38 @@ fn serves(action: &RouteAction, endpoint: &Arc<Endpoint>) -> bool {
         .any(|candidate| Arc::ptr_eq(candidate, endpoint))
 }
 
-async fn send(proxy: &Proxy, request: RemotingCommand) -> Option<RemotingCommand> {
+/// The broker a request addresses: its `bname` (a fast path some clients give), else the broker
+/// whose listener the client dialled. `Err` names a broker the sidecar does not know.
+fn addressed_broker(
+    table: &RouteTable,
+    downstream: &Downstream,
+    bname: Option<&str>,
+) -> Result<Option<Arc<Endpoint>>, String> {
+    let Some(name) = bname
+        .filter(|name| !name.is_empty())
+        .or(downstream.broker.as_deref())
+    else {
+        return Ok(None);
+    };
+    table
+        .broker(name)
+        .map(Some)
+        .ok_or_else(|| format!("no broker named {name:?} is known to rocketmesh"))
+}
+
+/// `sysFlag` bits that give a message's transaction type.
+const TRANSACTION_TYPE_MASK: i32 = 0xC;
+
+async fn send(
+    proxy: &Proxy,
+    downstream: &Downstream,
+    request: RemotingCommand,
+) -> Option<RemotingCommand> {
     // V2 headers (SEND_MESSAGE_V2, and batches from current clients) use one-letter keys.
-    let (topic_key, queue_key) = if request.ext("b").is_some() {
-        ("b", "e")
+    let (topic_key, queue_key, sys_flag_key, bname_key) = if request.ext("b").is_some() {
+        ("b", "e", "f", "n")
     } else {
-        ("topic", "queueId")
+        ("topic", "queueId", "sysFlag", BNAME)
     };
     let Some(topic) = request.ext(topic_key).map(str::to_owned) else {
         return Some(reply(
@@ -415,13 +469,19 @@ async fn send(proxy: &Proxy, request: RemotingCommand) -> Option<RemotingCommand
         .ext(queue_key)
         .and_then(|queue| queue.parse::<i32>().ok())
         .unwrap_or(-1);
-    // An ordered route keeps the client's broker and queue: its order depends on them.
-    let kept = request
-        .ext(BNAME)
-        .and_then(|name| table.broker(name))
+    // An ordered route keeps the broker and queue the client chose: its order depends on them.
+    // A transaction's half message stays there too, since the client sends the END_TRANSACTION
+    // that decides it to the broker it chose.
+    let half_message = request
+        .ext(sys_flag_key)
+        .and_then(|flag| flag.parse::<i32>().ok())
+        .is_some_and(|flag| flag & TRANSACTION_TYPE_MASK == sys_flag::TRANSACTION_PREPARED);
+    let kept = (action.ordered || half_message)
+        .then(|| addressed_broker(&table, downstream, request.ext(bname_key)).ok())
+        .flatten()
+        .flatten()
         .filter(|endpoint| {
-            action.ordered
-                && endpoint.metadata.writable()
+            endpoint.metadata.writable()
                 && serves(&action, endpoint)
                 && (0..endpoint.metadata.write_queue_num).contains(&requested_queue)
         });
@@ -441,9 +501,13 @@ async fn send(proxy: &Proxy, request: RemotingCommand) -> Option<RemotingCommand
     // within the retry budget and the request's deadline.
     let mut tried = Vec::new();
     loop {
-        let Some((endpoint, picked)) =
-            cluster.pick(&action.cluster, &action, |e| e.metadata.writable(), &tried)
-        else {
+        let Some((endpoint, picked)) = cluster.pick(
+            &action.cluster,
+            &action,
+            |e| e.metadata.writable(),
+            |address| proxy.upstreams.connectable(address),
+            &tried,
+        ) else {
             return Some(reply(
                 opaque,
                 ResponseCode::TOPIC_NOT_EXIST,
@@ -462,7 +526,7 @@ async fn send(proxy: &Proxy, request: RemotingCommand) -> Option<RemotingCommand
             .insert(queue_key.to_owned(), queue.to_string());
         attempt
             .ext_fields
-            .insert(BNAME.to_owned(), endpoint.metadata.broker_name.clone());
+            .insert(bname_key.to_owned(), endpoint.metadata.broker_name.clone());
         let result = forward_raw(proxy, &endpoint, attempt).await;
         let outcome = failover::outcome_of(&result);
         cluster.balancer.report(picked, outcome);
@@ -500,7 +564,11 @@ fn count_send(
     }
 }
 
-async fn pop(proxy: &Proxy, request: RemotingCommand) -> Option<RemotingCommand> {
+async fn pop(
+    proxy: &Proxy,
+    downstream: &Downstream,
+    request: RemotingCommand,
+) -> Option<RemotingCommand> {
     let Some(topic) = request.ext("topic").map(str::to_owned) else {
         return Some(reply(
             request.opaque,
@@ -517,10 +585,10 @@ async fn pop(proxy: &Proxy, request: RemotingCommand) -> Option<RemotingCommand>
         .and_then(|queue| queue.parse::<i32>().ok())
         .unwrap_or(-1);
     // A pop of one queue means that broker's queue; a pop of all queues may go anywhere readable.
-    let named = request
-        .ext(BNAME)
-        .filter(|_| queue_id >= 0)
-        .and_then(|name| table.broker(name))
+    let named = (queue_id >= 0)
+        .then(|| addressed_broker(&table, downstream, request.ext(BNAME)).ok())
+        .flatten()
+        .flatten()
         .filter(|endpoint| endpoint.metadata.readable() && serves(&action, endpoint));
     let opaque = request.opaque;
     let result = match named {
@@ -532,7 +600,13 @@ async fn pop(proxy: &Proxy, request: RemotingCommand) -> Option<RemotingCommand>
         None => {
             let cluster = proxy.cluster(&action.cluster.name);
             let picked = cluster.as_ref().and_then(|cluster| {
-                cluster.pick(&action.cluster, &action, |e| e.metadata.readable(), &[])
+                cluster.pick(
+                    &action.cluster,
+                    &action,
+                    |e| e.metadata.readable(),
+                    |address| proxy.upstreams.connectable(address),
+                    &[],
+                )
             });
             let (Some(cluster), Some((endpoint, picked))) = (cluster, picked) else {
                 return Some(reply(
@@ -561,7 +635,11 @@ async fn pop(proxy: &Proxy, request: RemotingCommand) -> Option<RemotingCommand>
 
 /// ACK_MESSAGE and CHANGE_MESSAGE_INVISIBLETIME go to the broker that served the pop, named in
 /// the receipt handle: no per-connection table, and acks still land after a reconnect.
-async fn by_receipt(proxy: &Proxy, request: RemotingCommand) -> Option<RemotingCommand> {
+async fn by_receipt(
+    proxy: &Proxy,
+    downstream: &Downstream,
+    request: RemotingCommand,
+) -> Option<RemotingCommand> {
     let table = proxy.routes.snapshot();
     let handle = request
         .ext("extraInfo")
@@ -573,7 +651,7 @@ async fn by_receipt(proxy: &Proxy, request: RemotingCommand) -> Option<RemotingC
                 handle.broker_name
             )
         }),
-        None => named_broker(proxy, &table, &request),
+        None => named_broker(proxy, &table, downstream, &request),
     };
     match endpoint {
         Ok(endpoint) => forward(proxy, &endpoint, request).await,
@@ -581,7 +659,11 @@ async fn by_receipt(proxy: &Proxy, request: RemotingCommand) -> Option<RemotingC
     }
 }
 
-async fn batch_ack(proxy: &Proxy, request: RemotingCommand) -> Option<RemotingCommand> {
+async fn batch_ack(
+    proxy: &Proxy,
+    downstream: &Downstream,
+    request: RemotingCommand,
+) -> Option<RemotingCommand> {
     let table = proxy.routes.snapshot();
     let endpoint = match BatchAckMessageRequestBody::from_json(&request.body) {
         Ok(body) if !body.broker_name.is_empty() => {
@@ -592,7 +674,7 @@ async fn batch_ack(proxy: &Proxy, request: RemotingCommand) -> Option<RemotingCo
                 )
             })
         }
-        Ok(_) => named_broker(proxy, &table, &request),
+        Ok(_) => named_broker(proxy, &table, downstream, &request),
         Err(error) => Err(format!("invalid batch ack body: {error}")),
     };
     match endpoint {
@@ -601,17 +683,20 @@ async fn batch_ack(proxy: &Proxy, request: RemotingCommand) -> Option<RemotingCo
     }
 }
 
-/// The broker a request names: `bname`, a lock body's first queue, the store host of an
-/// END_TRANSACTION's offset message id, or the only broker serving its topic.
+/// The broker a request names: `bname`; for END_TRANSACTION the broker that asked about it or the
+/// store host of its offset message id; the broker whose listener the client dialled; a lock
+/// body's first queue; or the only broker serving its topic.
 fn named_broker(
     proxy: &Proxy,
     table: &RouteTable,
+    downstream: &Downstream,
     request: &RemotingCommand,
 ) -> Result<Arc<Endpoint>, String> {
-    if let Some(name) = request.ext(BNAME).filter(|name| !name.is_empty()) {
-        return table
-            .broker(name)
-            .ok_or_else(|| format!("no broker named {name:?} is known to rocketmesh"));
+    let bname = request.ext(BNAME).filter(|name| !name.is_empty());
+    if bname.is_some()
+        && let Some(endpoint) = addressed_broker(table, downstream, bname)?
+    {
+        return Ok(endpoint);
     }
     let code = request.request_code();
     if code == RequestCode::END_TRANSACTION {
@@ -631,6 +716,9 @@ fn named_broker(
         {
             return Ok(endpoint);
         }
+    }
+    if let Some(endpoint) = addressed_broker(table, downstream, None)? {
+        return Ok(endpoint);
     }
     if (code == RequestCode::LOCK_BATCH_MQ || code == RequestCode::UNLOCK_BATCH_MQ)
         && let Ok(body) = LockBatchRequestBody::from_json(&request.body)
@@ -661,9 +749,13 @@ fn named_broker(
     ))
 }
 
-async fn to_named_broker(proxy: &Proxy, request: RemotingCommand) -> Option<RemotingCommand> {
+async fn to_named_broker(
+    proxy: &Proxy,
+    downstream: &Downstream,
+    request: RemotingCommand,
+) -> Option<RemotingCommand> {
     let table = proxy.routes.snapshot();
-    let endpoint = match named_broker(proxy, &table, &request) {
+    let endpoint = match named_broker(proxy, &table, downstream, &request) {
         Ok(endpoint) => endpoint,
         Err(reason) => return Some(reply(request.opaque, ResponseCode::SYSTEM_ERROR, reason)),
     };
@@ -699,8 +791,9 @@ fn topic_of(request: &RemotingCommand) -> Option<String> {
 }
 
 /// Sends the request to every broker of its topic's route (or every known broker) and combines the
-/// answers: QUERY_ASSIGNMENT assignments and QUERY_MESSAGE records are merged; otherwise the first
-/// success is returned, or the last error when none succeeded.
+/// answers: QUERY_ASSIGNMENT assignments and QUERY_MESSAGE records are merged; a VIEW_MESSAGE_BY_ID
+/// found on more than one broker is refused as ambiguous; otherwise the first success is returned,
+/// or the last error when none succeeded.
 async fn to_every_broker(proxy: &Proxy, request: RemotingCommand) -> Option<RemotingCommand> {
     let table = proxy.routes.snapshot();
     let topic = topic_of(&request).unwrap_or_default();
@@ -722,22 +815,42 @@ async fn to_every_broker(proxy: &Proxy, request: RemotingCommand) -> Option<Remo
     }
     let code = request.request_code();
     let oneway = request.is_oneway();
+    let request_opaque = request.opaque;
+    let offset = request.ext("offset").map(str::to_owned);
     let calls = brokers
         .iter()
         .map(|endpoint| forward(proxy, endpoint, request.clone()));
-    let answers: Vec<RemotingCommand> = futures::future::join_all(calls)
-        .await
-        .into_iter()
-        .flatten()
+    let answers: Vec<(&Arc<Endpoint>, RemotingCommand)> = brokers
+        .iter()
+        .zip(futures::future::join_all(calls).await)
+        .filter_map(|(broker, answer)| Some((broker, answer?)))
         .collect();
     if oneway {
         return None;
     }
-    let (successes, failures): (Vec<_>, Vec<_>) = answers
+    let (found, failures): (Vec<_>, Vec<_>) = answers
         .into_iter()
-        .partition(|answer| answer.code == ResponseCode::SUCCESS.0);
+        .partition(|(_, answer)| answer.code == ResponseCode::SUCCESS.0);
+    if code == RequestCode::VIEW_MESSAGE_BY_ID && found.len() > 1 {
+        // Commit-log offsets are per broker: with several answers there is no telling which
+        // message the client meant, and a wrong one is worse than none.
+        let names: Vec<&str> = found
+            .iter()
+            .map(|(broker, _)| broker.metadata.broker_name.as_str())
+            .collect();
+        return Some(reply(
+            request_opaque,
+            ResponseCode::SYSTEM_ERROR,
+            format!(
+                "commit-log offset {} exists on brokers {}: ask at the broker's own address or name it with bname",
+                offset.unwrap_or_default(),
+                names.join(", ")
+            ),
+        ));
+    }
+    let successes: Vec<RemotingCommand> = found.into_iter().map(|(_, answer)| answer).collect();
     let Some(first) = successes.first().cloned() else {
-        return failures.into_iter().last();
+        return failures.into_iter().map(|(_, answer)| answer).last();
     };
     Some(match code {
         RequestCode::QUERY_ASSIGNMENT => merge_assignments(first, &successes),

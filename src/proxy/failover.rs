@@ -66,11 +66,14 @@ impl ClusterRuntime {
     }
 
     /// An endpoint of the route that passes `usable` and was not `tried`, chosen by the balancer.
+    /// Endpoints that are not `connectable` (in reconnect backoff) are skipped while another
+    /// candidate is, and chosen only when nothing else is left.
     pub fn pick(
         &self,
         cluster: &Cluster,
         action: &RouteAction,
         usable: impl Fn(&Endpoint) -> bool,
+        connectable: impl Fn(SocketAddr) -> bool,
         tried: &[SocketAddr],
     ) -> Option<(Arc<Endpoint>, Picked<SocketAddr>)> {
         let allowed = |endpoint: &Arc<Endpoint>| {
@@ -78,13 +81,32 @@ impl ClusterRuntime {
                 && !tried.contains(&endpoint.address)
                 && action.endpoints().any(|e| Arc::ptr_eq(e, endpoint))
         };
-        let exclude: Vec<SocketAddr> = cluster
+        let mut exclude: Vec<SocketAddr> = cluster
             .endpoints
             .iter()
             .filter(|endpoint| !allowed(endpoint))
             .map(|endpoint| endpoint.address)
             .collect();
-        let picked = self.balancer.pick_excluding(&mut ThreadRandom, &exclude)?;
+        let excluded = exclude.len();
+        let backing_off: Vec<SocketAddr> = cluster
+            .endpoints
+            .iter()
+            .filter(|endpoint| allowed(endpoint) && !connectable(endpoint.address))
+            .map(|endpoint| endpoint.address)
+            .collect();
+        exclude.extend(backing_off);
+        let picked = self
+            .balancer
+            .pick_excluding(&mut ThreadRandom, &exclude)
+            .or_else(|| {
+                let backing_off = exclude.len() > excluded;
+                backing_off
+                    .then(|| {
+                        self.balancer
+                            .pick_excluding(&mut ThreadRandom, &exclude[..excluded])
+                    })
+                    .flatten()
+            })?;
         let endpoint = cluster
             .endpoints
             .iter()
@@ -141,16 +163,6 @@ pub fn outcome_of(result: &Result<Option<RemotingCommand>, UpstreamError>) -> Ou
 /// Probes endpoints at their minimum weight with a real request (a heartbeat) at each cluster's
 /// interval; each answer is a passing check. Also repairs group totals.
 pub async fn health_checks(proxy: Arc<Proxy>) {
-    let interval = proxy
-        .config
-        .clusters
-        .iter()
-        .map(|cluster| cluster.balancer.health_check_interval_ms)
-        .min()
-        .unwrap_or(1_000)
-        .max(10);
-    let mut ticker = tokio::time::interval(Duration::from_millis(interval));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let probe_body = HeartbeatData {
         client_id: format!("rocketmesh-health-check@{}", std::process::id()),
         ..HeartbeatData::default()
@@ -158,7 +170,16 @@ pub async fn health_checks(proxy: Arc<Proxy>) {
     .to_json()
     .unwrap_or_default();
     loop {
-        ticker.tick().await;
+        // The shortest interval of the clusters in force (a reload may change them).
+        let interval = proxy
+            .routes
+            .snapshot()
+            .clusters()
+            .map(|cluster| cluster.balancer.health_check_interval_ms)
+            .min()
+            .unwrap_or(1_000)
+            .max(10);
+        tokio::time::sleep(Duration::from_millis(interval)).await;
         let table = proxy.routes.snapshot();
         for cluster in table.clusters() {
             let Some(runtime) = proxy.cluster(&cluster.name) else {

@@ -9,19 +9,27 @@
 //! - [`dispatch`]: what each request code does.
 //! - [`relay`]: requests brokers send to clients (transaction checks, membership changes).
 //! - [`server`]: listeners, downstream connections, graceful shutdown.
+//! - [`listeners`]: one listener per upstream broker name, following the route table.
 //! - [`stats`]: counters and histograms for the admin endpoint.
 
 pub mod config;
 pub mod dispatch;
 pub mod failover;
+pub mod listeners;
 pub mod relay;
 pub mod routes;
 pub mod server;
 pub mod stats;
 pub mod upstream;
 
+use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+use tracing::{info, warn};
 
 pub use config::SidecarConfig;
 pub use server::{RunningSidecar, start};
@@ -33,7 +41,10 @@ use upstream::{Pool, PoolSettings, Upstreams};
 
 /// Everything the sidecar's connections share.
 pub struct Proxy {
+    /// The configuration the sidecar started with: listeners, admin and limits come from here.
     pub config: SidecarConfig,
+    /// The configuration now in force (routes and clusters change on reload).
+    pub current: ArcSwap<SidecarConfig>,
     pub routes: Routes,
     pub upstreams: Upstreams,
     pub clients: ClientRegistry,
@@ -44,8 +55,12 @@ pub struct Proxy {
     pub checks: relay::PendingChecks,
     /// Round-robin cursor for the queue a routed send goes to.
     next_queue: AtomicUsize,
+    next_connection: AtomicU64,
     /// Set once shutdown starts: `/ready` turns false and listeners stop accepting.
     pub draining: AtomicBool,
+    /// Raised once at shutdown: accept loops and connections stop reading.
+    shutdown: watch::Sender<bool>,
+    pub broker_listeners: listeners::BrokerListeners,
 }
 
 impl Proxy {
@@ -79,8 +94,11 @@ impl Proxy {
         self.clusters.get(name).map(|runtime| runtime.clone())
     }
 
-    /// Installs a route table: clusters that stay keep their balancing state.
-    pub fn install_routes(&self, table: routes::RouteTable) {
+    /// Installs a route table. Broker names it adds get their listeners before any client can see
+    /// them in route data; clusters that stay keep their balancing state; brokers that left stop
+    /// getting new work, and their connections (client and upstream) drain.
+    pub fn install_routes(self: &Arc<Self>, table: routes::RouteTable) {
+        self.broker_listeners.open(self, table.broker_names());
         for cluster in table.clusters() {
             match self.clusters.get(&cluster.name) {
                 Some(runtime) => runtime.update(cluster),
@@ -94,6 +112,36 @@ impl Proxy {
         }
         let names: Vec<String> = table.clusters().map(|c| c.name.clone()).collect();
         self.clusters.retain(|name, _| names.contains(name));
+        let brokers: HashSet<String> = table.broker_names().map(str::to_owned).collect();
+        let addresses: HashSet<SocketAddr> = table.all_endpoints().map(|e| e.address).collect();
         self.routes.replace(table);
+        self.broker_listeners
+            .retain(&brokers.iter().map(String::as_str).collect());
+        self.upstreams.retain(&addresses);
+    }
+
+    /// Applies a new configuration's routes and clusters (a SIGHUP reload). An invalid
+    /// configuration is refused whole and the one in force stays. Listeners, admin, limits and
+    /// broker listener placement are read only at start: changes to them are logged, not applied.
+    pub fn reload(self: &Arc<Self>, config: SidecarConfig) -> Result<(), config::ConfigError> {
+        let table = routes::RouteTable::from_config(&config)?;
+        let started = &self.config;
+        if config.listeners != started.listeners
+            || config.admin != started.admin
+            || config.limits != started.limits
+            || config.broker_listeners != started.broker_listeners
+        {
+            warn!(
+                "listeners, admin, limits and broker_listeners changed: they take effect only at a restart"
+            );
+        }
+        self.install_routes(table);
+        info!(
+            routes = config.routes.len(),
+            clusters = config.clusters.len(),
+            "routes reloaded"
+        );
+        self.current.store(Arc::new(config));
+        Ok(())
     }
 }

@@ -72,7 +72,15 @@ pub async fn run(proxy: Arc<Proxy>, mut inbound: mpsc::Receiver<Inbound>) {
                     warn!(%from, "transaction check without a producer group dropped");
                     continue;
                 };
-                let Some(producer) = proxy.clients.producer_connection(&group) else {
+                // The producer's connection to this broker's own listener, when it has one: its
+                // answer (END_TRANSACTION) then arrives there and goes back to this broker.
+                let asking = proxy
+                    .routes
+                    .snapshot()
+                    .endpoint_at(from)
+                    .map(|endpoint| endpoint.metadata.broker_name.clone());
+                let Some(producer) = proxy.clients.producer_connection(&group, asking.as_deref())
+                else {
                     debug!(%from, %group, "transaction check dropped: no producer of the group is connected");
                     continue;
                 };

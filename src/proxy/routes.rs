@@ -214,9 +214,18 @@ impl RouteTable {
         self.by_address.values()
     }
 
-    /// The route data a client gets for a topic served by `action`: the real broker names, every
-    /// address replaced by `advertised`.
-    pub fn topic_route(&self, action: &RouteAction, advertised: &str) -> TopicRouteData {
+    /// Every broker name of every cluster.
+    pub fn broker_names(&self) -> impl Iterator<Item = &str> {
+        self.brokers.keys().map(String::as_str)
+    }
+
+    /// The route data a client gets for a topic served by `action`: the real broker names, each
+    /// broker's addresses replaced by the sidecar address `advertised` gives for its name.
+    pub fn topic_route<'a>(
+        &self,
+        action: &RouteAction,
+        advertised: impl Fn(&str) -> &'a str,
+    ) -> TopicRouteData {
         let mut brokers: BTreeMap<&str, BrokerData> = BTreeMap::new();
         let mut queues: BTreeMap<&str, QueueData> = BTreeMap::new();
         for endpoint in action.endpoints() {
@@ -232,7 +241,7 @@ impl RouteTable {
             broker
                 .broker_addrs
                 .entry(metadata.broker_id)
-                .or_insert_with(|| advertised.to_owned());
+                .or_insert_with(|| advertised(&metadata.broker_name).to_owned());
             // The master's queue counts and permission describe the broker.
             let is_master = self
                 .broker(&metadata.broker_name)
@@ -354,13 +363,24 @@ clusters:
     fn route_data_names_real_brokers_at_the_sidecar_address() {
         let table = table(CONFIG);
         let action = table.lookup("T", 10).expect("route");
-        let route = table.topic_route(&action, "10.0.0.1:9876");
+        let route = table.topic_route(&action, |name| match name {
+            "a" => "10.0.0.1:30001",
+            _ => "10.0.0.1:9876",
+        });
         assert_eq!(route.broker_datas.len(), 2);
         let a = &route.broker_datas[0];
         assert_eq!(a.broker_name, "a");
         assert_eq!(
             a.broker_addrs.values().collect::<Vec<_>>(),
-            vec!["10.0.0.1:9876", "10.0.0.1:9876"]
+            vec!["10.0.0.1:30001", "10.0.0.1:30001"],
+            "every id of a broker name shares that name's address"
+        );
+        assert_eq!(
+            route.broker_datas[1]
+                .broker_addrs
+                .values()
+                .collect::<Vec<_>>(),
+            vec!["10.0.0.1:9876"]
         );
         assert_eq!(
             a.broker_addrs.keys().copied().collect::<Vec<_>>(),

@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+
 use futures::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
@@ -15,6 +17,7 @@ use tracing::{debug, info, warn};
 
 use super::config::{ConfigError, SidecarConfig};
 use super::dispatch::{self, Downstream};
+use super::listeners::BrokerListeners;
 use super::routes::{RouteTable, Routes};
 use super::stats::ProxyStats;
 use super::upstream::Upstreams;
@@ -37,6 +40,10 @@ pub enum SidecarError {
 const RELAY_QUEUE: usize = 1024;
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
 
+/// Malformed frames are logged at most once a second (`skipped` counts the rest).
+static MALFORMED_LOG: crate::log_throttle::LogThrottle =
+    crate::log_throttle::LogThrottle::new(Duration::from_secs(1));
+
 /// A started sidecar.
 pub struct RunningSidecar {
     /// The bound address of each configured listener, in order.
@@ -44,7 +51,6 @@ pub struct RunningSidecar {
     /// The bound admin address, when the admin server is on.
     pub admin: Option<SocketAddr>,
     pub proxy: Arc<Proxy>,
-    shutdown: watch::Sender<bool>,
     /// Accept loops: each ends once its connections have answered what they were serving.
     serving: JoinSet<()>,
     /// Admin server and relay.
@@ -54,25 +60,8 @@ pub struct RunningSidecar {
 /// Binds every listener (and the admin server) and starts serving.
 pub async fn start(config: SidecarConfig) -> Result<RunningSidecar, SidecarError> {
     let table = RouteTable::from_config(&config)?;
-    let (inbound_sender, inbound) = mpsc::channel(RELAY_QUEUE);
-    let proxy = Arc::new(Proxy {
-        routes: Routes::new(RouteTable::default()),
-        upstreams: Upstreams::new(inbound_sender, config.limits.max_frame_size),
-        clients: Default::default(),
-        stats: ProxyStats::new(config.limits.max_topic_series),
-        clusters: Default::default(),
-        checks: Default::default(),
-        next_queue: AtomicUsize::new(0),
-        draining: AtomicBool::new(false),
-        config,
-    });
-    proxy.install_routes(table);
-    let (shutdown, _) = watch::channel(false);
-    let mut serving = JoinSet::new();
-    let mut background = JoinSet::new();
-    let mut listeners = Vec::new();
-    let connections = Arc::new(AtomicU64::new(0));
-    for listener_config in &proxy.config.listeners {
+    let mut bound = Vec::new();
+    for listener_config in &config.listeners {
         let listener = TcpListener::bind(listener_config.address)
             .await
             .map_err(|source| SidecarError::Bind {
@@ -88,15 +77,42 @@ pub async fn start(config: SidecarConfig) -> Result<RunningSidecar, SidecarError
             .clone()
             .unwrap_or_else(|| local.to_string())
             .into();
+        bound.push((listener, local, advertised));
+    }
+    let Some((_, main_local, main_advertised)) = bound.first() else {
+        return Err(ConfigError::Invalid {
+            field: "listeners".into(),
+            reason: "at least one listener is needed".into(),
+        }
+        .into());
+    };
+    let broker_listeners = BrokerListeners::new(&config, *main_local, main_advertised)?;
+    let (inbound_sender, inbound) = mpsc::channel(RELAY_QUEUE);
+    let (shutdown, _) = watch::channel(false);
+    let proxy = Arc::new(Proxy {
+        routes: Routes::new(RouteTable::default()),
+        upstreams: Upstreams::new(inbound_sender, config.limits.max_frame_size),
+        clients: Default::default(),
+        stats: ProxyStats::new(config.limits.max_topic_series),
+        clusters: Default::default(),
+        checks: Default::default(),
+        next_queue: AtomicUsize::new(0),
+        next_connection: AtomicU64::new(0),
+        draining: AtomicBool::new(false),
+        broker_listeners,
+        shutdown,
+        current: ArcSwap::from_pointee(config.clone()),
+        config,
+    });
+    proxy.install_routes(table);
+    let mut serving = JoinSet::new();
+    let mut background = JoinSet::new();
+    let mut listeners = Vec::new();
+    for (listener, local, advertised) in bound {
         info!(listen = %local, %advertised, "sidecar listening");
         listeners.push(local);
-        serving.spawn(accept(
-            proxy.clone(),
-            listener,
-            advertised,
-            connections.clone(),
-            shutdown.subscribe(),
-        ));
+        let stop = Stop::new(proxy.shutdown.subscribe(), None);
+        serving.spawn(accept(proxy.clone(), listener, advertised, None, stop));
     }
     let admin = match proxy.config.admin.address {
         Some(address) => {
@@ -110,7 +126,7 @@ pub async fn start(config: SidecarConfig) -> Result<RunningSidecar, SidecarError
             background.spawn(crate::admin::serve(
                 listener,
                 proxy.clone(),
-                shutdown.subscribe(),
+                proxy.shutdown.subscribe(),
             ));
             Some(local)
         }
@@ -122,10 +138,38 @@ pub async fn start(config: SidecarConfig) -> Result<RunningSidecar, SidecarError
         listeners,
         admin,
         proxy,
-        shutdown,
         serving,
         background,
     })
+}
+
+/// When a connection or accept loop stops: at shutdown, or when its broker listener retires.
+#[derive(Clone)]
+pub struct Stop {
+    shutdown: watch::Receiver<bool>,
+    retired: Option<watch::Receiver<bool>>,
+}
+
+impl Stop {
+    pub fn new(shutdown: watch::Receiver<bool>, retired: Option<watch::Receiver<bool>>) -> Self {
+        Self { shutdown, retired }
+    }
+
+    /// Resolves once either signal is raised (or its sender is gone).
+    pub async fn wait(&mut self) {
+        let shutdown = self.shutdown.wait_for(|stop| *stop);
+        match &mut self.retired {
+            Some(retired) => {
+                tokio::select! {
+                    _ = shutdown => {}
+                    _ = retired.wait_for(|stop| *stop) => {}
+                }
+            }
+            None => {
+                let _ = shutdown.await;
+            }
+        }
+    }
 }
 
 impl RunningSidecar {
@@ -133,7 +177,12 @@ impl RunningSidecar {
     /// closes every connection.
     pub async fn shutdown(mut self) {
         self.proxy.draining.store(true, Ordering::Release);
-        let _ = self.shutdown.send(true);
+        let _ = self.proxy.shutdown.send(true);
+        for task in self.proxy.broker_listeners.take_tasks() {
+            self.serving.spawn(async move {
+                let _ = task.await;
+            });
+        }
         let deadline = Duration::from_millis(self.proxy.config.limits.drain_timeout_ms);
         let serving = &mut self.serving;
         let drained = tokio::time::timeout(deadline, async {
@@ -154,18 +203,20 @@ impl RunningSidecar {
     }
 }
 
-async fn accept(
+/// Accepts client connections on `listener` until `stop`; `broker` is the broker name of a broker
+/// listener, the identity of every connection accepted there.
+pub(super) async fn accept(
     proxy: Arc<Proxy>,
     listener: TcpListener,
     advertised: Arc<str>,
-    next_connection: Arc<AtomicU64>,
-    mut shutdown: watch::Receiver<bool>,
+    broker: Option<Arc<str>>,
+    mut stop: Stop,
 ) {
     let mut connections = JoinSet::new();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            _ = shutdown.wait_for(|stop| *stop) => break,
+            () = stop.wait() => break,
         };
         let (socket, peer) = match accepted {
             Ok(accepted) => accepted,
@@ -181,19 +232,22 @@ async fn accept(
             continue;
         }
         let downstream = Downstream {
-            connection: next_connection.fetch_add(1, Ordering::Relaxed),
+            connection: proxy.next_connection.fetch_add(1, Ordering::Relaxed),
             peer,
             advertised: advertised.clone(),
+            broker: broker.clone(),
         };
         connections.spawn(serve_connection(
             proxy.clone(),
             downstream,
             socket,
-            shutdown.clone(),
+            stop.clone(),
         ));
         // Reap finished connections so the set does not grow with churn.
         while connections.try_join_next().is_some() {}
     }
+    // Free the port at once (a retired broker's port may be wanted again).
+    drop(listener);
     // Connections stop reading on the same signal and end once their requests are answered.
     while connections.join_next().await.is_some() {}
 }
@@ -202,7 +256,7 @@ async fn serve_connection(
     proxy: Arc<Proxy>,
     downstream: Downstream,
     socket: TcpStream,
-    mut shutdown: watch::Receiver<bool>,
+    mut stop: Stop,
 ) {
     let _connection = proxy.stats.connection();
     let _ = socket.set_nodelay(true);
@@ -215,9 +269,11 @@ async fn serve_connection(
     let (mut sink, mut stream) = framed.split();
     let in_flight = proxy.config.limits.max_in_flight_per_connection;
     let (outbound, mut responses) = mpsc::channel::<RemotingCommand>(in_flight);
-    proxy
-        .clients
-        .connected(downstream.connection, outbound.clone());
+    proxy.clients.connected(
+        downstream.connection,
+        outbound.clone(),
+        downstream.broker.clone(),
+    );
     let peer = downstream.peer;
     debug!(%peer, connection = downstream.connection, "client connected");
 
@@ -242,7 +298,7 @@ async fn serve_connection(
     loop {
         let frame = tokio::select! {
             frame = stream.next() => frame,
-            _ = shutdown.wait_for(|stop| *stop) => break,
+            () = stop.wait() => break,
         };
         let request = match frame {
             Some(Ok(command)) if command.is_response() => {
@@ -252,10 +308,16 @@ async fn serve_connection(
                 continue;
             }
             Some(Ok(command)) => command,
+            Some(Err(error)) if error.is_closed_connection() => {
+                debug!(%peer, %error, "client connection closed");
+                break;
+            }
             Some(Err(error)) => {
                 proxy.stats.decode_error();
                 // Without a decoded header there is no opaque to answer: close this connection only.
-                warn!(%peer, %error, "malformed frame from client, closing its connection");
+                if let Some(skipped) = MALFORMED_LOG.allow() {
+                    warn!(%peer, %error, skipped, "malformed frame from client, closing its connection");
+                }
                 break;
             }
             None => break,
@@ -280,7 +342,7 @@ async fn serve_connection(
     }
     // Answer what is in flight (graceful shutdown aborts this task at its deadline).
     while handlers.join_next().await.is_some() {}
-    dispatch::client_disconnected(&proxy, downstream.connection);
+    dispatch::client_disconnected(&proxy, &downstream);
     drop(outbound);
     let _ = writer.await;
     debug!(%peer, connection = downstream.connection, "client disconnected");

@@ -79,6 +79,10 @@ struct Connection {
     waiting: Mutex<HashMap<i32, oneshot::Sender<RemotingCommand>>>,
     next_opaque: AtomicI32,
     open: AtomicBool,
+    /// Dropped with the connection: its reader then stops and the socket closes. The pool and
+    /// each call in flight hold the connection, so a retired pool's connections close once their
+    /// last call is answered.
+    _alive: oneshot::Sender<()>,
 }
 
 impl Connection {
@@ -114,6 +118,8 @@ pub struct Pool {
     inbound: mpsc::Sender<Inbound>,
     pub stats: Arc<HostStats>,
     connects: AtomicU64,
+    /// Set when the endpoint left the route table: new connections serve one call and close.
+    retired: AtomicBool,
 }
 
 impl Pool {
@@ -136,6 +142,15 @@ impl Pool {
             inbound,
             stats,
             connects: AtomicU64::new(0),
+            retired: AtomicBool::new(false),
+        }
+    }
+
+    /// Stops keeping connections: each closes once the calls it carries are answered.
+    async fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        for slot in &self.slots {
+            slot.lock().await.take();
         }
     }
 
@@ -270,7 +285,9 @@ impl Pool {
         match self.connect().await {
             Ok(connection) => {
                 *self.backoff.lock().unwrap_or_else(PoisonError::into_inner) = Backoff::default();
-                *slot = Some(connection.clone());
+                if !self.retired.load(Ordering::Acquire) {
+                    *slot = Some(connection.clone());
+                }
                 Ok(connection)
             }
             Err(reason) => {
@@ -308,11 +325,13 @@ impl Pool {
         framed.set_backpressure_boundary(WRITE_BATCH_BYTES);
         let (mut sink, mut stream) = framed.split();
         let (outbound, mut queue) = mpsc::channel::<RemotingCommand>(WRITE_QUEUE);
+        let (alive, mut dropped) = oneshot::channel::<()>();
         let connection = Arc::new(Connection {
             outbound,
             waiting: Mutex::new(HashMap::new()),
             next_opaque: AtomicI32::new(1),
             open: AtomicBool::new(true),
+            _alive: alive,
         });
         let address = self.address;
         tokio::spawn(async move {
@@ -330,13 +349,23 @@ impl Pool {
                 }
             }
         });
-        let reader = connection.clone();
+        let reader = Arc::downgrade(&connection);
         let inbound = self.inbound.clone();
         tokio::spawn(async move {
             loop {
-                match stream.next().await {
+                let frame = tokio::select! {
+                    frame = stream.next() => frame,
+                    _ = &mut dropped => {
+                        debug!(%address, "upstream connection no longer used, closing it");
+                        break;
+                    }
+                };
+                match frame {
                     Some(Ok(command)) if command.is_response() => {
-                        let waiter = reader
+                        let Some(connection) = reader.upgrade() else {
+                            break;
+                        };
+                        let waiter = connection
                             .waiting
                             .lock()
                             .unwrap_or_else(PoisonError::into_inner)
@@ -361,6 +390,10 @@ impl Pool {
                             warn!(%address, "broker request dropped: the relay queue is full");
                         }
                     }
+                    Some(Err(error)) if error.is_closed_connection() => {
+                        debug!(%address, %error, "upstream connection closed");
+                        break;
+                    }
                     Some(Err(error)) => {
                         warn!(%address, %error, "malformed frame from upstream, closing the connection");
                         break;
@@ -371,7 +404,9 @@ impl Pool {
                     }
                 }
             }
-            reader.fail_all();
+            if let Some(connection) = reader.upgrade() {
+                connection.fail_all();
+            }
         });
         Ok(connection)
     }
@@ -430,6 +465,29 @@ impl Upstreams {
 
     pub fn existing(&self, address: SocketAddr) -> Option<Arc<Pool>> {
         self.pools.get(&address).map(|pool| pool.clone())
+    }
+
+    /// Whether `address` can take a request now: not in reconnect backoff (an endpoint never
+    /// used yet counts as connectable).
+    pub fn connectable(&self, address: SocketAddr) -> bool {
+        self.pools.get(&address).is_none_or(|pool| pool.healthy())
+    }
+
+    /// Drops the pools of endpoints not in `keep`; their connections drain (each closes after
+    /// its last call in flight is answered).
+    pub fn retain(&self, keep: &std::collections::HashSet<SocketAddr>) {
+        let mut retired = Vec::new();
+        self.pools.retain(|address, pool| {
+            let stays = keep.contains(address);
+            if !stays {
+                retired.push(pool.clone());
+            }
+            stays
+        });
+        for pool in retired {
+            debug!(address = %pool.address, "endpoint left the routes: draining its connections");
+            tokio::spawn(async move { pool.retire().await });
+        }
     }
 }
 

@@ -39,6 +39,12 @@ pub enum CodecError {
 }
 
 impl CodecError {
+    /// Whether the connection ended (reset, broken pipe, closed mid-frame) rather than sent bad
+    /// bytes: worth a quiet log, not a warning about malformed input.
+    pub fn is_closed_connection(&self) -> bool {
+        matches!(self, CodecError::Io(_) | CodecError::Truncated { .. })
+    }
+
     /// Whether the stream position is lost: after such an error no further frame can be found, so
     /// the connection must close. Other errors consumed exactly one bad frame.
     pub fn is_fatal(&self) -> bool {
