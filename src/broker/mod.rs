@@ -4,6 +4,7 @@ pub use crate::client_registry as clients;
 pub mod config;
 pub mod handlers;
 pub mod pop;
+pub mod queue_locks;
 pub mod schedule;
 pub mod server;
 pub mod state;

@@ -7,6 +7,7 @@ use tokio::sync::Notify;
 use super::clients::ClientRegistry;
 use super::config::BrokerConfig;
 use super::pop::PopState;
+use super::queue_locks::QueueLocks;
 use super::schedule::{Scheduler, parse_delay_levels};
 use super::store::metadata::{SubscriptionGroupConfig, TopicConfig, perm};
 use super::store::{MessageStore, Metadata, StoreError};
@@ -35,6 +36,8 @@ pub struct BrokerState {
     /// Woken on every stored message, so that parked pulls look again.
     pub arrivals: Notify,
     pub parked_pulls: AtomicUsize,
+    /// Orderly consumers' queue locks.
+    pub queue_locks: QueueLocks,
     queue_cursor: AtomicU32,
 }
 
@@ -78,6 +81,7 @@ impl BrokerState {
             scheduled: Notify::new(),
             arrivals: Notify::new(),
             parked_pulls: AtomicUsize::new(0),
+            queue_locks: QueueLocks::default(),
             queue_cursor: AtomicU32::new(0),
         })
     }

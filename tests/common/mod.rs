@@ -2,6 +2,8 @@
 //! ephemeral loopback ports, the client runtime, and a collecting listener.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

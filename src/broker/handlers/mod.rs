@@ -1,6 +1,7 @@
 //! Request handlers of the bundled broker, one module per family of codes.
 
 mod clients;
+mod locks;
 mod offsets;
 mod pop;
 pub mod pull;
@@ -45,6 +46,8 @@ pub async fn handle(
         }
         RequestCode::QUERY_ASSIGNMENT => pop::query_assignment(state, &request),
         RequestCode::SET_MESSAGE_REQUEST_MODE => pop::set_request_mode(state, &request),
+        RequestCode::LOCK_BATCH_MQ => locks::lock(state, &request),
+        RequestCode::UNLOCK_BATCH_MQ => locks::unlock(state, &request),
         RequestCode::END_TRANSACTION => transaction::end_transaction(state, &request).await,
         RequestCode::HEART_BEAT => clients::heartbeat(state, connection, &request),
         RequestCode::UNREGISTER_CLIENT => clients::unregister(state, &request),
