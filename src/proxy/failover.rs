@@ -203,3 +203,54 @@ pub async fn health_checks(proxy: Arc<Proxy>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::SidecarConfig;
+    use crate::proxy::routes::RouteTable;
+
+    #[test]
+    fn endpoints_in_backoff_are_skipped_while_another_can_serve() {
+        let config = SidecarConfig::parse(
+            r#"
+listeners: [{ address: "127.0.0.1:0" }]
+routes: [{ match: { topic: { prefix: "" } }, route: { cluster: c } }]
+clusters:
+  - name: c
+    endpoints:
+      - { address: "127.0.0.1:1", metadata: { broker_name: a, cluster_name: C } }
+      - { address: "127.0.0.1:2", metadata: { broker_name: b, cluster_name: C } }
+"#,
+        )
+        .expect("config");
+        let table = RouteTable::from_config(&config).expect("table");
+        let action = table.lookup("T", 10).expect("route");
+        let runtime = ClusterRuntime::new(&action.cluster);
+        let backing_off: SocketAddr = "127.0.0.1:1".parse().expect("address");
+        for _ in 0..200 {
+            let (endpoint, picked) = runtime
+                .pick(&action.cluster, &action, |_| true, |a| a != backing_off, &[])
+                .expect("a pick");
+            assert_ne!(endpoint.address, backing_off);
+            runtime.balancer.report(picked, Outcome::Success);
+        }
+        // With nothing else left, an endpoint in backoff is still tried.
+        let (endpoint, _) = runtime
+            .pick(
+                &action.cluster,
+                &action,
+                |_| true,
+                |a| a != backing_off,
+                &["127.0.0.1:2".parse().expect("address")],
+            )
+            .expect("a pick");
+        assert_eq!(endpoint.address, backing_off);
+        assert!(
+            runtime
+                .pick(&action.cluster, &action, |_| true, |_| false, &[])
+                .is_some(),
+            "every endpoint in backoff: one is still tried"
+        );
+    }
+}

@@ -586,13 +586,28 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("addr");
         drop(listener);
-        let (pool, _relayed) = pool(address, 4);
+        let (inbound, _relayed) = mpsc::channel(8);
+        let upstreams = Upstreams::new(inbound, 1 << 20);
+        assert!(upstreams.connectable(address), "never tried: connectable");
+        let pool = upstreams.pool(address, || {
+            let settings = PoolSettings {
+                connect_timeout: Duration::from_secs(2),
+                pool_size: 1,
+                max_in_flight: 4,
+                max_frame: 1 << 20,
+            };
+            (settings, Arc::new(HostStats::new("c", "b", address)))
+        });
         let first = pool.call(numbered(0), LIMIT).await;
         assert!(
             matches!(first, Err(UpstreamError::Connect { .. })),
             "{first:?}"
         );
         assert!(!pool.healthy());
+        assert!(
+            !upstreams.connectable(address),
+            "the balancer skips it while it backs off"
+        );
         let second = pool.call(numbered(1), LIMIT).await;
         assert!(
             matches!(second, Err(UpstreamError::Backoff { failures: 1, .. })),
@@ -619,6 +634,40 @@ mod tests {
             matches!(busy, Err(UpstreamError::Busy { limit: 1, .. })),
             "{busy:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_retired_pool_answers_its_calls_then_closes_its_connections() {
+        let (address, broker) = fake_broker(Duration::from_millis(200), false).await;
+        let (inbound, _relayed) = mpsc::channel(8);
+        let upstreams = Upstreams::new(inbound, 1 << 20);
+        let pool = upstreams.pool(address, || {
+            let settings = PoolSettings {
+                connect_timeout: Duration::from_secs(2),
+                pool_size: 1,
+                max_in_flight: 4,
+                max_frame: 1 << 20,
+            };
+            (settings, Arc::new(HostStats::new("c", "b", address)))
+        });
+        let in_flight = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.call(numbered(7), LIMIT).await }
+        });
+        // Retire once the call is on the wire.
+        while pool.in_flight() == 0 {
+            tokio::task::yield_now().await;
+        }
+        upstreams.retain(&Default::default());
+        assert!(upstreams.existing(address).is_none());
+        let answer = in_flight.await.expect("join").expect("answered");
+        assert_eq!(answer.remark.as_deref(), Some("answer to 7"));
+        drop(pool);
+        // The broker's side sees the connection close: its serving task ends.
+        tokio::time::timeout(LIMIT, broker)
+            .await
+            .expect("the retired connection closed")
+            .expect("join");
     }
 
     #[tokio::test]
