@@ -230,7 +230,13 @@ clusters:
         let backing_off: SocketAddr = "127.0.0.1:1".parse().expect("address");
         for _ in 0..200 {
             let (endpoint, picked) = runtime
-                .pick(&action.cluster, &action, |_| true, |a| a != backing_off, &[])
+                .pick(
+                    &action.cluster,
+                    &action,
+                    |_| true,
+                    |a| a != backing_off,
+                    &[],
+                )
                 .expect("a pick");
             assert_ne!(endpoint.address, backing_off);
             runtime.balancer.report(picked, Outcome::Success);
