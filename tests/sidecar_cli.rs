@@ -116,7 +116,12 @@ async fn brokers_in_route(namesrv: SocketAddr) -> Vec<(String, String)> {
         .broker_datas
         .into_iter()
         .map(|broker| {
-            let address = broker.broker_addrs.values().next().cloned().unwrap_or_default();
+            let address = broker
+                .broker_addrs
+                .values()
+                .next()
+                .cloned()
+                .unwrap_or_default();
             (broker.broker_name, address)
         })
         .collect()
@@ -141,7 +146,11 @@ async fn sighup_reloads_routes_and_keeps_them_when_the_file_is_invalid() {
 
     let before = brokers_in_route(namesrv).await;
     assert_eq!(before.len(), 1);
-    assert_ne!(before[0].1, namesrv.to_string(), "broker-a has its own address");
+    assert_ne!(
+        before[0].1,
+        namesrv.to_string(),
+        "broker-a has its own address"
+    );
 
     write_config(&path, &[("broker-a", a.addr), ("broker-b", b.addr)], "");
     sidecar.signal("HUP");
@@ -149,7 +158,10 @@ async fn sighup_reloads_routes_and_keeps_them_when_the_file_is_invalid() {
     let after = brokers_in_route(namesrv).await;
     let names: Vec<&str> = after.iter().map(|(name, _)| name.as_str()).collect();
     assert_eq!(names, ["broker-a", "broker-b"]);
-    assert_eq!(after[0], before[0], "broker-a keeps its address across the reload");
+    assert_eq!(
+        after[0], before[0],
+        "broker-a keeps its address across the reload"
+    );
     assert_ne!(after[0].1, after[1].1, "each broker has its own address");
 
     // An invalid file: refused, logged, and the routes in force stay.

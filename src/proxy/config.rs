@@ -667,6 +667,28 @@ mod tests {
     }
 
     #[test]
+    fn broker_listener_ports_are_a_range_or_a_base() {
+        let ports = |text: &str| {
+            BrokerListenersConfig {
+                port_range: Some(text.into()),
+                ..BrokerListenersConfig::default()
+            }
+            .ports()
+        };
+        assert_eq!(ports("30911-30913").expect("range"), Some(30911..=30913));
+        assert_eq!(ports("30911").expect("base"), Some(30911..=u16::MAX));
+        for bad in ["x", "5-3", "0-10", "1-70000"] {
+            assert!(ports(bad).is_err(), "{bad}");
+        }
+        let too_few = EXAMPLE.replace("\"10931-10939\"", "\"30911-30911\"");
+        assert!(
+            error_of(&too_few).contains("broker_listeners.port_range: 1 ports for 2 broker names"),
+            "{}",
+            error_of(&too_few)
+        );
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let unknown_cluster = EXAMPLE.replace("cluster: local-brokers", "cluster: nowhere");
         assert!(

@@ -263,6 +263,44 @@ fn bind_port(ip: IpAddr, port: u16) -> std::io::Result<TcpListener> {
 mod tests {
     use super::*;
 
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .map(|address| address.port())
+            .expect("a free port")
+    }
+
+    #[tokio::test]
+    async fn ports_come_from_the_range_and_a_returning_name_gets_its_own_back() {
+        let port = free_port();
+        let placement = Placement {
+            bind: IpAddr::from([127, 0, 0, 1]),
+            advertised_host: "127.0.0.1".into(),
+            ports: Some(port..=port),
+        };
+        let mut state = State::default();
+        let first = bind(&placement, &state, "a").expect("the range's port");
+        assert_eq!(first.local_addr().expect("addr").port(), port);
+        state.open.insert(
+            "a".into(),
+            Open {
+                local: first.local_addr().expect("addr"),
+                retire: watch::channel(false).0,
+                task: tokio::spawn(async {}),
+            },
+        );
+        state.remembered.insert("a".into(), port);
+        assert!(
+            bind(&placement, &state, "b").is_err(),
+            "the range is used up"
+        );
+        // "a" leaves (its port is freed) and comes back.
+        state.open.clear();
+        drop(first);
+        let again = bind(&placement, &state, "a").expect("rebind");
+        assert_eq!(again.local_addr().expect("addr").port(), port);
+    }
+
     #[test]
     fn hosts_are_split_from_ports() {
         assert_eq!(host_of("10.0.0.1:9876"), "10.0.0.1");
