@@ -48,6 +48,72 @@ fn null_as_default<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(
     Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }
 
+/// A Java enum by constant name. The C++ client 2.x writes enums as ordinals (`"messageModel":1`),
+/// so numbers are mapped to the names by `names` (Java's declaration order); an unknown ordinal
+/// keeps its number as text.
+fn enum_name<'de, D: Deserializer<'de>>(
+    deserializer: D,
+    names: &[&str],
+) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        Name(String),
+        Ordinal(i64),
+    }
+    Ok(match Option::<Form>::deserialize(deserializer)? {
+        None => String::new(),
+        Some(Form::Name(name)) => name,
+        Some(Form::Ordinal(ordinal)) => usize::try_from(ordinal)
+            .ok()
+            .and_then(|index| names.get(index))
+            .map_or_else(|| ordinal.to_string(), |name| (*name).to_owned()),
+    })
+}
+
+fn consume_from_where<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    enum_name(
+        deserializer,
+        &[
+            "CONSUME_FROM_LAST_OFFSET",
+            "CONSUME_FROM_LAST_OFFSET_AND_FROM_MIN_WHEN_BOOT_FIRST",
+            "CONSUME_FROM_MIN_OFFSET",
+            "CONSUME_FROM_MAX_OFFSET",
+            "CONSUME_FROM_FIRST_OFFSET",
+            "CONSUME_FROM_TIMESTAMP",
+        ],
+    )
+}
+
+fn consume_type<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    enum_name(
+        deserializer,
+        &["CONSUME_ACTIVELY", "CONSUME_PASSIVELY", "CONSUME_POP"],
+    )
+}
+
+fn message_model<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    enum_name(deserializer, &["BROADCASTING", "CLUSTERING"])
+}
+
+/// A number that may come as a JSON string (the C++ client writes `"subVersion":"1796…"`).
+fn number_or_text<'de, D: Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        Number(i64),
+        Text(String),
+    }
+    match Option::<Form>::deserialize(deserializer)? {
+        None => Ok(0),
+        Some(Form::Number(number)) => Ok(number),
+        Some(Form::Text(text)) => text
+            .trim()
+            .parse()
+            .map_err(|_| serde::de::Error::custom(format!("{text:?} is not a number"))),
+    }
+}
+
 /// A batch ack's bit set: Java (fastjson) sends `byte[]` as a base64 string, rocketmq-client-rust
 /// as an array of numbers. Both are kept as base64.
 fn bit_set_as_base64<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
@@ -149,15 +215,15 @@ json_bodies! {
     /// values from newer peers survive.
     pub struct ConsumerData {
         /// `CONSUME_FROM_LAST_OFFSET`, `CONSUME_FROM_FIRST_OFFSET`, `CONSUME_FROM_TIMESTAMP`, …
-        #[serde(deserialize_with = "null_as_default")]
+        #[serde(deserialize_with = "consume_from_where")]
         pub consume_from_where: String,
         /// `CONSUME_ACTIVELY` (pull), `CONSUME_PASSIVELY` (push) or `CONSUME_POP`.
-        #[serde(deserialize_with = "null_as_default")]
+        #[serde(deserialize_with = "consume_type")]
         pub consume_type: String,
         #[serde(deserialize_with = "null_as_default")]
         pub group_name: String,
         /// `CLUSTERING` or `BROADCASTING`.
-        #[serde(deserialize_with = "null_as_default")]
+        #[serde(deserialize_with = "message_model")]
         pub message_model: String,
         #[serde(deserialize_with = "null_as_default")]
         #[cfg_attr(test, proptest(strategy = "small_vec::<SubscriptionData>()"))]
@@ -177,7 +243,7 @@ json_bodies! {
         pub expression_type: Option<String>,
         #[serde(deserialize_with = "null_as_default")]
         pub sub_string: String,
-        #[serde(deserialize_with = "null_as_default")]
+        #[serde(deserialize_with = "number_or_text")]
         pub sub_version: i64,
         #[serde(deserialize_with = "null_as_default")]
         #[cfg_attr(test, proptest(strategy = "small_vec::<String>()"))]
@@ -508,6 +574,23 @@ mod tests {
             HeartbeatData::from_json(&heartbeat.to_json().expect("json")).expect("again"),
             heartbeat
         );
+    }
+
+    #[test]
+    fn heartbeat_from_the_cpp_client_parses() {
+        // As the Apache C++ client 2.x writes it: enums as ordinals, subVersion as a string.
+        let json = br#"{"clientID":"26633-127.0.0.1@cpp-1","consumerDataSet":[{"consumeFromWhere":4,"consumeType":1,"groupName":"g1","messageModel":0,"subscriptionDataSet":[{"subString":"*","subVersion":"1796175268311","topic":"%RETRY%g1"},{"subString":"*","subVersion":"1796175268311","topic":"CT"}]}]}"#;
+        let heartbeat = HeartbeatData::from_json(json).expect("parse");
+        let consumer = &heartbeat.consumer_data_set[0];
+        assert_eq!(consumer.consume_from_where, "CONSUME_FROM_FIRST_OFFSET");
+        assert_eq!(consumer.consume_type, "CONSUME_PASSIVELY");
+        assert_eq!(consumer.message_model, "BROADCASTING");
+        assert_eq!(consumer.subscription_data_set[1].sub_version, 1_796_175_268_311);
+        let unknown = br#"{"consumerDataSet":[{"consumeFromWhere":99,"groupName":"g"}]}"#;
+        let unknown = HeartbeatData::from_json(unknown).expect("parse");
+        assert_eq!(unknown.consumer_data_set[0].consume_from_where, "99");
+        let bad = br#"{"consumerDataSet":[{"subscriptionDataSet":[{"subVersion":"soon"}]}]}"#;
+        assert!(HeartbeatData::from_json(bad).is_err());
     }
 
     #[test]

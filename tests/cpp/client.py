@@ -1,0 +1,206 @@
+"""Drives the Apache RocketMQ C++ client 2.x (PyPI rocketmq==0.4.4) for rocketmesh's tests.
+
+    client.py produce --namesrv ADDR --topic T --count N --mode sync|async|oneway|orderly [--keys K]
+    client.py push    --namesrv ADDR --topic T --group G --expect N [--orderly] [--instance NAME]
+    client.py pull    --namesrv ADDR --topic T --group G --expect N
+
+Each command prints one JSON object on its last line of standard output and exits 0 when it did
+what it was asked. Every wait is bounded by --timeout-secs. Message bodies are "<prefix>-<i>";
+orderly sends use key i % K and the body "<prefix>-<key>-<seq>".
+"""
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+
+from rocketmq.client import Message, Producer, PullConsumer, PushConsumer
+
+
+def shut_down(consumer, limit_secs=5.0):
+    """Shuts a consumer down, waiting at most `limit_secs`: the C++ client can wait on a pull the
+    broker holds for its whole suspend time. The result is printed before this runs."""
+    worker = threading.Thread(target=consumer.shutdown, daemon=True)
+    worker.start()
+    worker.join(limit_secs)
+
+
+def produce(args):
+    producer = Producer(args.group)
+    producer.set_namesrv_addr(args.namesrv)
+    producer.set_timeout(10000)
+    producer.start()
+    sent, failed, errors = 0, 0, []
+    done = threading.Semaphore(0)
+    lock = threading.Lock()
+    counts = {"ok": 0, "failed": 0}
+    try:
+        for i in range(args.count):
+            msg = Message(args.topic)
+            if args.mode == "orderly":
+                key = i % args.keys
+                seq = i // args.keys
+                msg.set_keys("key-%d" % key)
+                msg.set_body("%s-%d-%d" % (args.prefix, key, seq))
+            else:
+                msg.set_keys("%s-%d" % (args.prefix, i))
+                msg.set_body("%s-%d" % (args.prefix, i))
+            try:
+                if args.mode == "sync":
+                    result = producer.send_sync(msg)
+                    if int(result.status) == 0:
+                        sent += 1
+                    else:
+                        failed += 1
+                elif args.mode == "orderly":
+                    result = producer.send_orderly(msg, key)
+                    if int(result.status) == 0:
+                        sent += 1
+                    else:
+                        failed += 1
+                elif args.mode == "oneway":
+                    producer.send_oneway(msg)
+                    sent += 1
+                else:
+
+                    def on_success(_result):
+                        with lock:
+                            counts["ok"] += 1
+                        done.release()
+
+                    def on_exception(error):
+                        with lock:
+                            counts["failed"] += 1
+                            errors.append(str(error))
+                        done.release()
+
+                    producer.send_async(msg, on_success, on_exception)
+            except Exception as error:  # noqa: BLE001 - every failure is reported, not raised
+                failed += 1
+                errors.append(str(error))
+        if args.mode == "async":
+            deadline = time.time() + args.timeout_secs
+            for _ in range(args.count - failed):
+                if not done.acquire(timeout=max(0.0, deadline - time.time())):
+                    break
+            with lock:
+                sent, failed = counts["ok"], failed + counts["failed"]
+    finally:
+        producer.shutdown()
+    print(json.dumps({"mode": args.mode, "sent": sent, "failed": failed, "errors": errors[:5]}))
+    return 0 if sent == args.count else 1
+
+
+def push(args):
+    consumer = PushConsumer(args.group, orderly=args.orderly)
+    consumer.set_namesrv_addr(args.namesrv)
+    consumer.set_instance_name(args.instance)
+    consumer.set_thread_count(1)
+    consumer.set_message_batch_max_size(1)
+    received = []
+    lock = threading.Lock()
+    arrived = threading.Condition(lock)
+    stopping = threading.Event()
+
+    def on_message(msg):
+        if stopping.is_set():
+            # Not reported, so never acknowledged either: hold it until the process exits.
+            stopping.wait()
+            time.sleep(3600)
+        with lock:
+            received.append(
+                {
+                    "body": msg.body.decode("utf-8"),
+                    "queue_id": msg.queue_id,
+                    "queue_offset": msg.queue_offset,
+                    "reconsume_times": msg.reconsume_times,
+                }
+            )
+            arrived.notify_all()
+
+    consumer.subscribe(args.topic, on_message)
+    consumer.start()
+    deadline = time.time() + args.timeout_secs
+    quiet_since = time.time()
+    # Runs until the group as a whole could be done: --expect distinct bodies here, or (for a
+    # member sharing the work) no new message for --quiet-secs after the first one.
+    with lock:
+        while time.time() < deadline:
+            seen = len(received)
+            if len({m["body"] for m in received}) >= args.expect:
+                break
+            arrived.wait(timeout=0.2)
+            if len(received) != seen:
+                quiet_since = time.time()
+            elif received and time.time() - quiet_since > args.quiet_secs:
+                break
+        stopping.set()
+        bodies = [m["body"] for m in received]
+        print(
+            json.dumps(
+                {
+                    "instance": args.instance,
+                    "received": len(bodies),
+                    "distinct": len(set(bodies)),
+                    "messages": received,
+                }
+            ),
+            flush=True,
+        )
+    shut_down(consumer)
+    return 0
+
+
+def pull(args):
+    consumer = PullConsumer(args.group)
+    consumer.set_namesrv_addr(args.namesrv)
+    consumer.start()
+    bodies = []
+    queues = set()
+    deadline = time.time() + args.timeout_secs
+    try:
+        while time.time() < deadline and len(set(bodies)) < args.expect:
+            for msg in consumer.pull(args.topic):
+                bodies.append(msg.body.decode("utf-8"))
+                queues.add(msg.queue_id)
+    finally:
+        print(
+            json.dumps(
+                {
+                    "received": len(bodies),
+                    "distinct": len(set(bodies)),
+                    "queues": sorted(queues),
+                }
+            ),
+            flush=True,
+        )
+        shut_down(consumer)
+    return 0 if len(set(bodies)) >= args.expect else 1
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("command", choices=["produce", "push", "pull"])
+    parser.add_argument("--namesrv", required=True)
+    parser.add_argument("--topic", required=True)
+    parser.add_argument("--group", default="cpp_group")
+    parser.add_argument("--count", type=int, default=100)
+    parser.add_argument("--expect", type=int, default=100)
+    parser.add_argument("--mode", default="sync", choices=["sync", "async", "oneway", "orderly"])
+    parser.add_argument("--keys", type=int, default=8)
+    parser.add_argument("--prefix", default="m")
+    parser.add_argument("--orderly", action="store_true")
+    parser.add_argument("--instance", default="cpp-1")
+    parser.add_argument("--timeout-secs", type=float, default=90)
+    parser.add_argument("--quiet-secs", type=float, default=5)
+    args = parser.parse_args()
+    return {"produce": produce, "push": push, "pull": pull}[args.command](args)
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    # Skips the binding's destructors, which would shut the consumer down again and may wait.
+    os._exit(code)

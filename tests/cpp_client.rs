@@ -1,0 +1,471 @@
+//! The Apache RocketMQ C++ client 2.x as a second real peer, through its Python binding (PyPI
+//! `rocketmq==0.4.4`, which bundles `librocketmq`). It sends no `bname`, reads JSON headers with
+//! string values only, and writes enums as numbers in its heartbeats: everything the sidecar must
+//! not depend on. Driven by `tests/cpp/client.py`, straight to a bundled broker and through a
+//! two-broker sidecar.
+//!
+//! The binding is installed on first use into a virtual environment under the build directory
+//! (`target/tmp/cpp-client-0.4.4`), so a clean clone needs only Python 3 and PyPI.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::RunningBroker;
+use common::raw::RawClient;
+use rocketmesh::proxy::{self, SidecarConfig};
+use rocketmesh::remoting::body::{ConsumerList, JsonBody};
+use rocketmesh::remoting::header::{
+    GetConsumerListByGroupRequestHeader, GetMaxOffsetRequestHeader, PullMessageRequestHeader,
+};
+use rocketmesh::remoting::message::MessageRecord;
+use rocketmesh::remoting::{RemotingCommand, RequestCode};
+use serde_json::Value;
+
+const PACKAGE: &str = "rocketmq==0.4.4";
+/// The longest any one client run may take before it is killed.
+const RUN_LIMIT: Duration = Duration::from_secs(180);
+const PER_MODE: usize = 100;
+
+/// The virtual environment's python, installing the binding the first time.
+fn python() -> &'static Path {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON.get_or_init(|| {
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let venv = root.join("cpp-client-0.4.4");
+        let python = venv.join("bin").join("python");
+        if python.exists() {
+            return python;
+        }
+        // Built beside, then renamed into place: a half-made environment is never used.
+        let building = root.join(format!("cpp-client-building-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&building);
+        let status = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&building)
+            .status()
+            .expect("python3 is needed for the C++ client tests");
+        assert!(status.success(), "python3 -m venv failed");
+        let status = Command::new(building.join("bin").join("pip"))
+            .args([
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                PACKAGE,
+            ])
+            .status()
+            .expect("pip");
+        assert!(status.success(), "pip install {PACKAGE} failed");
+        if std::fs::rename(&building, &venv).is_err() {
+            // Another test process finished first; its environment is as good.
+            let _ = std::fs::remove_dir_all(&building);
+        }
+        python
+    })
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cpp/client.py")
+}
+
+/// Runs `client.py` with `args` (blocking; killed after [`RUN_LIMIT`]) and returns its JSON line.
+fn run_client(home: &Path, args: &[String]) -> Value {
+    let child = Command::new(python())
+        .arg(script())
+        .args(args)
+        // The C++ client writes its logs under $HOME/logs.
+        .env("HOME", home)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the C++ client");
+    let pid = child.id();
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(child.wait_with_output());
+    });
+    let output = match finished.recv_timeout(RUN_LIMIT) {
+        Ok(output) => output.expect("the client's output"),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
+            panic!("the C++ client ({args:?}) did not finish within {RUN_LIMIT:?}");
+        }
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    let value: Value = serde_json::from_str(last).unwrap_or_else(|_| {
+        panic!(
+            "no result from the C++ client ({args:?}): {stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    assert!(
+        output.status.success(),
+        "the C++ client ({args:?}) failed: {value}"
+    );
+    value
+}
+
+fn args(parts: &[&str]) -> Vec<String> {
+    parts.iter().map(|part| (*part).to_owned()).collect()
+}
+
+async fn client(home: &Path, parts: Vec<String>) -> Value {
+    let home = home.to_owned();
+    tokio::task::spawn_blocking(move || run_client(&home, &parts))
+        .await
+        .expect("join")
+}
+
+/// The members of `group` that `namesrv` knows (the sidecar answers from its own registry).
+async fn members(namesrv: SocketAddr, group: &str) -> usize {
+    let answer = RawClient::connect(namesrv)
+        .await
+        .call(
+            RemotingCommand::request(RequestCode::GET_CONSUMER_LIST_BY_GROUP, 0).with_header(
+                &GetConsumerListByGroupRequestHeader {
+                    consumer_group: group.into(),
+                    ..Default::default()
+                },
+            ),
+        )
+        .await;
+    ConsumerList::from_json(&answer.body)
+        .map(|list| list.consumer_id_list.len())
+        .unwrap_or(0)
+}
+
+/// Two push consumers of one group join, then the producer sends with every mode and the two
+/// share the messages; then a pull consumer reads them all. Asserts and prints the counts.
+async fn produce_and_consume(home: &Path, namesrv: SocketAddr, topic: &str, label: &str) {
+    let address = namesrv.to_string();
+    let total = 3 * PER_MODE;
+    let expect = total.to_string();
+    let group = format!("{label}_push_group");
+    // Each member stops 5 s after its last message (or at --expect): the group as a whole is done.
+    let member = |instance: &'static str| {
+        let home = home.to_owned();
+        let parts = args(&[
+            "push", "--namesrv", &address, "--topic", topic, "--group", &group, "--expect",
+            &expect, "--instance", instance, "--quiet-secs", "5",
+        ]);
+        tokio::task::spawn_blocking(move || run_client(&home, &parts))
+    };
+    let (first, second) = (member("member-1"), member("member-2"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while members(namesrv, &group).await < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "both C++ consumers registered in time"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let count = PER_MODE.to_string();
+    for mode in ["sync", "async", "oneway"] {
+        let result = client(
+            home,
+            args(&[
+                "produce", "--namesrv", &address, "--topic", topic, "--count", &count, "--mode",
+                mode, "--prefix", mode,
+            ]),
+        )
+        .await;
+        assert_eq!(result["sent"], PER_MODE, "{mode}: {result}");
+    }
+    let bodies = |result: &Value| -> Vec<String> {
+        result["messages"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|message| message["body"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let first = bodies(&first.await.expect("join"));
+    let second = bodies(&second.await.expect("join"));
+    let mut all: BTreeMap<&str, usize> = BTreeMap::new();
+    for body in first.iter().chain(&second) {
+        *all.entry(body.as_str()).or_default() += 1;
+    }
+    let duplicates = all.values().filter(|count| **count > 1).count();
+    println!(
+        "{label}: C++ producer sent {total} (sync, async, oneway {PER_MODE} each); two push consumers of one group received {} + {} = {} deliveries, {} distinct, {duplicates} duplicates",
+        first.len(),
+        second.len(),
+        first.len() + second.len(),
+        all.len()
+    );
+    assert_eq!(all.len(), total, "every message was delivered");
+    assert_eq!(duplicates, 0, "exactly once across the two members");
+    assert!(
+        !first.is_empty() && !second.is_empty(),
+        "both members took part"
+    );
+
+    let pulled = client(
+        home,
+        args(&[
+            "pull",
+            "--namesrv",
+            &address,
+            "--topic",
+            topic,
+            "--group",
+            &format!("{label}_pull_group"),
+            "--expect",
+            &expect,
+        ]),
+    )
+    .await;
+    println!(
+        "{label}: C++ pull consumer read {} messages, {} distinct, from queues {}",
+        pulled["received"], pulled["distinct"], pulled["queues"]
+    );
+    assert_eq!(pulled["distinct"], total);
+}
+
+fn two_broker_config(a: SocketAddr, b: SocketAddr) -> SidecarConfig {
+    SidecarConfig::parse(&format!(
+        r#"
+listeners: [{{ address: "127.0.0.1:0" }}]
+admin: {{ address: null }}
+routes:
+  - match: {{ topic: {{ prefix: "Order" }} }}
+    route: {{ cluster: local, ordered: true }}
+  - match: {{ topic: {{ prefix: "" }} }}
+    route: {{ cluster: local }}
+clusters:
+  - name: local
+    endpoints:
+      - {{ address: "{a}", metadata: {{ broker_name: broker-a, cluster_name: DefaultCluster }} }}
+      - {{ address: "{b}", metadata: {{ broker_name: broker-b, cluster_name: DefaultCluster }} }}
+"#
+    ))
+    .expect("config")
+}
+
+async fn two_brokers(data: &Path) -> (RunningBroker, RunningBroker) {
+    let a = RunningBroker::start_with(&data.join("a"), |config| {
+        config.broker_name = "broker-a".into();
+    })
+    .await;
+    let b = RunningBroker::start_with(&data.join("b"), |config| {
+        config.broker_name = "broker-b".into();
+    })
+    .await;
+    (a, b)
+}
+
+async fn messages_on(broker: SocketAddr, topic: &str) -> i64 {
+    let mut connection = RawClient::connect(broker).await;
+    let mut total = 0;
+    for queue_id in 0..4 {
+        let answer = connection
+            .call(
+                RemotingCommand::request(RequestCode::GET_MAX_OFFSET, 0).with_header(
+                    &GetMaxOffsetRequestHeader {
+                        topic: topic.into(),
+                        queue_id,
+                        ..Default::default()
+                    },
+                ),
+            )
+            .await;
+        total += answer
+            .ext("offset")
+            .and_then(|offset| offset.parse::<i64>().ok())
+            .unwrap_or(0);
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpp_client_straight_to_a_broker() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let broker = RunningBroker::start_with(&data.path().join("broker"), |config| {
+        config.broker_name = "broker-a".into();
+    })
+    .await;
+    produce_and_consume(data.path(), broker.addr, "CppStraight", "straight").await;
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpp_client_through_a_two_broker_sidecar() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let (a, b) = two_brokers(data.path()).await;
+    let sidecar = proxy::start(two_broker_config(a.addr, b.addr))
+        .await
+        .expect("sidecar");
+    produce_and_consume(data.path(), sidecar.listeners[0], "CppMesh", "sidecar").await;
+    let (on_a, on_b) = (
+        messages_on(a.addr, "CppMesh").await,
+        messages_on(b.addr, "CppMesh").await,
+    );
+    println!("sidecar: the sends landed {on_a} on broker-a and {on_b} on broker-b");
+    assert_eq!(on_a + on_b, 3 * PER_MODE as i64);
+    assert!(on_a > 0 && on_b > 0, "both brokers took sends");
+    sidecar.shutdown().await;
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Which (broker, queue) holds the messages of each key, read from each broker directly.
+async fn placements(
+    brokers: &[(&str, SocketAddr)],
+    topic: &str,
+) -> BTreeMap<String, BTreeMap<(String, i32), usize>> {
+    let mut placements: BTreeMap<String, BTreeMap<(String, i32), usize>> = BTreeMap::new();
+    for (name, address) in brokers {
+        let mut connection = RawClient::connect(*address).await;
+        for queue_id in 0..4 {
+            let mut offset = 0;
+            loop {
+                let pull = RemotingCommand::request(RequestCode::PULL_MESSAGE, 0).with_header(
+                    &PullMessageRequestHeader {
+                        consumer_group: "placement_reader".into(),
+                        topic: topic.into(),
+                        queue_id,
+                        queue_offset: offset,
+                        max_msg_nums: 32,
+                        // The subscription travels with the request.
+                        sys_flag: 4,
+                        subscription: Some("*".into()),
+                        expression_type: Some("TAG".into()),
+                        ..Default::default()
+                    },
+                );
+                let answer = connection.call(pull).await;
+                if answer.code != 0 {
+                    break;
+                }
+                let mut rest = answer.body.clone();
+                while !rest.is_empty() {
+                    let Ok((record, used)) = MessageRecord::decode(&rest, false) else {
+                        break;
+                    };
+                    let key = record.properties.get("KEYS").cloned().unwrap_or_default();
+                    *placements
+                        .entry(key)
+                        .or_default()
+                        .entry(((*name).to_owned(), record.queue_id))
+                        .or_default() += 1;
+                    rest = rest.slice(used..);
+                }
+                match answer
+                    .ext("nextBeginOffset")
+                    .and_then(|next| next.parse::<i64>().ok())
+                {
+                    Some(next) if next > offset => offset = next,
+                    _ => break,
+                }
+            }
+        }
+    }
+    placements
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpp_orderly_sends_keep_partition_order_through_the_mesh() {
+    const KEYS: usize = 8;
+    const PER_KEY: usize = 500;
+    const TOPIC: &str = "OrderedCpp";
+    let data = tempfile::tempdir().expect("tempdir");
+    let (a, b) = two_brokers(data.path()).await;
+    let sidecar = proxy::start(two_broker_config(a.addr, b.addr))
+        .await
+        .expect("sidecar");
+    let namesrv = sidecar.listeners[0].to_string();
+    let total = (KEYS * PER_KEY).to_string();
+    let sent = client(
+        data.path(),
+        args(&[
+            "produce",
+            "--namesrv",
+            &namesrv,
+            "--topic",
+            TOPIC,
+            "--count",
+            &total,
+            "--mode",
+            "orderly",
+            "--keys",
+            &KEYS.to_string(),
+            "--prefix",
+            "o",
+        ]),
+    )
+    .await;
+    assert_eq!(sent["sent"], KEYS * PER_KEY, "{sent}");
+
+    // Each key on one broker and one queue, as the client's selector chose.
+    let brokers = [("broker-a", a.addr), ("broker-b", b.addr)];
+    let mut map = BTreeMap::new();
+    let mut all = placements(&brokers, TOPIC).await;
+    for key in 0..KEYS {
+        let placement = all.remove(&format!("key-{key}")).unwrap_or_default();
+        assert_eq!(
+            placement.len(),
+            1,
+            "key-{key} must land on one broker and queue: {placement:?}"
+        );
+        let ((broker, queue), count) = placement.into_iter().next().expect("one placement");
+        assert_eq!(count, PER_KEY, "every message of key-{key}");
+        map.insert(key, (broker, queue));
+    }
+    let placements: BTreeSet<_> = map.values().collect();
+    println!("key -> broker/queue: {map:?}");
+    assert_eq!(
+        placements.len(),
+        KEYS,
+        "the client's 8 queues (2 brokers x 4) each got one key"
+    );
+
+    let received = client(
+        data.path(),
+        args(&[
+            "push",
+            "--orderly",
+            "--namesrv",
+            &namesrv,
+            "--topic",
+            TOPIC,
+            "--group",
+            "ordered_cpp_group",
+            "--expect",
+            &total,
+        ]),
+    )
+    .await;
+    let mut next: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut out_of_order = 0;
+    let mut deliveries = 0;
+    for message in received["messages"].as_array().into_iter().flatten() {
+        let body = message["body"].as_str().unwrap_or_default();
+        let mut parts = body.split('-').skip(1).map(|part| part.parse::<usize>());
+        let (Some(Ok(key)), Some(Ok(sequence))) = (parts.next(), parts.next()) else {
+            panic!("unexpected body {body:?}");
+        };
+        deliveries += 1;
+        let expected = next.entry(key).or_default();
+        if sequence != *expected {
+            out_of_order += 1;
+        }
+        *expected = sequence + 1;
+    }
+    println!(
+        "orderly C++ consumer: {deliveries} deliveries of {total} sent, {out_of_order} out of send order"
+    );
+    assert_eq!(deliveries, KEYS * PER_KEY);
+    assert_eq!(out_of_order, 0, "each key's messages arrive in send order");
+    assert!(next.values().all(|count| *count == PER_KEY));
+    sidecar.shutdown().await;
+    a.stop().await;
+    b.stop().await;
+}
