@@ -52,12 +52,7 @@ fn python() -> &'static Path {
             .expect("python3 is needed for the C++ client tests");
         assert!(status.success(), "python3 -m venv failed");
         let status = Command::new(building.join("bin").join("pip"))
-            .args([
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                PACKAGE,
-            ])
+            .args(["install", "--quiet", "--disable-pip-version-check", PACKAGE])
             .status()
             .expect("pip");
         assert!(status.success(), "pip install {PACKAGE} failed");
@@ -92,9 +87,7 @@ fn run_client(home: &Path, args: &[String]) -> Value {
     let output = match finished.recv_timeout(RUN_LIMIT) {
         Ok(output) => output.expect("the client's output"),
         Err(_) => {
-            let _ = Command::new("kill")
-                .args(["-9", &pid.to_string()])
-                .status();
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
             panic!("the C++ client ({args:?}) did not finish within {RUN_LIMIT:?}");
         }
     };
@@ -153,8 +146,19 @@ async fn produce_and_consume(home: &Path, namesrv: SocketAddr, topic: &str, labe
     let member = |instance: &'static str| {
         let home = home.to_owned();
         let parts = args(&[
-            "push", "--namesrv", &address, "--topic", topic, "--group", &group, "--expect",
-            &expect, "--instance", instance, "--quiet-secs", "5",
+            "push",
+            "--namesrv",
+            &address,
+            "--topic",
+            topic,
+            "--group",
+            &group,
+            "--expect",
+            &expect,
+            "--instance",
+            instance,
+            "--quiet-secs",
+            "5",
         ]);
         tokio::task::spawn_blocking(move || run_client(&home, &parts))
     };
@@ -172,8 +176,17 @@ async fn produce_and_consume(home: &Path, namesrv: SocketAddr, topic: &str, labe
         let result = client(
             home,
             args(&[
-                "produce", "--namesrv", &address, "--topic", topic, "--count", &count, "--mode",
-                mode, "--prefix", mode,
+                "produce",
+                "--namesrv",
+                &address,
+                "--topic",
+                topic,
+                "--count",
+                &count,
+                "--mode",
+                mode,
+                "--prefix",
+                mode,
             ]),
         )
         .await;
@@ -371,44 +384,44 @@ async fn placements(
     placements
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cpp_orderly_sends_keep_partition_order_through_the_mesh() {
-    const KEYS: usize = 8;
-    const PER_KEY: usize = 500;
-    const TOPIC: &str = "OrderedCpp";
-    let data = tempfile::tempdir().expect("tempdir");
-    let (a, b) = two_brokers(data.path()).await;
-    let sidecar = proxy::start(two_broker_config(a.addr, b.addr))
-        .await
-        .expect("sidecar");
-    let namesrv = sidecar.listeners[0].to_string();
-    let total = (KEYS * PER_KEY).to_string();
+/// Orderly sends of `keys` sharding keys × `per_key` messages, then an orderly push consumer.
+/// Every key must sit on one broker and queue (of `brokers`, read directly) and arrive in send
+/// order. Returns the key → (broker, queue) map.
+async fn orderly_round(
+    home: &Path,
+    namesrv: SocketAddr,
+    brokers: &[(&str, SocketAddr)],
+    topic: &str,
+    keys: usize,
+    per_key: usize,
+) -> BTreeMap<usize, (String, i32)> {
+    let namesrv = namesrv.to_string();
+    let total = (keys * per_key).to_string();
     let sent = client(
-        data.path(),
+        home,
         args(&[
             "produce",
             "--namesrv",
             &namesrv,
             "--topic",
-            TOPIC,
+            topic,
             "--count",
             &total,
             "--mode",
             "orderly",
             "--keys",
-            &KEYS.to_string(),
+            &keys.to_string(),
             "--prefix",
             "o",
         ]),
     )
     .await;
-    assert_eq!(sent["sent"], KEYS * PER_KEY, "{sent}");
+    assert_eq!(sent["sent"], keys * per_key, "{sent}");
 
     // Each key on one broker and one queue, as the client's selector chose.
-    let brokers = [("broker-a", a.addr), ("broker-b", b.addr)];
     let mut map = BTreeMap::new();
-    let mut all = placements(&brokers, TOPIC).await;
-    for key in 0..KEYS {
+    let mut all = placements(brokers, topic).await;
+    for key in 0..keys {
         let placement = all.remove(&format!("key-{key}")).unwrap_or_default();
         assert_eq!(
             placement.len(),
@@ -416,28 +429,21 @@ async fn cpp_orderly_sends_keep_partition_order_through_the_mesh() {
             "key-{key} must land on one broker and queue: {placement:?}"
         );
         let ((broker, queue), count) = placement.into_iter().next().expect("one placement");
-        assert_eq!(count, PER_KEY, "every message of key-{key}");
+        assert_eq!(count, per_key, "every message of key-{key}");
         map.insert(key, (broker, queue));
     }
-    let placements: BTreeSet<_> = map.values().collect();
-    println!("key -> broker/queue: {map:?}");
-    assert_eq!(
-        placements.len(),
-        KEYS,
-        "the client's 8 queues (2 brokers x 4) each got one key"
-    );
 
     let received = client(
-        data.path(),
+        home,
         args(&[
             "push",
             "--orderly",
             "--namesrv",
             &namesrv,
             "--topic",
-            TOPIC,
+            topic,
             "--group",
-            "ordered_cpp_group",
+            &format!("{topic}_group"),
             "--expect",
             &total,
         ]),
@@ -460,11 +466,58 @@ async fn cpp_orderly_sends_keep_partition_order_through_the_mesh() {
         *expected = sequence + 1;
     }
     println!(
-        "orderly C++ consumer: {deliveries} deliveries of {total} sent, {out_of_order} out of send order"
+        "{topic}: C++ send_orderly {total} ({keys} keys x {per_key}); key -> broker/queue {map:?}; orderly consumer: {deliveries} deliveries, {out_of_order} out of send order"
     );
-    assert_eq!(deliveries, KEYS * PER_KEY);
+    assert_eq!(deliveries, keys * per_key);
     assert_eq!(out_of_order, 0, "each key's messages arrive in send order");
-    assert!(next.values().all(|count| *count == PER_KEY));
+    assert!(next.values().all(|count| *count == per_key));
+    map
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpp_orderly_sends_straight_to_a_broker() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let broker = RunningBroker::start_with(&data.path().join("broker"), |config| {
+        config.broker_name = "broker-a".into();
+    })
+    .await;
+    let map = orderly_round(
+        data.path(),
+        broker.addr,
+        &[("broker-a", broker.addr)],
+        "OrderedStraight",
+        4,
+        100,
+    )
+    .await;
+    let queues: BTreeSet<_> = map.values().collect();
+    assert_eq!(queues.len(), 4, "4 keys over the broker's 4 queues");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpp_orderly_sends_keep_partition_order_through_the_mesh() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let (a, b) = two_brokers(data.path()).await;
+    let sidecar = proxy::start(two_broker_config(a.addr, b.addr))
+        .await
+        .expect("sidecar");
+    let brokers = [("broker-a", a.addr), ("broker-b", b.addr)];
+    let map = orderly_round(
+        data.path(),
+        sidecar.listeners[0],
+        &brokers,
+        "OrderedCpp",
+        8,
+        500,
+    )
+    .await;
+    let placements: BTreeSet<_> = map.values().collect();
+    assert_eq!(
+        placements.len(),
+        8,
+        "the client's 8 queues (2 brokers x 4) each got one key"
+    );
     sidecar.shutdown().await;
     a.stop().await;
     b.stop().await;

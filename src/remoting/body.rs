@@ -585,7 +585,10 @@ mod tests {
         assert_eq!(consumer.consume_from_where, "CONSUME_FROM_FIRST_OFFSET");
         assert_eq!(consumer.consume_type, "CONSUME_PASSIVELY");
         assert_eq!(consumer.message_model, "BROADCASTING");
-        assert_eq!(consumer.subscription_data_set[1].sub_version, 1_796_175_268_311);
+        assert_eq!(
+            consumer.subscription_data_set[1].sub_version,
+            1_796_175_268_311
+        );
         let unknown = br#"{"consumerDataSet":[{"consumeFromWhere":99,"groupName":"g"}]}"#;
         let unknown = HeartbeatData::from_json(unknown).expect("parse");
         assert_eq!(unknown.consumer_data_set[0].consume_from_where, "99");
