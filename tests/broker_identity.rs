@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 
 use common::RunningBroker;
 use common::raw::RawClient;
-use rocketmesh::proxy::{self, SidecarConfig};
+use rocketmesh::proxy;
 use rocketmesh::remoting::body::{
     ConsumerData, HeartbeatData, JsonBody, LockBatchRequestBody, LockBatchResponseBody,
     MessageQueue, TopicRouteData,
@@ -27,26 +27,6 @@ use rocketmesh::remoting::{RemotingCommand, RequestCode, ResponseCode};
 
 const TOPIC: &str = "IdentityTopic";
 const GROUP: &str = "identity_group";
-
-fn sidecar_config(a: SocketAddr, b: SocketAddr) -> SidecarConfig {
-    SidecarConfig::parse(&format!(
-        r#"
-listeners: [{{ address: "127.0.0.1:0" }}]
-admin: {{ address: null }}
-routes:
-  - match: {{ topic: {{ prefix: "Ordered" }} }}
-    route: {{ cluster: local, ordered: true }}
-  - match: {{ topic: {{ prefix: "" }} }}
-    route: {{ cluster: local }}
-clusters:
-  - name: local
-    endpoints:
-      - {{ address: "{a}", metadata: {{ broker_name: broker-a, cluster_name: DefaultCluster }} }}
-      - {{ address: "{b}", metadata: {{ broker_name: broker-b, cluster_name: DefaultCluster }} }}
-"#
-    ))
-    .expect("config")
-}
 
 fn send_request(topic: &str, queue_id: i32, properties: String, sys_flag: i32) -> RemotingCommand {
     let header = SendMessageRequestHeader {
@@ -124,9 +104,12 @@ async fn mesh() -> Mesh {
         config.broker_name = "broker-b".into();
     })
     .await;
-    let sidecar = proxy::start(sidecar_config(a.addr, b.addr))
-        .await
-        .expect("sidecar");
+    let sidecar = proxy::start(common::sidecar_config(
+        &[("broker-a", a.addr), ("broker-b", b.addr)],
+        common::ORDERED_THEN_ALL,
+    ))
+    .await
+    .expect("sidecar");
     let through = sidecar
         .proxy
         .broker_listeners

@@ -18,11 +18,9 @@ use std::time::Duration;
 
 use common::RunningBroker;
 use common::raw::RawClient;
-use rocketmesh::proxy::{self, SidecarConfig};
+use rocketmesh::proxy;
 use rocketmesh::remoting::body::{ConsumerList, JsonBody};
-use rocketmesh::remoting::header::{
-    GetConsumerListByGroupRequestHeader, GetMaxOffsetRequestHeader, PullMessageRequestHeader,
-};
+use rocketmesh::remoting::header::{GetConsumerListByGroupRequestHeader, PullMessageRequestHeader};
 use rocketmesh::remoting::message::MessageRecord;
 use rocketmesh::remoting::{RemotingCommand, RequestCode};
 use serde_json::Value;
@@ -243,26 +241,6 @@ async fn produce_and_consume(home: &Path, namesrv: SocketAddr, topic: &str, labe
     assert_eq!(pulled["distinct"], total);
 }
 
-fn two_broker_config(a: SocketAddr, b: SocketAddr) -> SidecarConfig {
-    SidecarConfig::parse(&format!(
-        r#"
-listeners: [{{ address: "127.0.0.1:0" }}]
-admin: {{ address: null }}
-routes:
-  - match: {{ topic: {{ prefix: "Order" }} }}
-    route: {{ cluster: local, ordered: true }}
-  - match: {{ topic: {{ prefix: "" }} }}
-    route: {{ cluster: local }}
-clusters:
-  - name: local
-    endpoints:
-      - {{ address: "{a}", metadata: {{ broker_name: broker-a, cluster_name: DefaultCluster }} }}
-      - {{ address: "{b}", metadata: {{ broker_name: broker-b, cluster_name: DefaultCluster }} }}
-"#
-    ))
-    .expect("config")
-}
-
 async fn two_brokers(data: &Path) -> (RunningBroker, RunningBroker) {
     let a = RunningBroker::start_with(&data.join("a"), |config| {
         config.broker_name = "broker-a".into();
@@ -273,29 +251,6 @@ async fn two_brokers(data: &Path) -> (RunningBroker, RunningBroker) {
     })
     .await;
     (a, b)
-}
-
-async fn messages_on(broker: SocketAddr, topic: &str) -> i64 {
-    let mut connection = RawClient::connect(broker).await;
-    let mut total = 0;
-    for queue_id in 0..4 {
-        let answer = connection
-            .call(
-                RemotingCommand::request(RequestCode::GET_MAX_OFFSET, 0).with_header(
-                    &GetMaxOffsetRequestHeader {
-                        topic: topic.into(),
-                        queue_id,
-                        ..Default::default()
-                    },
-                ),
-            )
-            .await;
-        total += answer
-            .ext("offset")
-            .and_then(|offset| offset.parse::<i64>().ok())
-            .unwrap_or(0);
-    }
-    total
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -313,13 +268,16 @@ async fn cpp_client_straight_to_a_broker() {
 async fn cpp_client_through_a_two_broker_sidecar() {
     let data = tempfile::tempdir().expect("tempdir");
     let (a, b) = two_brokers(data.path()).await;
-    let sidecar = proxy::start(two_broker_config(a.addr, b.addr))
-        .await
-        .expect("sidecar");
+    let sidecar = proxy::start(common::sidecar_config(
+        &[("broker-a", a.addr), ("broker-b", b.addr)],
+        common::ORDERED_THEN_ALL,
+    ))
+    .await
+    .expect("sidecar");
     produce_and_consume(data.path(), sidecar.listeners[0], "CppMesh", "sidecar").await;
     let (on_a, on_b) = (
-        messages_on(a.addr, "CppMesh").await,
-        messages_on(b.addr, "CppMesh").await,
+        common::messages_on(a.addr, "CppMesh").await,
+        common::messages_on(b.addr, "CppMesh").await,
     );
     println!("sidecar: the sends landed {on_a} on broker-a and {on_b} on broker-b");
     assert_eq!(on_a + on_b, 3 * PER_MODE as i64);
@@ -499,9 +457,12 @@ async fn cpp_orderly_sends_straight_to_a_broker() {
 async fn cpp_orderly_sends_keep_partition_order_through_the_mesh() {
     let data = tempfile::tempdir().expect("tempdir");
     let (a, b) = two_brokers(data.path()).await;
-    let sidecar = proxy::start(two_broker_config(a.addr, b.addr))
-        .await
-        .expect("sidecar");
+    let sidecar = proxy::start(common::sidecar_config(
+        &[("broker-a", a.addr), ("broker-b", b.addr)],
+        common::ORDERED_THEN_ALL,
+    ))
+    .await
+    .expect("sidecar");
     let brokers = [("broker-a", a.addr), ("broker-b", b.addr)];
     let map = orderly_round(
         data.path(),

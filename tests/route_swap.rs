@@ -5,13 +5,12 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::raw::RawClient;
 use common::{Collector, RunningBroker, STEP_TIMEOUT, harness, send_all};
-use rocketmesh::proxy::{self, SidecarConfig};
-use rocketmesh::remoting::header::{GetMaxOffsetRequestHeader, SendMessageRequestHeader};
+use rocketmesh::proxy;
+use rocketmesh::remoting::header::SendMessageRequestHeader;
 use rocketmesh::remoting::{RemotingCommand, RequestCode};
 use rocketmq_client_rust::{ClientConfig, DefaultMQPushConsumer, MQPushConsumer};
 use rocketmq_model::common::consumer::consume_from_where::ConsumeFromWhere;
@@ -19,51 +18,6 @@ use rocketmq_protocol::protocol::heartbeat::message_model::MessageModel;
 
 const TOPIC: &str = "SwapTopic";
 const PER_STEP: usize = 30;
-
-fn config(brokers: &[(&str, SocketAddr)]) -> SidecarConfig {
-    let endpoints: String = brokers
-        .iter()
-        .map(|(name, address)| {
-            format!(
-                "      - {{ address: \"{address}\", metadata: {{ broker_name: {name}, cluster_name: DefaultCluster }} }}\n"
-            )
-        })
-        .collect();
-    SidecarConfig::parse(&format!(
-        r#"
-listeners: [{{ address: "127.0.0.1:0" }}]
-admin: {{ address: null }}
-routes: [{{ match: {{ topic: {{ prefix: "" }} }}, route: {{ cluster: local }} }}]
-clusters:
-  - name: local
-    endpoints:
-{endpoints}"#
-    ))
-    .expect("config")
-}
-
-async fn messages_on(broker: SocketAddr) -> i64 {
-    let mut client = RawClient::connect(broker).await;
-    let mut total = 0;
-    for queue_id in 0..4 {
-        let answer = client
-            .call(
-                RemotingCommand::request(RequestCode::GET_MAX_OFFSET, 0).with_header(
-                    &GetMaxOffsetRequestHeader {
-                        topic: TOPIC.into(),
-                        queue_id,
-                        ..Default::default()
-                    },
-                ),
-            )
-            .await;
-        total += answer
-            .ext("offset")
-            .and_then(|offset| offset.parse::<i64>().ok())
-            .unwrap_or(0);
-    }
-    total
-}
 
 fn bodies(prefix: &str) -> Vec<String> {
     (0..PER_STEP)
@@ -84,8 +38,8 @@ async fn a_broker_added_and_removed_at_run_time() {
         );
     }
     let (a, b, c) = (brokers[0].addr, brokers[1].addr, brokers[2].addr);
-    let two = config(&[("broker-a", a), ("broker-b", b)]);
-    let three = config(&[("broker-a", a), ("broker-b", b), ("broker-c", c)]);
+    let two = common::sidecar_config(&[("broker-a", a), ("broker-b", b)], "");
+    let three = common::sidecar_config(&[("broker-a", a), ("broker-b", b), ("broker-c", c)], "");
     let sidecar = proxy::start(two.clone()).await.expect("sidecar");
     let namesrv = sidecar.listeners[0];
 
@@ -158,7 +112,7 @@ async fn a_broker_added_and_removed_at_run_time() {
     );
 
     // Remove it: its listener closes, its upstream pool drains, sends stay on a and b.
-    let on_c = messages_on(c).await;
+    let on_c = common::messages_on(c, TOPIC).await;
     sidecar.proxy.reload(two).expect("reload");
     assert_eq!(sidecar.proxy.broker_listeners.listening().len(), 2);
     assert!(
@@ -188,7 +142,7 @@ async fn a_broker_added_and_removed_at_run_time() {
     .await;
     received.wait_for(3 * PER_STEP, STEP_TIMEOUT).await;
     assert_eq!(
-        messages_on(c).await,
+        common::messages_on(c, TOPIC).await,
         on_c,
         "no send reached the removed broker"
     );
@@ -201,8 +155,8 @@ async fn a_broker_added_and_removed_at_run_time() {
         .count();
     println!(
         "after broker-c left: its address refuses connections, {PER_STEP} new sends all went to broker-a/b ({} and {}), {} distinct messages received, {duplicates} duplicates",
-        messages_on(a).await,
-        messages_on(b).await,
+        common::messages_on(a, TOPIC).await,
+        common::messages_on(b, TOPIC).await,
         received.distinct()
     );
     assert_eq!(duplicates, 0);

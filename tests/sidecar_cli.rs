@@ -20,25 +20,7 @@ use rocketmesh::remoting::{RemotingCommand, RequestCode};
 const WAIT: Duration = Duration::from_secs(60);
 
 fn write_config(path: &Path, brokers: &[(&str, SocketAddr)], extra: &str) {
-    let endpoints: String = brokers
-        .iter()
-        .map(|(name, address)| {
-            format!(
-                "      - {{ address: \"{address}\", metadata: {{ broker_name: {name}, cluster_name: DefaultCluster }} }}\n"
-            )
-        })
-        .collect();
-    let text = format!(
-        r#"listeners: [{{ address: "127.0.0.1:0" }}]
-admin: {{ address: null }}
-{extra}
-routes: [{{ match: {{ topic: {{ prefix: "" }} }}, route: {{ cluster: local }} }}]
-clusters:
-  - name: local
-    endpoints:
-{endpoints}"#
-    );
-    std::fs::write(path, text).expect("write config");
+    std::fs::write(path, common::sidecar_yaml(brokers, "", extra)).expect("write config");
 }
 
 /// The sidecar process and its log lines, as they come.

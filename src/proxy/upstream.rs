@@ -550,6 +550,16 @@ mod tests {
         (address, task)
     }
 
+    fn settings_for(address: SocketAddr) -> (PoolSettings, Arc<HostStats>) {
+        let settings = PoolSettings {
+            connect_timeout: Duration::from_secs(2),
+            pool_size: 1,
+            max_in_flight: 4,
+            max_frame: 1 << 20,
+        };
+        (settings, Arc::new(HostStats::new("c", "b", address)))
+    }
+
     fn numbered(n: usize) -> RemotingCommand {
         let mut request = RemotingCommand::request(RequestCode::GET_MAX_OFFSET, 99);
         request.ext_fields.insert("n".into(), n.to_string());
@@ -589,15 +599,7 @@ mod tests {
         let (inbound, _relayed) = mpsc::channel(8);
         let upstreams = Upstreams::new(inbound, 1 << 20);
         assert!(upstreams.connectable(address), "never tried: connectable");
-        let pool = upstreams.pool(address, || {
-            let settings = PoolSettings {
-                connect_timeout: Duration::from_secs(2),
-                pool_size: 1,
-                max_in_flight: 4,
-                max_frame: 1 << 20,
-            };
-            (settings, Arc::new(HostStats::new("c", "b", address)))
-        });
+        let pool = upstreams.pool(address, || settings_for(address));
         let first = pool.call(numbered(0), LIMIT).await;
         assert!(
             matches!(first, Err(UpstreamError::Connect { .. })),
@@ -641,15 +643,7 @@ mod tests {
         let (address, broker) = fake_broker(Duration::from_millis(200), false).await;
         let (inbound, _relayed) = mpsc::channel(8);
         let upstreams = Upstreams::new(inbound, 1 << 20);
-        let pool = upstreams.pool(address, || {
-            let settings = PoolSettings {
-                connect_timeout: Duration::from_secs(2),
-                pool_size: 1,
-                max_in_flight: 4,
-                max_frame: 1 << 20,
-            };
-            (settings, Arc::new(HostStats::new("c", "b", address)))
-        });
+        let pool = upstreams.pool(address, || settings_for(address));
         let in_flight = tokio::spawn({
             let pool = pool.clone();
             async move { pool.call(numbered(7), LIMIT).await }

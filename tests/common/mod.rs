@@ -259,3 +259,62 @@ pub fn start_broker_process(
         .expect("a socket address");
     (child, addr)
 }
+
+/// A sidecar config on an ephemeral port (admin off) with `routes_yaml` (YAML list items, or
+/// empty for one catch-all route) over one cluster `local` of `brokers`.
+pub fn sidecar_config(
+    brokers: &[(&str, SocketAddr)],
+    routes_yaml: &str,
+) -> rocketmesh::proxy::SidecarConfig {
+    rocketmesh::proxy::SidecarConfig::parse(&sidecar_yaml(brokers, routes_yaml, ""))
+        .expect("sidecar config")
+}
+
+/// The YAML of [`sidecar_config`], with `extra` top-level lines.
+pub fn sidecar_yaml(brokers: &[(&str, SocketAddr)], routes_yaml: &str, extra: &str) -> String {
+    let endpoints: String = brokers
+        .iter()
+        .map(|(name, address)| {
+            format!(
+                "      - {{ address: \"{address}\", metadata: {{ broker_name: {name}, cluster_name: DefaultCluster }} }}\n"
+            )
+        })
+        .collect();
+    let routes = if routes_yaml.is_empty() {
+        "  - { match: { topic: { prefix: \"\" } }, route: { cluster: local } }\n"
+    } else {
+        routes_yaml
+    };
+    format!(
+        "listeners: [{{ address: \"127.0.0.1:0\" }}]\nadmin: {{ address: null }}\n{extra}\nroutes:\n{routes}clusters:\n  - name: local\n    endpoints:\n{endpoints}"
+    )
+}
+
+/// Routes of the two-broker tests: `Ordered*`/`Order*` topics keep broker and queue.
+pub const ORDERED_THEN_ALL: &str = "  - { match: { topic: { prefix: \"Order\" } }, route: { cluster: local, ordered: true } }\n  - { match: { topic: { prefix: \"\" } }, route: { cluster: local } }\n";
+
+/// Messages stored in queues 0..4 of `topic` on `broker` (the sum of max offsets).
+pub async fn messages_on(broker: SocketAddr, topic: &str) -> i64 {
+    use rocketmesh::remoting::header::GetMaxOffsetRequestHeader;
+    use rocketmesh::remoting::{RemotingCommand, RequestCode};
+    let mut connection = raw::RawClient::connect(broker).await;
+    let mut total = 0;
+    for queue_id in 0..4 {
+        let answer = connection
+            .call(
+                RemotingCommand::request(RequestCode::GET_MAX_OFFSET, 0).with_header(
+                    &GetMaxOffsetRequestHeader {
+                        topic: topic.into(),
+                        queue_id,
+                        ..Default::default()
+                    },
+                ),
+            )
+            .await;
+        total += answer
+            .ext("offset")
+            .and_then(|offset| offset.parse::<i64>().ok())
+            .unwrap_or(0);
+    }
+    total
+}
