@@ -8,45 +8,66 @@ mod views;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, header};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
+use crate::log_throttle::LogThrottle;
 use crate::proxy::Proxy;
 
-/// Serves until `shutdown` turns true.
-pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: watch::Receiver<bool>) {
+/// Refused admin connections are logged at most once a second.
+static REFUSED_LOG: LogThrottle = LogThrottle::new(Duration::from_secs(1));
+
+/// Serves until the task is dropped: through a graceful shutdown too, so `/ready` can say
+/// "draining" while requests in flight finish. Dropping it closes its connections as well.
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
+    let admin = &proxy.config.admin;
+    let slots = Arc::new(Semaphore::new(admin.max_connections));
+    let header_timeout = Duration::from_millis(admin.header_timeout_ms);
+    let mut connections = JoinSet::new();
     loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.wait_for(|stop| *stop) => break,
-        };
-        let socket = match accepted {
-            Ok((socket, _)) => socket,
+        let accepted = listener.accept().await;
+        while connections.try_join_next().is_some() {}
+        let (socket, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(error) => {
                 warn!(%error, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            if let Some(skipped) = REFUSED_LOG.allow() {
+                warn!(%peer, limit = admin.max_connections, skipped, "admin connection refused: too many open");
+            }
+            continue;
+        };
         let proxy = proxy.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let service = service_fn(move |request| {
                 let response = respond(&proxy, &request);
                 async move { Ok::<_, Infallible>(response) }
             });
-            if let Err(error) = hyper::server::conn::http1::Builder::new()
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            if let Err(error) = builder
                 .serve_connection(TokioIo::new(socket), service)
                 .await
             {
                 debug!(%error, "admin connection ended with an error");
             }
+            drop(slot);
         });
     }
 }

@@ -46,6 +46,15 @@ pub struct BrokerConfig {
     pub max_frame_size: usize,
     /// Connections beyond this are closed at once.
     pub max_connections: usize,
+    /// Connections one peer address may hold; beyond it that peer's new connections are closed.
+    pub max_connections_per_peer: usize,
+    /// A connection with nothing in flight and no byte received for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// A frame must arrive whole within this long of its first byte, or the connection closes.
+    pub frame_timeout_ms: u64,
+    /// Bytes of partly received frames held across all connections; a read past it closes the
+    /// connection that made it.
+    pub max_buffered_bytes: usize,
     /// Pull requests parked for long polling beyond this are answered at once.
     pub max_parked_pulls: usize,
     /// Requests in flight per connection before the broker stops reading from it.
@@ -86,6 +95,10 @@ impl Default for BrokerConfig {
             max_message_size: 4 * 1024 * 1024,
             max_frame_size: DEFAULT_MAX_FRAME,
             max_connections: 10_000,
+            max_connections_per_peer: crate::inbound::DEFAULT_MAX_CONNECTIONS_PER_PEER,
+            idle_timeout_ms: crate::inbound::DEFAULT_IDLE_TIMEOUT.as_millis() as u64,
+            frame_timeout_ms: crate::inbound::DEFAULT_FRAME_TIMEOUT.as_millis() as u64,
+            max_buffered_bytes: crate::inbound::DEFAULT_MAX_BUFFERED_BYTES,
             max_parked_pulls: 100_000,
             max_in_flight_per_connection: 1024,
             persist_interval_ms: 5_000,
@@ -169,13 +182,42 @@ impl BrokerConfig {
         if let Err(error) = crate::broker::schedule::parse_delay_levels(&self.delay_levels) {
             return invalid("delay_levels", &error.to_string());
         }
-        if self.max_connections == 0 || self.max_in_flight_per_connection == 0 {
+        for (field, value) in [
+            ("max_connections", self.max_connections as u64),
+            (
+                "max_connections_per_peer",
+                self.max_connections_per_peer as u64,
+            ),
+            (
+                "max_in_flight_per_connection",
+                self.max_in_flight_per_connection as u64,
+            ),
+            ("idle_timeout_ms", self.idle_timeout_ms),
+            ("frame_timeout_ms", self.frame_timeout_ms),
+        ] {
+            if value == 0 {
+                return invalid(field, "must be positive");
+            }
+        }
+        if self.max_buffered_bytes < self.max_frame_size {
             return invalid(
-                "max_connections",
-                "and max_in_flight_per_connection must be positive",
+                "max_buffered_bytes",
+                "must be at least max_frame_size (one whole frame must fit)",
             );
         }
         Ok(())
+    }
+
+    /// The limits applied to each client connection's reads.
+    pub fn read_limits(&self) -> crate::inbound::ReadLimits {
+        crate::inbound::ReadLimits {
+            frame: crate::remoting::frame::FrameLimits {
+                max_frame: self.max_frame_size,
+                ..Default::default()
+            },
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            frame_timeout: Duration::from_millis(self.frame_timeout_ms),
+        }
     }
 
     /// The address put into route data and message ids.

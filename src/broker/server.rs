@@ -5,22 +5,24 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use futures::{SinkExt, StreamExt};
+use futures::SinkExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use tokio_util::codec::Framed;
+use tokio_util::codec::FramedWrite;
 use tracing::{debug, info, warn};
 
 use super::handlers;
 use super::state::BrokerState;
-use crate::remoting::frame::FrameLimits;
+use crate::inbound::{BufferBudget, ConnectionGate, FrameReader, ReadError};
+use crate::log_throttle::LogThrottle;
 use crate::remoting::{RemotingCodec, RemotingCommand};
 
-/// Malformed frames are logged at most once a second (`skipped` counts the rest).
-static MALFORMED_LOG: crate::log_throttle::LogThrottle =
-    crate::log_throttle::LogThrottle::new(std::time::Duration::from_secs(1));
+/// Lines a peer can provoke at will are logged at most once a second (`skipped` counts the rest).
+static MALFORMED_LOG: LogThrottle = LogThrottle::new(std::time::Duration::from_secs(1));
+static REFUSED_LOG: LogThrottle = LogThrottle::new(std::time::Duration::from_secs(1));
+static TIMEOUT_LOG: LogThrottle = LogThrottle::new(std::time::Duration::from_secs(1));
 
 /// Accepts connections on `listener` until `shutdown` completes, then flushes the store.
 pub async fn serve(
@@ -32,7 +34,11 @@ pub async fn serve(
     let scheduler = tokio::spawn(deliver_delayed(state.clone()));
     let checker = tokio::spawn(check_transactions(state.clone()));
     let next_connection = AtomicU64::new(1);
-    let open = Arc::new(AtomicUsize::new(0));
+    let gate = ConnectionGate::new(
+        state.config.max_connections,
+        state.config.max_connections_per_peer,
+    );
+    let budget = Arc::new(BufferBudget::new(state.config.max_buffered_bytes));
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -48,17 +54,21 @@ pub async fn serve(
                 continue;
             }
         };
-        if open.fetch_add(1, Ordering::AcqRel) >= state.config.max_connections {
-            open.fetch_sub(1, Ordering::AcqRel);
-            warn!(%peer, limit = state.config.max_connections, "connection limit reached, closing");
-            continue;
-        }
+        let admission = match gate.admit(peer.ip()) {
+            Ok(admission) => admission,
+            Err(refusal) => {
+                if let Some(skipped) = REFUSED_LOG.allow() {
+                    warn!(%peer, %refusal, skipped, "connection refused");
+                }
+                continue;
+            }
+        };
         let connection = next_connection.fetch_add(1, Ordering::Relaxed);
         let state = state.clone();
-        let open = open.clone();
+        let budget = budget.clone();
         tokio::spawn(async move {
-            serve_connection(state, connection, peer, socket).await;
-            open.fetch_sub(1, Ordering::AcqRel);
+            serve_connection(state, connection, peer, socket, budget).await;
+            drop(admission);
         });
     }
     housekeeper.abort();
@@ -81,15 +91,14 @@ async fn serve_connection(
     connection: u64,
     peer: SocketAddr,
     socket: TcpStream,
+    budget: Arc<BufferBudget>,
 ) {
     let _ = socket.set_nodelay(true);
-    let limits = FrameLimits {
-        max_frame: state.config.max_frame_size,
-        ..FrameLimits::default()
-    };
-    let mut framed = Framed::new(socket, RemotingCodec::new(limits));
-    framed.set_backpressure_boundary(WRITE_BATCH_BYTES);
-    let (mut sink, mut stream) = framed.split();
+    let read_limits = state.config.read_limits();
+    let (reader, writer) = socket.into_split();
+    let mut sink = FramedWrite::new(writer, RemotingCodec::new(read_limits.frame));
+    sink.set_backpressure_boundary(WRITE_BATCH_BYTES);
+    let mut stream = FrameReader::new(reader, read_limits, budget);
     let (outbound, mut responses) =
         mpsc::channel::<RemotingCommand>(state.config.max_in_flight_per_connection);
     state.clients.connected(connection, outbound.clone(), None);
@@ -105,26 +114,21 @@ async fn serve_connection(
                     Err(_) => break,
                 }
             }
-            if let Err(error) = written.and(sink.flush().await) {
+            if let Err(error) = written.and(SinkExt::<RemotingCommand>::flush(&mut sink).await) {
                 debug!(%error, "write failed");
                 break;
             }
         }
     });
-    let in_flight = Arc::new(Semaphore::new(state.config.max_in_flight_per_connection));
-    while let Some(frame) = stream.next().await {
+    let max_in_flight = state.config.max_in_flight_per_connection;
+    let in_flight = Arc::new(Semaphore::new(max_in_flight));
+    let busy = || in_flight.available_permits() < max_in_flight;
+    while let Some(frame) = stream.next(busy).await {
         let request = match frame {
             Ok(command) if command.is_response() => continue,
             Ok(command) => command,
-            Err(error) if error.is_closed_connection() => {
-                debug!(%peer, %error, "connection closed");
-                break;
-            }
             Err(error) => {
-                // Without a decoded header there is no opaque to answer: close this connection only.
-                if let Some(skipped) = MALFORMED_LOG.allow() {
-                    warn!(%peer, %error, skipped, "malformed frame, closing the connection");
-                }
+                log_read_error(peer, &error);
                 break;
             }
         };
@@ -152,6 +156,25 @@ async fn serve_connection(
     // The writer ends once every in-flight handler has dropped its sender.
     let _ = writer.await;
     debug!(%peer, connection, "disconnected");
+}
+
+/// Without a decoded header there is no opaque to answer: the connection closes, and the line is
+/// throttled because a peer can provoke it at will.
+fn log_read_error(peer: SocketAddr, error: &ReadError) {
+    match error {
+        error if error.is_closed_connection() => debug!(%peer, %error, "connection closed"),
+        ReadError::Idle(_) => debug!(%peer, %error, "closing an idle connection"),
+        ReadError::FrameTimeout { .. } | ReadError::BudgetExhausted { .. } => {
+            if let Some(skipped) = TIMEOUT_LOG.allow() {
+                warn!(%peer, %error, skipped, "closing the connection");
+            }
+        }
+        error => {
+            if let Some(skipped) = MALFORMED_LOG.allow() {
+                warn!(%peer, %error, skipped, "malformed frame, closing the connection");
+            }
+        }
+    }
 }
 
 async fn handle_request(

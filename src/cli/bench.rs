@@ -14,8 +14,8 @@ use futures::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use rocketmesh::remoting::body::{BatchAck, BatchAckMessageRequestBody, JsonBody, TopicRouteData};
 use rocketmesh::remoting::header::{
-    GetRouteInfoRequestHeader, PopMessageRequestHeader, PullMessageRequestHeader,
-    SendMessageRequestHeaderV2,
+    GetMaxOffsetRequestHeader, GetRouteInfoRequestHeader, PopMessageRequestHeader,
+    PullMessageRequestHeader, SendMessageRequestHeaderV2,
 };
 use rocketmesh::remoting::message::decode_records;
 use rocketmesh::remoting::{RemotingCodec, RemotingCommand, RequestCode, ResponseCode};
@@ -67,6 +67,15 @@ pub enum Workload {
         group: String,
         #[arg(long, value_enum, default_value_t = ConsumeMode::Pull)]
         mode: ConsumeMode,
+    },
+    /// Keep `--inflight` long-polling pulls parked per connection at the end of each queue (the
+    /// load of many idle consumers); answered polls are issued again.
+    Park {
+        #[arg(long, default_value = "bench_parked")]
+        group: String,
+        /// How long the broker may hold each pull.
+        #[arg(long, default_value_t = 20_000)]
+        suspend_ms: i64,
     },
 }
 
@@ -251,6 +260,23 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
                     deadline,
                     args.count,
                 )));
+            }
+        }
+        Workload::Park { group, suspend_ms } => {
+            for (index, connection) in connections.iter().enumerate() {
+                for slot in 0..args.inflight {
+                    let queue_id = ((index * args.inflight + slot) % queues as usize) as i32;
+                    workers.push(tokio::spawn(park(
+                        connection.clone(),
+                        tally.clone(),
+                        args.topic.clone(),
+                        broker_name.clone(),
+                        group.clone(),
+                        queue_id,
+                        *suspend_ms,
+                        deadline,
+                    )));
+                }
             }
         }
         Workload::Consume { group, mode } => {
@@ -489,6 +515,80 @@ async fn consume(
     }
 }
 
+/// One parked long poll after another at the end of `queue_id`, until `deadline`.
+#[allow(clippy::too_many_arguments)]
+async fn park(
+    connection: Arc<Connection>,
+    tally: Arc<Tally>,
+    topic: String,
+    broker_name: String,
+    group: String,
+    queue_id: i32,
+    suspend_ms: i64,
+    deadline: Instant,
+) {
+    let broker = (!broker_name.is_empty()).then(|| broker_name.clone());
+    let max_offset = RemotingCommand::request(RequestCode::GET_MAX_OFFSET, 0).with_header(
+        &GetMaxOffsetRequestHeader {
+            topic: topic.clone(),
+            queue_id,
+            broker_name: broker.clone(),
+            ..Default::default()
+        },
+    );
+    let mut offset = match connection.call(max_offset, Duration::from_secs(10)).await {
+        Ok(response) => response
+            .ext("offset")
+            .and_then(|offset| offset.parse().ok())
+            .unwrap_or(0),
+        Err(_) => {
+            tally.errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    let wait = Duration::from_millis(suspend_ms.max(0) as u64) + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let started = Instant::now();
+        let request = RemotingCommand::request(RequestCode::PULL_MESSAGE, 0).with_header(
+            &PullMessageRequestHeader {
+                consumer_group: group.clone(),
+                topic: topic.clone(),
+                queue_id,
+                queue_offset: offset,
+                max_msg_nums: 32,
+                sys_flag: 0x2 | 0x4,
+                suspend_timeout_millis: suspend_ms,
+                subscription: Some("*".into()),
+                broker_name: broker.clone(),
+                ..Default::default()
+            },
+        );
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(remaining, connection.call(request, wait)).await {
+            // The run ended with the poll still parked: that is the point, not an error.
+            Err(_) => break,
+            Ok(Ok(response))
+                if [
+                    ResponseCode::SUCCESS.0,
+                    ResponseCode::PULL_NOT_FOUND.0,
+                    ResponseCode::PULL_RETRY_IMMEDIATELY.0,
+                ]
+                .contains(&response.code) =>
+            {
+                tally.done.fetch_add(1, Ordering::Relaxed);
+                tally.record(started);
+                if let Some(next) = response.ext("nextBeginOffset").and_then(|n| n.parse().ok()) {
+                    offset = next;
+                }
+            }
+            Ok(_) => {
+                tally.errors.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 async fn progress(tally: Arc<Tally>, started: Instant, quiet: bool) {
     let live = !quiet && std::io::stderr().is_terminal();
     let mut last = 0;
@@ -540,6 +640,7 @@ fn summary(args: &BenchArgs, tally: &Tally, elapsed: Duration) {
     let workload = match &args.workload {
         Workload::Produce { size, mode } => format!("produce {size} B {mode:?}").to_lowercase(),
         Workload::Consume { mode, .. } => format!("consume {mode:?}").to_lowercase(),
+        Workload::Park { suspend_ms, .. } => format!("park {suspend_ms} ms"),
     };
     if args.json {
         let report = serde_json::json!({

@@ -47,6 +47,7 @@ pub fn sidecar_config(
         }],
         admin: AdminConfig {
             address: Some(admin),
+            ..AdminConfig::default()
         },
         limits: Limits::default(),
         route_wait_ms: 0,
@@ -70,6 +71,9 @@ pub fn sidecar_config(
             request_timeout_ms: 5_000,
             pool_size: 2,
             max_in_flight_per_endpoint: 4_096,
+            broker_max_in_flight_per_connection:
+                rocketmesh::proxy::config::DEFAULT_BROKER_IN_FLIGHT_PER_CONNECTION,
+            max_parked_per_endpoint: rocketmesh::proxy::config::DEFAULT_MAX_PARKED_PER_ENDPOINT,
             balancer: Default::default(),
             endpoints: brokers
                 .iter()

@@ -69,12 +69,19 @@ pub struct ListenerConfig {
 pub struct AdminConfig {
     /// Where the admin HTTP server listens; `null` turns it off.
     pub address: Option<SocketAddr>,
+    /// Admin connections beyond this are closed at once: the admin must never use up the file
+    /// descriptors the data plane accepts with.
+    pub max_connections: usize,
+    /// A request's headers must arrive within this long.
+    pub header_timeout_ms: u64,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             address: Some(SocketAddr::from(([127, 0, 0, 1], 9901))),
+            max_connections: 64,
+            header_timeout_ms: 5_000,
         }
     }
 }
@@ -146,6 +153,14 @@ pub struct Limits {
     pub max_frame_size: usize,
     /// Downstream connections beyond this are closed at once.
     pub max_connections: usize,
+    /// Downstream connections one peer address may hold.
+    pub max_connections_per_peer: usize,
+    /// A client connection with nothing in flight and no byte received for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// A frame must arrive whole within this long of its first byte, or the connection closes.
+    pub frame_timeout_ms: u64,
+    /// Bytes of partly received client frames held across all connections.
+    pub max_buffered_bytes: usize,
     /// Requests in flight per downstream connection before the sidecar stops reading from it.
     pub max_in_flight_per_connection: usize,
     /// How long a graceful shutdown waits for requests in flight.
@@ -161,9 +176,27 @@ impl Default for Limits {
         Self {
             max_frame_size: DEFAULT_MAX_FRAME,
             max_connections: 10_000,
+            max_connections_per_peer: crate::inbound::DEFAULT_MAX_CONNECTIONS_PER_PEER,
+            idle_timeout_ms: crate::inbound::DEFAULT_IDLE_TIMEOUT.as_millis() as u64,
+            frame_timeout_ms: crate::inbound::DEFAULT_FRAME_TIMEOUT.as_millis() as u64,
+            max_buffered_bytes: crate::inbound::DEFAULT_MAX_BUFFERED_BYTES,
             max_in_flight_per_connection: 1024,
             drain_timeout_ms: 5_000,
             max_topic_series: 10_000,
+        }
+    }
+}
+
+impl Limits {
+    /// The limits applied to each client connection's reads.
+    pub fn read_limits(&self) -> crate::inbound::ReadLimits {
+        crate::inbound::ReadLimits {
+            frame: crate::remoting::frame::FrameLimits {
+                max_frame: self.max_frame_size,
+                ..Default::default()
+            },
+            idle_timeout: std::time::Duration::from_millis(self.idle_timeout_ms),
+            frame_timeout: std::time::Duration::from_millis(self.frame_timeout_ms),
         }
     }
 }
@@ -252,6 +285,15 @@ pub struct ClusterConfig {
     /// Requests in flight to one endpoint; more wait up to the request timeout, then get SYSTEM_BUSY.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight_per_endpoint: usize,
+    /// What one connection to a broker may carry in flight before the broker stops reading it
+    /// (the bundled broker's `max_in_flight_per_connection`). Each endpoint's limits are derived
+    /// from it, so parked requests can never fill a connection that sends need.
+    #[serde(default = "default_broker_in_flight_per_connection")]
+    pub broker_max_in_flight_per_connection: usize,
+    /// Long-polling pulls and pops parked at one endpoint. They travel on connections of their
+    /// own, opened as needed, so a crowd of parked polls never delays a send.
+    #[serde(default = "default_max_parked")]
+    pub max_parked_per_endpoint: usize,
     #[serde(default)]
     pub balancer: BalancerSettings,
     pub endpoints: Vec<EndpointConfig>,
@@ -360,6 +402,15 @@ fn default_pool_size() -> usize {
 fn default_max_in_flight() -> usize {
     4_096
 }
+/// The bundled broker's default `max_in_flight_per_connection`.
+pub const DEFAULT_BROKER_IN_FLIGHT_PER_CONNECTION: usize = 1_024;
+pub const DEFAULT_MAX_PARKED_PER_ENDPOINT: usize = 16_384;
+fn default_broker_in_flight_per_connection() -> usize {
+    DEFAULT_BROKER_IN_FLIGHT_PER_CONNECTION
+}
+fn default_max_parked() -> usize {
+    DEFAULT_MAX_PARKED_PER_ENDPOINT
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -467,6 +518,17 @@ impl SidecarConfig {
             ("limits.max_frame_size", limits.max_frame_size),
             ("limits.max_connections", limits.max_connections),
             (
+                "limits.max_connections_per_peer",
+                limits.max_connections_per_peer,
+            ),
+            ("limits.idle_timeout_ms", limits.idle_timeout_ms as usize),
+            ("limits.frame_timeout_ms", limits.frame_timeout_ms as usize),
+            ("admin.max_connections", self.admin.max_connections),
+            (
+                "admin.header_timeout_ms",
+                self.admin.header_timeout_ms as usize,
+            ),
+            (
                 "limits.max_in_flight_per_connection",
                 limits.max_in_flight_per_connection,
             ),
@@ -474,6 +536,12 @@ impl SidecarConfig {
             if value == 0 {
                 return Err(invalid(field, "must be greater than 0"));
             }
+        }
+        if limits.max_buffered_bytes < limits.max_frame_size {
+            return Err(invalid(
+                "limits.max_buffered_bytes",
+                "must be at least limits.max_frame_size (one whole frame must fit)",
+            ));
         }
         let mut names = HashSet::new();
         for (index, cluster) in self.clusters.iter().enumerate() {
@@ -494,6 +562,14 @@ impl SidecarConfig {
                 (
                     "max_in_flight_per_endpoint",
                     cluster.max_in_flight_per_endpoint as u64,
+                ),
+                (
+                    "broker_max_in_flight_per_connection",
+                    cluster.broker_max_in_flight_per_connection as u64,
+                ),
+                (
+                    "max_parked_per_endpoint",
+                    cluster.max_parked_per_endpoint as u64,
                 ),
             ] {
                 if value == 0 {

@@ -163,8 +163,13 @@ async fn forward_raw(
     if request.is_oneway() {
         return pool.send_oneway(request).await.map(|()| None);
     }
-    let timeout = endpoint.request_timeout + long_poll_time(&request);
-    let mut response = pool.call(request, timeout).await?;
+    let poll = long_poll_time(&request);
+    let timeout = endpoint.request_timeout + poll;
+    let mut response = if poll.is_zero() {
+        pool.call(request, timeout).await?
+    } else {
+        pool.call_parked(request, timeout).await?
+    };
     response.opaque = opaque;
     Ok(Some(response))
 }
@@ -211,6 +216,11 @@ async fn forward(
 
 /// Longest long-poll a request may ask a broker to hold it for.
 const MAX_LONG_POLL: Duration = Duration::from_secs(300);
+
+/// Whether a broker may park `request` (a long-polling pull or pop) rather than answer at once.
+pub fn may_park(request: &RemotingCommand) -> bool {
+    !long_poll_time(request).is_zero()
+}
 
 /// How long the broker may hold a long-polling pull or pop before answering: added to the request
 /// timeout, so a parked request is not mistaken for a dead broker.

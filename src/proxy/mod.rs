@@ -56,6 +56,10 @@ pub struct Proxy {
     /// Round-robin cursor for the queue a routed send goes to.
     next_queue: AtomicUsize,
     next_connection: AtomicU64,
+    /// Admission of client connections: a total and a per-peer cap.
+    gate: std::sync::Arc<crate::inbound::ConnectionGate>,
+    /// Bytes of partly received client frames, across every listener.
+    read_budget: std::sync::Arc<crate::inbound::BufferBudget>,
     /// Set once shutdown starts: `/ready` turns false and listeners stop accepting.
     pub draining: AtomicBool,
     /// Raised once at shutdown: accept loops and connections stop reading.
@@ -72,6 +76,8 @@ impl Proxy {
                     connect_timeout: endpoint.connect_timeout,
                     pool_size: endpoint.pool_size,
                     max_in_flight: endpoint.max_in_flight,
+                    per_connection: endpoint.broker_max_in_flight_per_connection,
+                    max_parked: endpoint.max_parked,
                     max_frame: self.config.limits.max_frame_size,
                 },
                 self.stats.host(

@@ -26,6 +26,8 @@ pub struct Endpoint {
     pub request_timeout: Duration,
     pub pool_size: usize,
     pub max_in_flight: usize,
+    pub broker_max_in_flight_per_connection: usize,
+    pub max_parked: usize,
 }
 
 #[derive(Debug)]
@@ -112,6 +114,9 @@ impl RouteTable {
                         request_timeout: Duration::from_millis(cluster.request_timeout_ms),
                         pool_size: cluster.pool_size,
                         max_in_flight: cluster.max_in_flight_per_endpoint,
+                        broker_max_in_flight_per_connection: cluster
+                            .broker_max_in_flight_per_connection,
+                        max_parked: cluster.max_parked_per_endpoint,
                     })
                 })
                 .collect();

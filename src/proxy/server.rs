@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use futures::{SinkExt, StreamExt};
+use futures::SinkExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
-use tokio_util::codec::Framed;
+use tokio_util::codec::FramedWrite;
 use tracing::{debug, info, warn};
 
 use super::config::{ConfigError, SidecarConfig};
@@ -22,7 +22,8 @@ use super::routes::{RouteTable, Routes};
 use super::stats::ProxyStats;
 use super::upstream::Upstreams;
 use super::{Proxy, relay};
-use crate::remoting::frame::FrameLimits;
+use crate::inbound::{ConnectionGate, FrameReader, ReadError};
+use crate::log_throttle::LogThrottle;
 use crate::remoting::{RemotingCodec, RemotingCommand};
 
 #[derive(Debug, thiserror::Error)]
@@ -40,9 +41,10 @@ pub enum SidecarError {
 const RELAY_QUEUE: usize = 1024;
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
 
-/// Malformed frames are logged at most once a second (`skipped` counts the rest).
-static MALFORMED_LOG: crate::log_throttle::LogThrottle =
-    crate::log_throttle::LogThrottle::new(Duration::from_secs(1));
+/// Lines a peer can provoke at will are logged at most once a second (`skipped` counts the rest).
+static MALFORMED_LOG: LogThrottle = LogThrottle::new(Duration::from_secs(1));
+static REFUSED_LOG: LogThrottle = LogThrottle::new(Duration::from_secs(1));
+static TIMEOUT_LOG: LogThrottle = LogThrottle::new(Duration::from_secs(1));
 
 /// A started sidecar.
 pub struct RunningSidecar {
@@ -98,6 +100,13 @@ pub async fn start(config: SidecarConfig) -> Result<RunningSidecar, SidecarError
         checks: Default::default(),
         next_queue: AtomicUsize::new(0),
         next_connection: AtomicU64::new(0),
+        gate: ConnectionGate::new(
+            config.limits.max_connections,
+            config.limits.max_connections_per_peer,
+        ),
+        read_budget: Arc::new(crate::inbound::BufferBudget::new(
+            config.limits.max_buffered_bytes,
+        )),
         draining: AtomicBool::new(false),
         broker_listeners,
         shutdown,
@@ -123,11 +132,7 @@ pub async fn start(config: SidecarConfig) -> Result<RunningSidecar, SidecarError
                 .local_addr()
                 .map_err(|source| SidecarError::Bind { address, source })?;
             info!(admin = %local, "admin endpoint listening");
-            background.spawn(crate::admin::serve(
-                listener,
-                proxy.clone(),
-                proxy.shutdown.subscribe(),
-            ));
+            background.spawn(crate::admin::serve(listener, proxy.clone()));
             Some(local)
         }
         None => None,
@@ -227,22 +232,26 @@ pub(super) async fn accept(
                 continue;
             }
         };
-        if proxy.stats.connections_active() >= proxy.config.limits.max_connections as i64 {
-            warn!(%peer, limit = proxy.config.limits.max_connections, "connection refused: too many connections");
-            continue;
-        }
+        let admission = match proxy.gate.admit(peer.ip()) {
+            Ok(admission) => admission,
+            Err(refusal) => {
+                if let Some(skipped) = REFUSED_LOG.allow() {
+                    warn!(%peer, %refusal, skipped, "client connection refused");
+                }
+                continue;
+            }
+        };
         let downstream = Downstream {
             connection: proxy.next_connection.fetch_add(1, Ordering::Relaxed),
             peer,
             advertised: advertised.clone(),
             broker: broker.clone(),
         };
-        connections.spawn(serve_connection(
-            proxy.clone(),
-            downstream,
-            socket,
-            stop.clone(),
-        ));
+        let serving = serve_connection(proxy.clone(), downstream, socket, stop.clone());
+        connections.spawn(async move {
+            serving.await;
+            drop(admission);
+        });
         // Reap finished connections so the set does not grow with churn.
         while connections.try_join_next().is_some() {}
     }
@@ -260,13 +269,11 @@ async fn serve_connection(
 ) {
     let _connection = proxy.stats.connection();
     let _ = socket.set_nodelay(true);
-    let limits = FrameLimits {
-        max_frame: proxy.config.limits.max_frame_size,
-        ..FrameLimits::default()
-    };
-    let mut framed = Framed::new(socket, RemotingCodec::new(limits));
-    framed.set_backpressure_boundary(WRITE_BATCH_BYTES);
-    let (mut sink, mut stream) = framed.split();
+    let read_limits = proxy.config.limits.read_limits();
+    let (reader, writer) = socket.into_split();
+    let mut sink = FramedWrite::new(writer, RemotingCodec::new(read_limits.frame));
+    sink.set_backpressure_boundary(WRITE_BATCH_BYTES);
+    let mut stream = FrameReader::new(reader, read_limits, proxy.read_budget.clone());
     let in_flight = proxy.config.limits.max_in_flight_per_connection;
     let (outbound, mut responses) = mpsc::channel::<RemotingCommand>(in_flight);
     proxy.clients.connected(
@@ -286,7 +293,7 @@ async fn serve_connection(
                     Err(_) => break,
                 }
             }
-            if let Err(error) = written.and(sink.flush().await) {
+            if let Err(error) = written.and(SinkExt::<RemotingCommand>::flush(&mut sink).await) {
                 debug!(%peer, %error, "write to client failed");
                 break;
             }
@@ -295,10 +302,16 @@ async fn serve_connection(
     let downstream = Arc::new(downstream);
     let permits = Arc::new(Semaphore::new(in_flight));
     let mut handlers = JoinSet::new();
+    let mut polls = JoinSet::new();
+    let mut stopping = false;
     loop {
+        let busy = || permits.available_permits() < in_flight;
         let frame = tokio::select! {
-            frame = stream.next() => frame,
-            () = stop.wait() => break,
+            frame = stream.next(busy) => frame,
+            () = stop.wait() => {
+                stopping = true;
+                break;
+            }
         };
         let request = match frame {
             Some(Ok(command)) if command.is_response() => {
@@ -308,16 +321,8 @@ async fn serve_connection(
                 continue;
             }
             Some(Ok(command)) => command,
-            Some(Err(error)) if error.is_closed_connection() => {
-                debug!(%peer, %error, "client connection closed");
-                break;
-            }
             Some(Err(error)) => {
-                proxy.stats.decode_error();
-                // Without a decoded header there is no opaque to answer: close this connection only.
-                if let Some(skipped) = MALFORMED_LOG.allow() {
-                    warn!(%peer, %error, skipped, "malformed frame from client, closing its connection");
-                }
+                log_read_error(&proxy, peer, &error);
                 break;
             }
             None => break,
@@ -326,6 +331,7 @@ async fn serve_connection(
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break;
         };
+        let parks = dispatch::may_park(&request);
         let mut handled = Box::pin(handle_request(
             proxy.clone(),
             downstream.clone(),
@@ -336,16 +342,47 @@ async fn serve_connection(
         // Requests that finish without waiting (route answers, heartbeats) run here; the rest
         // become tasks so a slow broker never holds up the requests behind them.
         if futures::poll!(handled.as_mut()).is_pending() {
-            handlers.spawn(handled);
+            if parks {
+                polls.spawn(handled);
+            } else {
+                handlers.spawn(handled);
+            }
         }
         while handlers.try_join_next().is_some() {}
+        while polls.try_join_next().is_some() {}
+    }
+    if !stopping {
+        // The client is gone: nobody can take a parked poll's messages, so give its slot back
+        // now rather than when the broker answers.
+        polls.abort_all();
     }
     // Answer what is in flight (graceful shutdown aborts this task at its deadline).
     while handlers.join_next().await.is_some() {}
+    while polls.join_next().await.is_some() {}
     dispatch::client_disconnected(&proxy, &downstream);
     drop(outbound);
     let _ = writer.await;
     debug!(%peer, connection = downstream.connection, "client disconnected");
+}
+
+/// Without a decoded header there is no opaque to answer: the connection closes, and the line is
+/// throttled because a peer can provoke it at will.
+fn log_read_error(proxy: &Proxy, peer: SocketAddr, error: &ReadError) {
+    match error {
+        error if error.is_closed_connection() => debug!(%peer, %error, "client connection closed"),
+        ReadError::Idle(_) => debug!(%peer, %error, "closing an idle client connection"),
+        ReadError::FrameTimeout { .. } | ReadError::BudgetExhausted { .. } => {
+            if let Some(skipped) = TIMEOUT_LOG.allow() {
+                warn!(%peer, %error, skipped, "closing the client connection");
+            }
+        }
+        error => {
+            proxy.stats.decode_error();
+            if let Some(skipped) = MALFORMED_LOG.allow() {
+                warn!(%peer, %error, skipped, "malformed frame from client, closing its connection");
+            }
+        }
+    }
 }
 
 async fn handle_request(

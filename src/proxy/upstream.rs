@@ -2,6 +2,13 @@
 //! (every request gets a fresh opaque; the caller restores the client's), connect and request
 //! timeouts, reconnection with exponential backoff, and an in-flight limit per endpoint.
 //!
+//! Two lanes per endpoint. Ordinary requests share the pool's few connections. Long polls (pulls
+//! and pops a broker may park for seconds) get connections of their own, opened as needed with at
+//! most the broker's per-connection limit on each: parked polls then can never fill a connection
+//! a send is waiting on (head-of-line blocking). A poll whose caller went away still counts on its
+//! connection until the broker answers it (or its deadline passes), because the broker holds it
+//! that long; the endpoint-wide slot is free at once.
+//!
 //! Every call ends in exactly one outcome: the response, or an [`UpstreamError`]. A connection that
 //! dies fails all its waiting calls at once. Requests a broker sends the other way
 //! (CHECK_TRANSACTION_STATE, NOTIFY_CONSUMER_IDS_CHANGED) are handed to the [`Inbound`] channel.
@@ -64,9 +71,34 @@ pub struct Inbound {
 pub struct PoolSettings {
     pub connect_timeout: Duration,
     pub pool_size: usize,
+    /// Ordinary requests in flight to the endpoint; capped further by what `pool_size`
+    /// connections of `per_connection` each can carry.
     pub max_in_flight: usize,
+    /// What one connection may carry in flight before the broker stops reading from it.
+    pub per_connection: usize,
+    /// Long polls parked at the endpoint, on connections of their own.
+    pub max_parked: usize,
     pub max_frame: usize,
 }
+
+impl PoolSettings {
+    fn ordinary_limit(&self) -> usize {
+        self.max_in_flight
+            .min(
+                self.pool_size
+                    .max(1)
+                    .saturating_mul(self.per_connection.max(1)),
+            )
+            .max(1)
+    }
+
+    fn parked_connections(&self) -> usize {
+        self.max_parked.div_ceil(self.per_connection.max(1)).max(1)
+    }
+}
+
+/// How long past its call's deadline an abandoned poll may still be parked at the broker.
+const ABANDONED_GRACE: Duration = Duration::from_secs(5);
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -77,6 +109,8 @@ const WRITE_BATCH_BYTES: usize = 64 * 1024;
 struct Connection {
     outbound: mpsc::Sender<RemotingCommand>,
     waiting: Mutex<HashMap<i32, oneshot::Sender<RemotingCommand>>>,
+    /// Polls whose callers went away, with when the broker must have answered them by.
+    abandoned: Mutex<HashMap<i32, Instant>>,
     next_opaque: AtomicI32,
     open: AtomicBool,
     /// Dropped with the connection: its reader then stops and the socket closes. The pool and
@@ -88,6 +122,22 @@ struct Connection {
 impl Connection {
     fn is_open(&self) -> bool {
         self.open.load(Ordering::Acquire) && !self.outbound.is_closed()
+    }
+
+    /// Requests the broker may still be holding on this connection.
+    fn load(&self) -> usize {
+        let now = Instant::now();
+        let mut abandoned = self
+            .abandoned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        abandoned.retain(|_, until| *until > now);
+        abandoned.len()
+            + self
+                .waiting
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .len()
     }
 
     fn fail_all(&self) {
@@ -114,6 +164,9 @@ pub struct Pool {
     slots: Vec<tokio::sync::Mutex<Option<Arc<Connection>>>>,
     next_slot: AtomicUsize,
     in_flight: Arc<Semaphore>,
+    /// The long-poll lane: its connections, and its endpoint-wide slots.
+    parked_connections: tokio::sync::Mutex<Vec<Arc<Connection>>>,
+    parked: Arc<Semaphore>,
     backoff: Mutex<Backoff>,
     inbound: mpsc::Sender<Inbound>,
     pub stats: Arc<HostStats>,
@@ -134,7 +187,9 @@ impl Pool {
             .collect();
         Self {
             address,
-            in_flight: Arc::new(Semaphore::new(settings.max_in_flight.max(1))),
+            in_flight: Arc::new(Semaphore::new(settings.ordinary_limit())),
+            parked_connections: tokio::sync::Mutex::new(Vec::new()),
+            parked: Arc::new(Semaphore::new(settings.max_parked.max(1))),
             settings,
             slots,
             next_slot: AtomicUsize::new(0),
@@ -152,6 +207,7 @@ impl Pool {
         for slot in &self.slots {
             slot.lock().await.take();
         }
+        self.parked_connections.lock().await.clear();
     }
 
     pub fn address(&self) -> SocketAddr {
@@ -171,12 +227,16 @@ impl Pool {
             .failures
     }
 
+    /// Ordinary requests in flight (parked polls not counted: they do not load the broker).
     pub fn in_flight(&self) -> usize {
-        self.settings.max_in_flight
-            - self
-                .in_flight
-                .available_permits()
-                .min(self.settings.max_in_flight)
+        let limit = self.settings.ordinary_limit();
+        limit - self.in_flight.available_permits().min(limit)
+    }
+
+    /// Long polls parked at the endpoint now.
+    pub fn parked(&self) -> usize {
+        let limit = self.settings.max_parked.max(1);
+        limit - self.parked.available_permits().min(limit)
     }
 
     pub fn connects(&self) -> u64 {
@@ -190,35 +250,63 @@ impl Pool {
         request: RemotingCommand,
         timeout: Duration,
     ) -> Result<RemotingCommand, UpstreamError> {
+        self.call_on(Lane::Ordinary, request, timeout).await
+    }
+
+    /// As [`Pool::call`], for a request the broker may park (a long-polling pull or pop): it
+    /// travels on the long-poll lane.
+    pub async fn call_parked(
+        &self,
+        request: RemotingCommand,
+        timeout: Duration,
+    ) -> Result<RemotingCommand, UpstreamError> {
+        self.call_on(Lane::Parked, request, timeout).await
+    }
+
+    async fn call_on(
+        &self,
+        lane: Lane,
+        request: RemotingCommand,
+        timeout: Duration,
+    ) -> Result<RemotingCommand, UpstreamError> {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + timeout;
+        let (slots, limit) = match lane {
+            Lane::Ordinary => (&self.in_flight, self.settings.ordinary_limit()),
+            Lane::Parked => (&self.parked, self.settings.max_parked),
+        };
         // Back-pressure: wait for an in-flight slot within the deadline, else SYSTEM_BUSY.
-        let result =
-            match tokio::time::timeout_at(deadline, self.in_flight.clone().acquire_owned()).await {
-                Ok(Ok(permit)) => {
-                    let outcome = tokio::time::timeout_at(deadline, self.exchange(request))
+        let result = match tokio::time::timeout_at(deadline, slots.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => {
+                let outcome =
+                    tokio::time::timeout_at(deadline, self.exchange(lane, request, deadline))
                         .await
                         .unwrap_or(Err(UpstreamError::Timeout {
                             address: self.address,
                             timeout,
                         }));
-                    drop(permit);
-                    outcome
-                }
-                _ => Err(UpstreamError::Busy {
-                    address: self.address,
-                    limit: self.settings.max_in_flight,
-                }),
-            };
+                drop(permit);
+                outcome
+            }
+            _ => Err(UpstreamError::Busy {
+                address: self.address,
+                limit,
+            }),
+        };
         self.stats.record(started.elapsed(), result.is_ok());
         result
     }
 
     async fn exchange(
         &self,
+        lane: Lane,
         mut request: RemotingCommand,
+        deadline: tokio::time::Instant,
     ) -> Result<RemotingCommand, UpstreamError> {
-        let connection = self.connection().await?;
+        let connection = match lane {
+            Lane::Ordinary => self.connection().await?,
+            Lane::Parked => self.parked_connection().await?,
+        };
         request.opaque = connection.next_opaque.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = oneshot::channel();
         connection
@@ -238,6 +326,7 @@ impl Pool {
         let guard = WaiterGuard {
             connection: &connection,
             opaque,
+            parked_until: (lane == Lane::Parked).then(|| deadline.into_std() + ABANDONED_GRACE),
         };
         let response = receiver.await.map_err(|_| closed);
         drop(guard);
@@ -270,6 +359,41 @@ impl Pool {
         if let Some(connection) = slot.as_ref().filter(|connection| connection.is_open()) {
             return Ok(connection.clone());
         }
+        let connection = self.connect_with_backoff().await?;
+        if !self.retired.load(Ordering::Acquire) {
+            *slot = Some(connection.clone());
+        }
+        Ok(connection)
+    }
+
+    /// A long-poll lane connection with room for one more parked request, opening one if all
+    /// are full.
+    async fn parked_connection(&self) -> Result<Arc<Connection>, UpstreamError> {
+        let mut connections = self.parked_connections.lock().await;
+        connections.retain(|connection| connection.is_open());
+        let per_connection = self.settings.per_connection.max(1);
+        if let Some(connection) = connections
+            .iter()
+            .find(|connection| connection.load() < per_connection)
+        {
+            return Ok(connection.clone());
+        }
+        if connections.len() >= self.settings.parked_connections() {
+            // Only abandoned polls the broker still holds can fill every connection.
+            return Err(UpstreamError::Busy {
+                address: self.address,
+                limit: self.settings.max_parked,
+            });
+        }
+        let connection = self.connect_with_backoff().await?;
+        if !self.retired.load(Ordering::Acquire) {
+            connections.push(connection.clone());
+        }
+        Ok(connection)
+    }
+
+    /// Connects unless the endpoint is in reconnect backoff; a failure extends the backoff.
+    async fn connect_with_backoff(&self) -> Result<Arc<Connection>, UpstreamError> {
         {
             let backoff = self.backoff.lock().unwrap_or_else(PoisonError::into_inner);
             if let Some(until) = backoff.until
@@ -285,9 +409,6 @@ impl Pool {
         match self.connect().await {
             Ok(connection) => {
                 *self.backoff.lock().unwrap_or_else(PoisonError::into_inner) = Backoff::default();
-                if !self.retired.load(Ordering::Acquire) {
-                    *slot = Some(connection.clone());
-                }
                 Ok(connection)
             }
             Err(reason) => {
@@ -329,6 +450,7 @@ impl Pool {
         let connection = Arc::new(Connection {
             outbound,
             waiting: Mutex::new(HashMap::new()),
+            abandoned: Mutex::new(HashMap::new()),
             next_opaque: AtomicI32::new(1),
             open: AtomicBool::new(true),
             _alive: alive,
@@ -375,6 +497,11 @@ impl Pool {
                                 let _ = waiter.send(command);
                             }
                             None => {
+                                connection
+                                    .abandoned
+                                    .lock()
+                                    .unwrap_or_else(PoisonError::into_inner)
+                                    .remove(&command.opaque);
                                 debug!(%address, opaque = command.opaque, "late or unknown response dropped")
                             }
                         }
@@ -412,19 +539,36 @@ impl Pool {
     }
 }
 
-/// Forgets a waiter whose call ended (answered, timed out or cancelled).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    Ordinary,
+    Parked,
+}
+
+/// Forgets a waiter whose call ended (answered, timed out or cancelled). An unanswered poll is
+/// remembered as abandoned until `parked_until`: the broker still holds it on the connection.
 struct WaiterGuard<'a> {
     connection: &'a Connection,
     opaque: i32,
+    parked_until: Option<Instant>,
 }
 
 impl Drop for WaiterGuard<'_> {
     fn drop(&mut self) {
-        self.connection
+        let unanswered = self
+            .connection
             .waiting
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.opaque);
+            .remove(&self.opaque)
+            .is_some();
+        if let Some(until) = self.parked_until.filter(|_| unanswered) {
+            self.connection
+                .abandoned
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(self.opaque, until);
+        }
     }
 }
 
@@ -505,6 +649,8 @@ mod tests {
             connect_timeout: Duration::from_secs(2),
             pool_size: 1,
             max_in_flight,
+            per_connection: 1024,
+            max_parked: 64,
             max_frame: 1 << 20,
         };
         let stats = Arc::new(HostStats::new("c", "b", address));
@@ -555,6 +701,8 @@ mod tests {
             connect_timeout: Duration::from_secs(2),
             pool_size: 1,
             max_in_flight: 4,
+            per_connection: 1024,
+            max_parked: 64,
             max_frame: 1 << 20,
         };
         (settings, Arc::new(HostStats::new("c", "b", address)))

@@ -14,6 +14,11 @@ pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 pub const MAX_HEADER_FIELD: usize = 0x00FF_FFFF;
 const LENGTH_PREFIX: usize = 4;
 const HEADER_WORD: usize = 4;
+/// Room reserved ahead of bytes that have not arrived yet, at least; beyond it the room grows
+/// with the bytes already received (doubling), never with the length announced.
+const MIN_RESERVE_HINT: usize = 4 * 1024;
+/// Most room reserved ahead at once.
+const MAX_RESERVE_HINT: usize = 64 * 1024;
 
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -117,7 +122,9 @@ pub fn split_frame(src: &mut BytesMut, limits: &FrameLimits) -> Result<Option<By
         });
     }
     if src.len() < size {
-        src.reserve(size - src.len());
+        // A hint only, capped: memory follows the bytes that arrive, not the length announced.
+        let ahead = src.len().clamp(MIN_RESERVE_HINT, MAX_RESERVE_HINT);
+        src.reserve((size - src.len()).min(ahead));
         return Ok(None);
     }
     src.advance(LENGTH_PREFIX);

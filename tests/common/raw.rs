@@ -22,6 +22,11 @@ impl RawClient {
             .await
             .expect("connect in time")
             .unwrap_or_else(|error| panic!("connect to {address}: {error}"));
+        Self::from_stream(socket)
+    }
+
+    /// A client over a connection made elsewhere (from a chosen local address, say).
+    pub fn from_stream(socket: TcpStream) -> Self {
         Self {
             framed: Framed::new(socket, RemotingCodec::default()),
             next_opaque: 1,
