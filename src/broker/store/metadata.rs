@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::{PoisonError, RwLock};
+use std::sync::{Mutex, PoisonError, RwLock};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -196,6 +196,9 @@ impl Tables {
 pub struct Metadata {
     dir: PathBuf,
     tables: RwLock<Tables>,
+    /// One persist at a time: concurrent ones (housekeeping and a handler) would share the
+    /// temporary file, and one's rename could find it gone.
+    persisting: Mutex<()>,
 }
 
 fn offset_key(topic: &str, group: &str) -> String {
@@ -222,6 +225,7 @@ impl Metadata {
         Ok(Self {
             dir,
             tables: RwLock::new(tables),
+            persisting: Mutex::new(()),
         })
     }
 
@@ -351,6 +355,10 @@ impl Metadata {
 
     /// Writes every table that changed since the last call, each atomically.
     pub fn persist(&self) -> Result<(), StoreError> {
+        let _one = self
+            .persisting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         // Serialize under the read lock, write the files outside any lock.
         let (topics, groups, offsets, modes) = {
             let tables = self.read();
