@@ -479,10 +479,8 @@ mod tests {
             let store = store(dir.path());
             // Entries as a client could once plant them by sending to the schedule topic.
             let plant = |real_topic: Option<&str>, real_qid: Option<&str>| {
-                let mut properties = Properties::from([(
-                    property::TIMER_DELIVER_MS.to_owned(),
-                    "1000".to_owned(),
-                )]);
+                let mut properties =
+                    Properties::from([(property::TIMER_DELIVER_MS.to_owned(), "1000".to_owned())]);
                 if let Some(topic) = real_topic {
                     properties.insert(property::REAL_TOPIC.to_owned(), topic.to_owned());
                 }
@@ -512,12 +510,26 @@ mod tests {
         let scheduler = Scheduler::open(dir.path(), &store).expect("scheduler");
         assert_eq!(scheduler.pending(), 8);
         assert_eq!(scheduler.deliver_due(&store, 2_000).expect("deliver"), 1);
-        assert_eq!(store.queue_offsets("T", 1), (0, 1), "the good entry went out");
+        assert_eq!(
+            store.queue_offsets("T", 1),
+            (0, 1),
+            "the good entry went out"
+        );
         assert_eq!(store.queue_offsets("T", 0), (0, 0));
         assert_eq!(store.queue_offsets("TBW102", 0), (0, 0));
-        assert!(!dir.path().join("consumequeue").join("..").join("tmp").exists());
+        assert!(
+            !dir.path()
+                .join("consumequeue")
+                .join("..")
+                .join("tmp")
+                .exists()
+        );
         scheduler.persist().expect("persist");
         let scheduler = Scheduler::open(dir.path(), &store).expect("reopen");
-        assert_eq!(scheduler.pending(), 0, "the low-water mark passed the bad entries");
+        assert_eq!(
+            scheduler.pending(),
+            0,
+            "the low-water mark passed the bad entries"
+        );
     }
 }
