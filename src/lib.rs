@@ -4,5 +4,6 @@ pub mod broker;
 pub mod client_registry;
 pub mod inbound;
 pub mod log_throttle;
+pub mod names;
 pub mod proxy;
 pub mod remoting;

@@ -15,10 +15,12 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::store::{MessageStore, StoreError, metadata::replace_file};
+use crate::log_throttle::LogThrottle;
+use crate::names;
 use crate::remoting::message::{MessageRecord, Properties};
 
 /// The system topic holding messages until they are due (Java's name).
-pub const SCHEDULE_TOPIC: &str = "SCHEDULE_TOPIC_XXXX";
+pub const SCHEDULE_TOPIC: &str = crate::names::SCHEDULE_TOPIC;
 const SCHEDULE_QUEUE: i32 = 0;
 const PROGRESS_FILE: &str = "schedule.offset";
 
@@ -128,6 +130,39 @@ pub fn delivery_time(
         });
     }
     Ok((due > now_ms).then_some(due))
+}
+
+/// Throttles the warning for skipped schedule entries: a planted batch must not flood the log.
+static SKIPPED_LOG: LogThrottle = LogThrottle::new(Duration::from_secs(10));
+
+fn skip_entry(offset: u64, reason: &str) {
+    if let Some(skipped) = SKIPPED_LOG.allow() {
+        tracing::warn!(
+            offset,
+            reason,
+            skipped,
+            "scheduled message not delivered: invalid target"
+        );
+    }
+}
+
+/// Takes REAL_TOPIC and REAL_QID out of a schedule entry; `Err` says why they are unusable.
+fn real_target(record: &mut MessageRecord) -> Result<(String, i32), String> {
+    let topic = record
+        .properties
+        .remove(property::REAL_TOPIC)
+        .ok_or("no REAL_TOPIC")?;
+    names::validate_client_topic(&topic).map_err(|error| error.to_string())?;
+    let queue_id = record
+        .properties
+        .remove(property::REAL_QID)
+        .ok_or("no REAL_QID")?;
+    let queue_id = queue_id
+        .trim()
+        .parse::<i32>()
+        .map_err(|_| format!("REAL_QID {} is not a number", names::shown(&queue_id)))?;
+    names::validate_queue_id(&topic, queue_id).map_err(|error| error.to_string())?;
+    Ok((topic, queue_id))
 }
 
 /// Pending delayed messages and delivery progress.
@@ -246,15 +281,17 @@ impl Scheduler {
                 }
             };
             let (mut record, _) = MessageRecord::decode(&raw, false)?;
-            record.topic = record
-                .properties
-                .remove(property::REAL_TOPIC)
-                .unwrap_or_default();
-            record.queue_id = record
-                .properties
-                .remove(property::REAL_QID)
-                .and_then(|qid| qid.parse().ok())
-                .unwrap_or(0);
+            // The target is re-checked: the entry may predate name checks, or have been written
+            // by a client when sends to this topic were still allowed.
+            let target = match real_target(&mut record) {
+                Ok(target) => target,
+                Err(reason) => {
+                    skip_entry(offset, &reason);
+                    self.mark_delivered(offset);
+                    continue;
+                }
+            };
+            (record.topic, record.queue_id) = target;
             for key in [
                 property::DELAY,
                 property::TIMER_DELIVER_MS,
@@ -263,9 +300,17 @@ impl Scheduler {
             ] {
                 record.properties.remove(key);
             }
-            if !record.topic.is_empty() {
-                store.put(record)?;
-                delivered += 1;
+            match store.put(record) {
+                Ok(_) => delivered += 1,
+                // The store refuses this entry for good: skip it, so later ones still go out.
+                Err(error @ (StoreError::InvalidName(_) | StoreError::InvalidRecord(_))) => {
+                    skip_entry(offset, &error.to_string());
+                }
+                Err(error) => {
+                    // Transient (I/O): try this entry again on the next pass.
+                    self.lock().heap.push(Reverse((now_ms, offset)));
+                    return Err(error);
+                }
             }
             self.mark_delivered(offset);
         }
@@ -425,6 +470,66 @@ mod tests {
             scheduler.pending(),
             0,
             "the low-water mark passed everything"
+        );
+    }
+    #[test]
+    fn entries_with_bad_targets_are_skipped_and_do_not_hold_the_low_water_mark() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = store(dir.path());
+            // Entries as a client could once plant them by sending to the schedule topic.
+            let plant = |real_topic: Option<&str>, real_qid: Option<&str>| {
+                let mut properties =
+                    Properties::from([(property::TIMER_DELIVER_MS.to_owned(), "1000".to_owned())]);
+                if let Some(topic) = real_topic {
+                    properties.insert(property::REAL_TOPIC.to_owned(), topic.to_owned());
+                }
+                if let Some(qid) = real_qid {
+                    properties.insert(property::REAL_QID.to_owned(), qid.to_owned());
+                }
+                store
+                    .put(MessageRecord {
+                        topic: SCHEDULE_TOPIC.into(),
+                        queue_id: SCHEDULE_QUEUE,
+                        body: Bytes::from_static(b"planted"),
+                        properties,
+                        ..MessageRecord::default()
+                    })
+                    .expect("plant");
+            };
+            plant(Some("../../../tmp/x"), Some("0"));
+            plant(Some("T"), Some("-3"));
+            plant(Some("TBW102"), Some("0"));
+            plant(Some(SCHEDULE_TOPIC), Some("0"));
+            plant(Some("T"), Some("x"));
+            plant(None, Some("0"));
+            plant(Some("T"), None);
+            plant(Some("T"), Some("1"));
+        }
+        let store = store(dir.path());
+        let scheduler = Scheduler::open(dir.path(), &store).expect("scheduler");
+        assert_eq!(scheduler.pending(), 8);
+        assert_eq!(scheduler.deliver_due(&store, 2_000).expect("deliver"), 1);
+        assert_eq!(
+            store.queue_offsets("T", 1),
+            (0, 1),
+            "the good entry went out"
+        );
+        assert_eq!(store.queue_offsets("T", 0), (0, 0));
+        assert_eq!(store.queue_offsets("TBW102", 0), (0, 0));
+        assert!(
+            !dir.path()
+                .join("consumequeue")
+                .join("..")
+                .join("tmp")
+                .exists()
+        );
+        scheduler.persist().expect("persist");
+        let scheduler = Scheduler::open(dir.path(), &store).expect("reopen");
+        assert_eq!(
+            scheduler.pending(),
+            0,
+            "the low-water mark passed the bad entries"
         );
     }
 }

@@ -16,7 +16,7 @@ use super::uniq_key::UniqKeyGenerator;
 
 /// The topic Java producers fall back to when asking for the route of a topic that does not exist
 /// yet; serving it is what lets auto-creation work.
-pub const AUTO_CREATE_TOPIC: &str = "TBW102";
+pub const AUTO_CREATE_TOPIC: &str = crate::names::AUTO_CREATE_TOPIC;
 
 pub struct BrokerState {
     pub config: BrokerConfig,
@@ -60,7 +60,7 @@ impl BrokerState {
                 write_queue_nums: config.default_queue_nums,
                 perm: perm::READ_WRITE | perm::INHERIT,
                 ..TopicConfig::default()
-            });
+            })?;
         }
         metadata.persist()?;
         let ip = config
@@ -86,13 +86,14 @@ impl BrokerState {
         })
     }
 
-    /// The topic's configuration, creating it when auto-creation is on. `None`: no such topic.
-    pub fn topic_for_send(&self, topic: &str) -> Option<TopicConfig> {
+    /// The topic's configuration, creating it when auto-creation is on. `Ok(None)`: no such topic;
+    /// `Err`: the name may not be stored.
+    pub fn topic_for_send(&self, topic: &str) -> Result<Option<TopicConfig>, StoreError> {
         if let Some(config) = self.metadata.topic(topic) {
-            return Some(config);
+            return Ok(Some(config));
         }
         if !self.config.auto_create_topic {
-            return None;
+            return Ok(None);
         }
         let config = TopicConfig {
             topic_name: topic.to_owned(),
@@ -100,34 +101,36 @@ impl BrokerState {
             write_queue_nums: self.config.default_queue_nums,
             ..TopicConfig::default()
         };
-        self.metadata.put_topic(config.clone());
-        Some(config)
+        self.metadata.put_topic(config.clone())?;
+        Ok(Some(config))
     }
 
     /// A topic the broker itself creates (retry and dead-letter topics): one queue, read-write.
-    pub fn ensure_system_topic(&self, topic: &str) -> TopicConfig {
-        self.metadata.topic(topic).unwrap_or_else(|| {
-            let config = TopicConfig {
-                topic_name: topic.to_owned(),
-                read_queue_nums: 1,
-                write_queue_nums: 1,
-                ..TopicConfig::default()
-            };
-            self.metadata.put_topic(config.clone());
-            config
-        })
+    pub fn ensure_system_topic(&self, topic: &str) -> Result<TopicConfig, StoreError> {
+        if let Some(config) = self.metadata.topic(topic) {
+            return Ok(config);
+        }
+        let config = TopicConfig {
+            topic_name: topic.to_owned(),
+            read_queue_nums: 1,
+            write_queue_nums: 1,
+            ..TopicConfig::default()
+        };
+        self.metadata.put_topic(config.clone())?;
+        Ok(config)
     }
 
     /// A subscription group's configuration, created with defaults on first use as Java does.
-    pub fn group(&self, group: &str) -> SubscriptionGroupConfig {
-        self.metadata.group(group).unwrap_or_else(|| {
-            let config = SubscriptionGroupConfig {
-                group_name: group.to_owned(),
-                ..SubscriptionGroupConfig::default()
-            };
-            self.metadata.put_group(config.clone());
-            config
-        })
+    pub fn group(&self, group: &str) -> Result<SubscriptionGroupConfig, StoreError> {
+        if let Some(config) = self.metadata.group(group) {
+            return Ok(config);
+        }
+        let config = SubscriptionGroupConfig {
+            group_name: group.to_owned(),
+            ..SubscriptionGroupConfig::default()
+        };
+        self.metadata.put_group(config.clone())?;
+        Ok(config)
     }
 
     /// A write queue for a send that left the choice to the broker.

@@ -15,10 +15,11 @@ use bytes::{Bytes, BytesMut};
 
 use super::schedule::property::{REAL_QID, REAL_TOPIC};
 use super::store::{MessageStore, PutResult, StoreError};
+use crate::names;
 use crate::remoting::message::{MessageRecord, sys_flag};
 
-pub const HALF_TOPIC: &str = "RMQ_SYS_TRANS_HALF_TOPIC";
-pub const OP_TOPIC: &str = "RMQ_SYS_TRANS_OP_HALF_TOPIC";
+pub const HALF_TOPIC: &str = crate::names::HALF_TOPIC;
+pub const OP_TOPIC: &str = crate::names::OP_TOPIC;
 const SYSTEM_QUEUE: i32 = 0;
 /// Marks a transactional message (client side).
 pub const TRAN_MSG: &str = "TRAN_MSG";
@@ -168,7 +169,17 @@ impl Transactions {
                 let mut message = restored(MessageRecord::decode(&raw, false)?.0);
                 message.sys_flag =
                     (message.sys_flag & !TRANSACTION_TYPE_MASK) | sys_flag::TRANSACTION_COMMIT;
-                Some(store.put(message)?)
+                // A half message whose target a client could not send to (one planted before
+                // names were checked) is rolled back instead.
+                match names::validate_client_topic(&message.topic)
+                    .and_then(|()| names::validate_queue_id(&message.topic, message.queue_id))
+                {
+                    Ok(()) => Some(store.put(message)?),
+                    Err(error) => {
+                        tracing::warn!(commit_offset, %error, "half message rolled back: invalid target");
+                        None
+                    }
+                }
             }
             Decision::Rollback => None,
         };

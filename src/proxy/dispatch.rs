@@ -27,8 +27,10 @@ use super::routes::{Endpoint, RouteAction, RouteTable};
 use super::upstream::UpstreamError;
 use crate::balance::Outcome;
 use crate::client_registry::ConnectionId;
+use crate::names::{self, NameError};
 use crate::remoting::body::{
-    BatchAckMessageRequestBody, HeartbeatData, JsonBody, LockBatchRequestBody,
+    BatchAckMessageRequestBody, HeartbeatData, JsonBody, LockBatchRequestBody, MessageQueue,
+    QueryAssignmentRequestBody, SetMessageRequestModeRequestBody, UnlockBatchRequestBody,
 };
 use crate::remoting::extra_info::ExtraInfo;
 use crate::remoting::header::{
@@ -57,6 +59,15 @@ pub async fn handle(
     proxy.stats.request(request.code);
     let _active = proxy.stats.active_request();
     let oneway = request.is_oneway();
+    if let Err(error) = check_names(&request) {
+        let refused = refuse_name(request.opaque, &error);
+        if oneway {
+            warn!(code = refused.code, remark = ?refused.remark, "oneway request refused");
+            return None;
+        }
+        proxy.stats.response(refused.code);
+        return Some(refused);
+    }
     let response = match request.request_code() {
         RequestCode::GET_ROUTEINFO_BY_TOPIC => Some(route_info(proxy, downstream, &request).await),
         RequestCode::HEART_BEAT => Some(heartbeat(proxy, downstream, &request)),
@@ -117,6 +128,114 @@ pub async fn handle(
 }
 
 const BNAME: &str = "bname";
+
+/// The codes the broker answers for the same names: INVALID_PARAMETER (which clients do not
+/// retry), NO_PERMISSION for a system topic a client may not write.
+fn refuse_name(opaque: i32, error: &NameError) -> RemotingCommand {
+    let code = match error {
+        NameError::Reserved { .. } => ResponseCode::NO_PERMISSION,
+        _ => ResponseCode::INVALID_PARAMETER,
+    };
+    reply(opaque, code, error.to_string())
+}
+
+/// Checks every topic and group name a request carries before it is forwarded: a broker that does
+/// not check names (an older rocketmesh, a misconfigured one) must not be handed a name that becomes
+/// a path. Absent fields pass; the broker answers for a malformed header.
+fn check_names(request: &RemotingCommand) -> Result<(), NameError> {
+    let topic = |key: &str| request.ext(key).map_or(Ok(()), names::validate_topic);
+    let group = |key: &str| request.ext(key).map_or(Ok(()), names::validate_group);
+    let queues = |group: &str, queues: &[MessageQueue]| {
+        names::validate_group(group)?;
+        queues
+            .iter()
+            .try_for_each(|queue| names::validate_topic(&queue.topic))
+    };
+    match request.request_code() {
+        RequestCode::SEND_MESSAGE
+        | RequestCode::SEND_MESSAGE_V2
+        | RequestCode::SEND_BATCH_MESSAGE => {
+            let key = if request.ext("b").is_some() {
+                "b"
+            } else {
+                "topic"
+            };
+            request
+                .ext(key)
+                .map_or(Ok(()), names::validate_client_topic)
+        }
+        RequestCode::PULL_MESSAGE
+        | RequestCode::LITE_PULL_MESSAGE
+        | RequestCode::POP_MESSAGE
+        | RequestCode::ACK_MESSAGE
+        | RequestCode::CHANGE_MESSAGE_INVISIBLETIME
+        | RequestCode::QUERY_CONSUMER_OFFSET
+        | RequestCode::UPDATE_CONSUMER_OFFSET => {
+            topic("topic")?;
+            group("consumerGroup")
+        }
+        RequestCode::GET_ROUTEINFO_BY_TOPIC
+        | RequestCode::GET_MAX_OFFSET
+        | RequestCode::GET_MIN_OFFSET
+        | RequestCode::SEARCH_OFFSET_BY_TIMESTAMP
+        | RequestCode::GET_EARLIEST_MSG_STORETIME
+        | RequestCode::QUERY_MESSAGE => topic("topic"),
+        RequestCode::GET_CONSUMER_LIST_BY_GROUP => group("consumerGroup"),
+        RequestCode::CONSUMER_SEND_MSG_BACK => {
+            group("group")?;
+            request
+                .ext("originTopic")
+                .filter(|origin| !origin.is_empty())
+                .map_or(Ok(()), names::validate_topic)
+        }
+        RequestCode::HEART_BEAT => match HeartbeatData::from_json(&request.body) {
+            Ok(heartbeat) => heartbeat.consumer_data_set.iter().try_for_each(|consumer| {
+                names::validate_group(&consumer.group_name)?;
+                consumer
+                    .subscription_data_set
+                    .iter()
+                    .try_for_each(|subscription| names::validate_topic(&subscription.topic))
+            }),
+            Err(_) => Ok(()),
+        },
+        RequestCode::LOCK_BATCH_MQ => match LockBatchRequestBody::from_json(&request.body) {
+            Ok(body) => queues(&body.consumer_group, &body.mq_set),
+            Err(_) => Ok(()),
+        },
+        RequestCode::UNLOCK_BATCH_MQ => match UnlockBatchRequestBody::from_json(&request.body) {
+            Ok(body) => queues(&body.consumer_group, &body.mq_set),
+            Err(_) => Ok(()),
+        },
+        RequestCode::BATCH_ACK_MESSAGE => {
+            match BatchAckMessageRequestBody::from_json(&request.body) {
+                Ok(body) => body.acks.iter().try_for_each(|ack| {
+                    names::validate_topic(&ack.topic)?;
+                    names::validate_group(&ack.consumer_group)
+                }),
+                Err(_) => Ok(()),
+            }
+        }
+        RequestCode::QUERY_ASSIGNMENT => {
+            match QueryAssignmentRequestBody::from_json(&request.body) {
+                Ok(body) => {
+                    names::validate_topic(&body.topic)?;
+                    names::validate_group(&body.consumer_group)
+                }
+                Err(_) => Ok(()),
+            }
+        }
+        RequestCode::SET_MESSAGE_REQUEST_MODE => {
+            match SetMessageRequestModeRequestBody::from_json(&request.body) {
+                Ok(body) => {
+                    names::validate_topic(&body.topic)?;
+                    names::validate_group(&body.consumer_group)
+                }
+                Err(_) => Ok(()),
+            }
+        }
+        _ => Ok(()),
+    }
+}
 
 fn reply(opaque: i32, code: ResponseCode, remark: impl Into<String>) -> RemotingCommand {
     let template = RemotingCommand {

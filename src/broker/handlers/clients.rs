@@ -22,10 +22,27 @@ pub fn heartbeat(
             );
         }
     };
+    // Every name is checked before anything is stored: a group becomes a retry topic, and so a
+    // topics.json entry and a directory.
     for consumer in &heartbeat.consumer_data_set {
-        state.group(&consumer.group_name);
+        if let Err(response) = super::check_group(request, &consumer.group_name) {
+            return response;
+        }
+        for subscription in &consumer.subscription_data_set {
+            if let Err(response) = super::check_topic(request, &subscription.topic) {
+                return response;
+            }
+        }
+    }
+    for consumer in &heartbeat.consumer_data_set {
         // Consumers subscribe to their retry topic from the start; it must exist for their pulls.
-        state.ensure_system_topic(&super::retry::retry_topic(&consumer.group_name));
+        let created = state.group(&consumer.group_name).and_then(|_| {
+            let retry = crate::names::retry_topic(&consumer.group_name)?;
+            state.ensure_system_topic(&retry)
+        });
+        if let Err(error) = created {
+            return super::store_failure(request, error);
+        }
     }
     state.clients.heartbeat(connection, &heartbeat);
     RemotingCommand::response_to(request, ResponseCode::SUCCESS)
@@ -50,6 +67,9 @@ pub fn consumer_list(state: &BrokerState, request: &RemotingCommand) -> Remoting
         Ok(header) => header,
         Err(error) => return bad_request(request, error),
     };
+    if let Err(response) = super::check_group(request, &header.consumer_group) {
+        return response;
+    }
     state
         .clients
         .consumer_list_response(request, &header.consumer_group)

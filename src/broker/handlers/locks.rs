@@ -18,11 +18,26 @@ fn body<B: JsonBody>(request: &RemotingCommand) -> Result<B, RemotingCommand> {
     })
 }
 
+/// The group and every queue's topic of a lock body.
+fn check_names(
+    request: &RemotingCommand,
+    group: &str,
+    queues: &[MessageQueue],
+) -> Result<(), RemotingCommand> {
+    super::check_group(request, group)?;
+    queues
+        .iter()
+        .try_for_each(|queue| super::check_topic(request, &queue.topic))
+}
+
 pub fn lock(state: &BrokerState, request: &RemotingCommand) -> RemotingCommand {
     let body: LockBatchRequestBody = match body(request) {
         Ok(body) => body,
         Err(response) => return response,
     };
+    if let Err(response) = check_names(request, &body.consumer_group, &body.mq_set) {
+        return response;
+    }
     let granted = state.queue_locks.try_lock(
         &body.consumer_group,
         &body.client_id,
@@ -50,6 +65,9 @@ pub fn lock(state: &BrokerState, request: &RemotingCommand) -> RemotingCommand {
 pub fn unlock(state: &BrokerState, request: &RemotingCommand) -> RemotingCommand {
     match body::<UnlockBatchRequestBody>(request) {
         Ok(body) => {
+            if let Err(response) = check_names(request, &body.consumer_group, &body.mq_set) {
+                return response;
+            }
             state.queue_locks.unlock(
                 &body.consumer_group,
                 &body.client_id,

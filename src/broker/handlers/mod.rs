@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 use super::clients::ConnectionId;
 use super::state::BrokerState;
 use super::store::{StoreError, SubscriptionGroupConfig, TopicConfig};
+use crate::names::{self, NameError};
 use crate::remoting::{HeaderError, RemotingCommand, RequestCode, ResponseCode};
 
 /// Handles one request; `None` for oneway requests, which get no response.
@@ -75,6 +76,8 @@ fn consumable(
     group: &str,
     expression_type: Option<&str>,
 ) -> Result<(TopicConfig, SubscriptionGroupConfig), RemotingCommand> {
+    check_topic(request, topic)?;
+    check_group(request, group)?;
     let Some(topic_config) = state.metadata.topic(topic) else {
         return Err(RemotingCommand::error_response(
             request,
@@ -82,7 +85,9 @@ fn consumable(
             format!("topic[{topic}] not exist, apply first please!"),
         ));
     };
-    let group_config = state.group(group);
+    let group_config = state
+        .group(group)
+        .map_err(|error| store_failure(request, error))?;
     if !group_config.consume_enable {
         return Err(RemotingCommand::error_response(
             request,
@@ -112,6 +117,30 @@ fn illegal_queue(request: &RemotingCommand, queue_id: i32, topic: &TopicConfig) 
     )
 }
 
+/// A name the broker refuses. INVALID_PARAMETER rather than Java's SYSTEM_ERROR: producers retry
+/// SYSTEM_ERROR, and a bad name never becomes good. Reserved topics get NO_PERMISSION, as in Java.
+fn invalid_name(request: &RemotingCommand, error: &NameError) -> RemotingCommand {
+    let code = match error {
+        NameError::Reserved { .. } => ResponseCode::NO_PERMISSION,
+        _ => ResponseCode::INVALID_PARAMETER,
+    };
+    RemotingCommand::error_response(request, code, error.to_string())
+}
+
+/// Any valid topic name (reads, offsets, routes).
+fn check_topic(request: &RemotingCommand, topic: &str) -> Result<(), RemotingCommand> {
+    names::validate_topic(topic).map_err(|error| invalid_name(request, &error))
+}
+
+/// A topic a client may write.
+fn check_client_topic(request: &RemotingCommand, topic: &str) -> Result<(), RemotingCommand> {
+    names::validate_client_topic(topic).map_err(|error| invalid_name(request, &error))
+}
+
+fn check_group(request: &RemotingCommand, group: &str) -> Result<(), RemotingCommand> {
+    names::validate_group(group).map_err(|error| invalid_name(request, &error))
+}
+
 /// A request whose header does not parse.
 fn bad_request(request: &RemotingCommand, error: HeaderError) -> RemotingCommand {
     RemotingCommand::error_response(request, ResponseCode::INVALID_PARAMETER, error.to_string())
@@ -124,6 +153,8 @@ fn store_failure(request: &RemotingCommand, error: StoreError) -> RemotingComman
         | StoreError::EntryTooLarge { .. }
         | StoreError::EmptyEntry => ResponseCode::MESSAGE_ILLEGAL,
         StoreError::Failed | StoreError::Closed => ResponseCode::SERVICE_NOT_AVAILABLE,
+        StoreError::InvalidName(error) => return invalid_name(request, &error),
+        StoreError::OutsideDataDir { .. } => ResponseCode::INVALID_PARAMETER,
         _ => ResponseCode::SYSTEM_ERROR,
     };
     RemotingCommand::error_response(request, code, format!("store error: {error}"))

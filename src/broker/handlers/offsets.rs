@@ -1,6 +1,6 @@
 //! Consumer offsets and queue offset queries.
 
-use super::{bad_request, store_failure};
+use super::{bad_request, check_group, check_topic, store_failure};
 use crate::broker::state::BrokerState;
 use crate::broker::store::Boundary;
 use crate::remoting::header::{
@@ -22,6 +22,11 @@ pub fn query_consumer_offset(state: &BrokerState, request: &RemotingCommand) -> 
         Ok(header) => header,
         Err(error) => return bad_request(request, error),
     };
+    if let Err(response) = check_topic(request, &header.topic)
+        .and_then(|()| check_group(request, &header.consumer_group))
+    {
+        return response;
+    }
     if let Some(offset) =
         state
             .metadata
@@ -46,31 +51,44 @@ pub fn update_consumer_offset(state: &BrokerState, request: &RemotingCommand) ->
         Ok(header) => header,
         Err(error) => return bad_request(request, error),
     };
-    state.metadata.commit_offset(
+    if let Err(response) = check_topic(request, &header.topic)
+        .and_then(|()| check_group(request, &header.consumer_group))
+    {
+        return response;
+    }
+    match state.metadata.commit_offset(
         &header.consumer_group,
         &header.topic,
         header.queue_id,
         header.commit_offset,
-    );
-    RemotingCommand::response_to(request, ResponseCode::SUCCESS)
+    ) {
+        Ok(()) => RemotingCommand::response_to(request, ResponseCode::SUCCESS),
+        Err(error) => store_failure(request, error),
+    }
 }
 
 pub fn max_offset(state: &BrokerState, request: &RemotingCommand) -> RemotingCommand {
     match request.decode_header::<GetMaxOffsetRequestHeader>() {
-        Ok(header) => offset_response(
-            request,
-            state.store.queue_offsets(&header.topic, header.queue_id).1,
-        ),
+        Ok(header) => match check_topic(request, &header.topic) {
+            Ok(()) => offset_response(
+                request,
+                state.store.queue_offsets(&header.topic, header.queue_id).1,
+            ),
+            Err(response) => response,
+        },
         Err(error) => bad_request(request, error),
     }
 }
 
 pub fn min_offset(state: &BrokerState, request: &RemotingCommand) -> RemotingCommand {
     match request.decode_header::<GetMinOffsetRequestHeader>() {
-        Ok(header) => offset_response(
-            request,
-            state.store.queue_offsets(&header.topic, header.queue_id).0,
-        ),
+        Ok(header) => match check_topic(request, &header.topic) {
+            Ok(()) => offset_response(
+                request,
+                state.store.queue_offsets(&header.topic, header.queue_id).0,
+            ),
+            Err(response) => response,
+        },
         Err(error) => bad_request(request, error),
     }
 }
@@ -80,6 +98,9 @@ pub fn search_offset(state: &BrokerState, request: &RemotingCommand) -> Remoting
         Ok(header) => header,
         Err(error) => return bad_request(request, error),
     };
+    if let Err(response) = check_topic(request, &header.topic) {
+        return response;
+    }
     let boundary = match header.boundary_type.as_deref() {
         Some(kind) if kind.eq_ignore_ascii_case("upper") => Boundary::Upper,
         _ => Boundary::Lower,

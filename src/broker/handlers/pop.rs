@@ -7,11 +7,14 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::pull::TagFilter;
-use super::{bad_request, consumable, illegal_queue, store_failure};
+use super::{
+    bad_request, check_group, check_topic, consumable, illegal_queue, invalid_name, store_failure,
+};
 use crate::broker::pop::{ORDER_REVIVE_QID, PopRequest};
 use crate::broker::schedule::now_ms;
 use crate::broker::state::BrokerState;
 use crate::broker::store::{PutResult, RequestMode, StoreError};
+use crate::names;
 use crate::remoting::body::{
     BatchAckMessageRequestBody, JsonBody, MessageQueue, MessageQueueAssignment,
     QueryAssignmentRequestBody, QueryAssignmentResponseBody, SetMessageRequestModeRequestBody,
@@ -50,6 +53,9 @@ pub async fn pop(state: &BrokerState, request: &RemotingCommand) -> RemotingComm
             ),
         );
     }
+    if header.invisible_time < 0 {
+        return negative_invisible_time(request, header.invisible_time);
+    }
     let (topic, group) = match consumable(
         state,
         request,
@@ -74,7 +80,10 @@ pub async fn pop(state: &BrokerState, request: &RemotingCommand) -> RemotingComm
     let mut queue_ids = queue_ids;
     let rotate = (now_ms() as usize) % queue_ids.len().max(1);
     queue_ids.rotate_left(rotate);
-    let dead_letter_topic = super::retry::dead_letter_topic(&header.consumer_group);
+    let dead_letter_topic = match names::dead_letter_topic(&header.consumer_group) {
+        Ok(topic) => topic,
+        Err(error) => return invalid_name(request, &error),
+    };
     let pop_once = || {
         let pop_request = PopRequest {
             group: &header.consumer_group,
@@ -184,6 +193,22 @@ pub async fn pop(state: &BrokerState, request: &RemotingCommand) -> RemotingComm
         .with_body(Bytes::from(body.concat()))
 }
 
+/// Java answers a negative invisible time with an error too; silently clamping it would hide a
+/// client bug and make messages visible again at once.
+fn negative_invisible_time(request: &RemotingCommand, invisible_time: i64) -> RemotingCommand {
+    RemotingCommand::error_response(
+        request,
+        ResponseCode::INVALID_PARAMETER,
+        format!("invisibleTime {invisible_time} is negative; it must be 0 or more milliseconds"),
+    )
+}
+
+/// The topic and group of an ACK, BATCH_ACK or CHANGE_MESSAGE_INVISIBLETIME entry.
+fn check_names(request: &RemotingCommand, topic: &str, group: &str) -> Result<(), RemotingCommand> {
+    check_topic(request, topic)?;
+    check_group(request, group)
+}
+
 /// The receipt handle and message offset of an ACK or CHANGE_MESSAGE_INVISIBLETIME.
 fn parse_handle(
     request: &RemotingCommand,
@@ -205,6 +230,9 @@ pub async fn ack(state: &BrokerState, request: &RemotingCommand) -> RemotingComm
         Ok(header) => header,
         Err(error) => return bad_request(request, error),
     };
+    if let Err(response) = check_names(request, &header.topic, &header.consumer_group) {
+        return response;
+    }
     let (handle, offset) = match parse_handle(request, &header.extra_info, header.offset) {
         Ok(parsed) => parsed,
         Err(response) => return response,
@@ -240,6 +268,11 @@ pub async fn batch_ack(state: &BrokerState, request: &RemotingCommand) -> Remoti
             );
         }
     };
+    for ack in &body.acks {
+        if let Err(response) = check_names(request, &ack.topic, &ack.consumer_group) {
+            return response;
+        }
+    }
     let mut last = None;
     for ack in &body.acks {
         let offsets = match ack.offsets() {
@@ -284,6 +317,12 @@ pub async fn change_invisible_time(
         Ok(header) => header,
         Err(error) => return bad_request(request, error),
     };
+    if let Err(response) = check_names(request, &header.topic, &header.consumer_group) {
+        return response;
+    }
+    if header.invisible_time < 0 {
+        return negative_invisible_time(request, header.invisible_time);
+    }
     let (handle, offset) = match parse_handle(request, &header.extra_info, header.offset) {
         Ok(parsed) => parsed,
         Err(response) => return response,
@@ -296,7 +335,7 @@ pub async fn change_invisible_time(
         header.queue_id,
         offset,
         handle.pop_time,
-        header.invisible_time.max(0),
+        header.invisible_time,
         now,
     );
     let pop_time = match changed {
@@ -338,21 +377,26 @@ pub fn set_request_mode(state: &BrokerState, request: &RemotingCommand) -> Remot
             format!("unknown mode {}", body.mode),
         );
     }
-    if body.topic.starts_with("%RETRY%") {
+    if let Err(response) = check_names(request, &body.topic, &body.consumer_group) {
+        return response;
+    }
+    if body.topic.starts_with(names::RETRY_PREFIX) {
         return RemotingCommand::error_response(
             request,
             ResponseCode::NO_PERMISSION,
             "retry topics are always consumed by PULL",
         );
     }
-    state.metadata.set_request_mode(
+    if let Err(error) = state.metadata.set_request_mode(
         &body.consumer_group,
         &body.topic,
         RequestMode {
             mode: body.mode,
             pop_share_queue_num: body.pop_share_queue_num,
         },
-    );
+    ) {
+        return store_failure(request, error);
+    }
     match state.metadata.persist() {
         Ok(()) => RemotingCommand::response_to(request, ResponseCode::SUCCESS),
         Err(error) => store_failure(request, error),
@@ -370,6 +414,9 @@ pub fn query_assignment(state: &BrokerState, request: &RemotingCommand) -> Remot
             );
         }
     };
+    if let Err(response) = check_names(request, &body.topic, &body.consumer_group) {
+        return response;
+    }
     let Some(topic) = state.metadata.topic(&body.topic) else {
         return RemotingCommand::error_response(
             request,
@@ -377,7 +424,7 @@ pub fn query_assignment(state: &BrokerState, request: &RemotingCommand) -> Remot
             format!("topic[{}] not exist, apply first please!", body.topic),
         );
     };
-    let mode = if body.topic.starts_with("%RETRY%") {
+    let mode = if body.topic.starts_with(names::RETRY_PREFIX) {
         "PULL".to_owned()
     } else {
         state

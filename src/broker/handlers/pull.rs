@@ -99,12 +99,6 @@ pub async fn handle(
         Ok(header) => header,
         Err(error) => return bad_request(request, error),
     };
-    state.clients.pulled(
-        connection,
-        &header.consumer_group,
-        &header.topic,
-        header.queue_id,
-    );
     let (topic, _) = match consumable(
         state,
         request,
@@ -118,6 +112,12 @@ pub async fn handle(
     if header.queue_id < 0 || header.queue_id >= topic.read_queue_nums {
         return illegal_queue(request, header.queue_id, &topic);
     }
+    state.clients.pulled(
+        connection,
+        &header.consumer_group,
+        &header.topic,
+        header.queue_id,
+    );
     let filter = if header.sys_flag & pull_flag::SUBSCRIPTION != 0 {
         TagFilter::parse(header.subscription.as_deref().unwrap_or("*"))
     } else {
@@ -138,13 +138,16 @@ pub async fn handle(
             }
         }
     };
-    if header.sys_flag & pull_flag::COMMIT_OFFSET != 0 && header.commit_offset >= 0 {
-        state.metadata.commit_offset(
+    if header.sys_flag & pull_flag::COMMIT_OFFSET != 0
+        && header.commit_offset >= 0
+        && let Err(error) = state.metadata.commit_offset(
             &header.consumer_group,
             &header.topic,
             header.queue_id,
             header.commit_offset,
-        );
+        )
+    {
+        return store_failure(request, error);
     }
 
     let mut outcome = match look(state, &header, &filter) {
@@ -203,7 +206,6 @@ fn look(
     filter: &TagFilter,
 ) -> Result<PullOutcome, StoreError> {
     let (min, max) = state.store.queue_offsets(&header.topic, header.queue_id);
-    let requested = header.queue_offset.max(0) as u64;
     let outcome = |code, remark, next| PullOutcome {
         code,
         remark,
@@ -211,6 +213,15 @@ fn look(
         min_offset: min,
         max_offset: max,
         body: Bytes::new(),
+    };
+    // A negative offset lies below every queue's minimum: moved to the minimum, as in Java.
+    let Ok(requested) = u64::try_from(header.queue_offset) else {
+        let remark = if max == 0 {
+            "NO_MESSAGE_IN_QUEUE"
+        } else {
+            "OFFSET_TOO_SMALL"
+        };
+        return Ok(outcome(ResponseCode::PULL_OFFSET_MOVED, remark, min));
     };
     if max == 0 {
         let code = if requested == 0 {

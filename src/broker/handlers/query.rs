@@ -36,6 +36,9 @@ pub fn query_message(state: &BrokerState, request: &RemotingCommand) -> Remoting
         Ok(header) => header,
         Err(error) => return bad_request(request, error),
     };
+    if let Err(response) = super::check_topic(request, &header.topic) {
+        return response;
+    }
     let max = usize::try_from(header.max_num).unwrap_or(0).clamp(1, 64);
     let found = state.store.query_by_key(
         &header.topic,

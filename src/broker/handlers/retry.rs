@@ -4,9 +4,10 @@
 
 use std::time::Duration;
 
-use super::{bad_request, store_failure};
+use super::{bad_request, check_group, check_topic, invalid_name, store_failure};
 use crate::broker::schedule::{self, property as schedule_property};
 use crate::broker::state::BrokerState;
+use crate::names;
 use crate::remoting::header::ConsumerSendMsgBackRequestHeader;
 use crate::remoting::message::MessageRecord;
 use crate::remoting::{RemotingCommand, ResponseCode};
@@ -19,19 +20,20 @@ pub mod property {
     pub const DLQ_ORIGIN_MESSAGE_ID: &str = "DLQ_ORIGIN_MESSAGE_ID";
 }
 
-pub fn retry_topic(group: &str) -> String {
-    format!("%RETRY%{group}")
-}
-
-pub fn dead_letter_topic(group: &str) -> String {
-    format!("%DLQ%{group}")
-}
-
 pub async fn send_back(state: &BrokerState, request: &RemotingCommand) -> RemotingCommand {
     let header = match request.decode_header::<ConsumerSendMsgBackRequestHeader>() {
         Ok(header) => header,
         Err(error) => return bad_request(request, error),
     };
+    // The group becomes part of a topic name, and so of a directory path.
+    if let Err(response) = check_group(request, &header.group) {
+        return response;
+    }
+    if let Some(origin) = header.origin_topic.as_deref().filter(|t| !t.is_empty())
+        && let Err(response) = check_topic(request, origin)
+    {
+        return response;
+    }
     let original = u64::try_from(header.offset)
         .ok()
         .and_then(|offset| state.store.read_at(offset).ok())
@@ -44,7 +46,10 @@ pub async fn send_back(state: &BrokerState, request: &RemotingCommand) -> Remoti
             format!("look message by offset failed, {}", header.offset),
         );
     };
-    let group = state.group(&header.group);
+    let group = match state.group(&header.group) {
+        Ok(group) => group,
+        Err(error) => return store_failure(request, error),
+    };
     let max_attempts = header.max_reconsume_times.unwrap_or(group.retry_max_times);
     let origin_id = header
         .origin_msg_id
@@ -65,10 +70,20 @@ pub async fn send_back(state: &BrokerState, request: &RemotingCommand) -> Remoti
         .entry(property::ORIGIN_MESSAGE_ID.to_owned())
         .or_insert(origin_id.clone());
     let to_dead_letters = original.reconsume_times >= max_attempts || header.delay_level < 0;
+    let target = if to_dead_letters {
+        names::dead_letter_topic(&header.group)
+    } else {
+        names::retry_topic(&header.group)
+    };
+    let topic = match target {
+        Ok(topic) => topic,
+        Err(error) => return invalid_name(request, &error),
+    };
+    if let Err(error) = state.ensure_system_topic(&topic) {
+        return store_failure(request, error);
+    }
+    message.topic = topic;
     let stored = if to_dead_letters {
-        let topic = dead_letter_topic(&header.group);
-        state.ensure_system_topic(&topic);
-        message.topic = topic;
         message
             .properties
             .insert(property::DLQ_ORIGIN_TOPIC.to_owned(), first_topic);
@@ -77,9 +92,6 @@ pub async fn send_back(state: &BrokerState, request: &RemotingCommand) -> Remoti
             .insert(property::DLQ_ORIGIN_MESSAGE_ID.to_owned(), origin_id);
         state.store.put(message)
     } else {
-        let topic = retry_topic(&header.group);
-        state.ensure_system_topic(&topic);
-        message.topic = topic;
         message.reconsume_times = original.reconsume_times + 1;
         message
             .properties

@@ -24,6 +24,9 @@ pub fn topic_route(state: &BrokerState, request: &RemotingCommand) -> RemotingCo
         Ok(header) => header,
         Err(error) => return bad_request(request, error),
     };
+    if let Err(response) = super::check_topic(request, &header.topic) {
+        return response;
+    }
     let Some(topic) = state.metadata.topic(&header.topic) else {
         return RemotingCommand::error_response(
             request,
@@ -77,12 +80,8 @@ pub fn create_topic(state: &BrokerState, request: &RemotingCommand) -> RemotingC
         Ok(header) => header,
         Err(error) => return bad_request(request, error),
     };
-    if !super::send::valid_topic_name(&header.topic) {
-        return RemotingCommand::error_response(
-            request,
-            ResponseCode::INVALID_PARAMETER,
-            format!("the topic[{}] is invalid", header.topic),
-        );
+    if let Err(response) = super::check_client_topic(request, &header.topic) {
+        return response;
     }
     if !(1..=1024).contains(&header.read_queue_nums)
         || !(1..=1024).contains(&header.write_queue_nums)
@@ -93,7 +92,7 @@ pub fn create_topic(state: &BrokerState, request: &RemotingCommand) -> RemotingC
             "queue counts must be between 1 and 1024",
         );
     }
-    state.metadata.put_topic(TopicConfig {
+    let stored = state.metadata.put_topic(TopicConfig {
         topic_name: header.topic,
         read_queue_nums: header.read_queue_nums,
         write_queue_nums: header.write_queue_nums,
@@ -103,6 +102,9 @@ pub fn create_topic(state: &BrokerState, request: &RemotingCommand) -> RemotingC
         order: header.order,
         attributes: BTreeMap::new(),
     });
+    if let Err(error) = stored {
+        return super::store_failure(request, error);
+    }
     match state.metadata.persist() {
         Ok(()) => RemotingCommand::response_to(request, ResponseCode::SUCCESS),
         Err(error) => super::store_failure(request, error),

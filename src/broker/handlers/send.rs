@@ -5,23 +5,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{bad_request, store_failure};
-use crate::broker::state::{AUTO_CREATE_TOPIC, BrokerState};
+use super::{bad_request, check_client_topic, store_failure};
+use crate::broker::state::BrokerState;
 use crate::broker::{schedule, transaction};
 use crate::remoting::header::{
     SendMessageRequestHeader, SendMessageRequestHeaderV2, SendMessageResponseHeader,
 };
 use crate::remoting::message::{self, MessageRecord, Properties, parse_properties, property};
 use crate::remoting::{RemotingCommand, RequestCode, ResponseCode};
-
-/// Java's `TopicValidator`: at most 127 characters from `[%|a-zA-Z0-9_-]`.
-pub fn valid_topic_name(topic: &str) -> bool {
-    !topic.is_empty()
-        && topic.len() <= 127
-        && topic
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'%' | b'|' | b'_' | b'-'))
-}
 
 pub async fn handle(
     state: &BrokerState,
@@ -38,19 +29,21 @@ pub async fn handle(
         Ok(header) => header,
         Err(error) => return bad_request(request, error),
     };
-    if !valid_topic_name(&header.topic) || header.topic == AUTO_CREATE_TOPIC {
-        return RemotingCommand::error_response(
-            request,
-            ResponseCode::INVALID_PARAMETER,
-            format!("the topic[{}] is not allowed for sending", header.topic),
-        );
+    // Schedule, transaction, POP-log and template topics are the broker's own: a client writing
+    // them could pick where a message is later re-delivered (REAL_TOPIC, REAL_QID).
+    if let Err(response) = check_client_topic(request, &header.topic) {
+        return response;
     }
-    let Some(topic) = state.topic_for_send(&header.topic) else {
-        return RemotingCommand::error_response(
-            request,
-            ResponseCode::TOPIC_NOT_EXIST,
-            format!("topic[{}] not exist, apply first please!", header.topic),
-        );
+    let topic = match state.topic_for_send(&header.topic) {
+        Ok(Some(topic)) => topic,
+        Ok(None) => {
+            return RemotingCommand::error_response(
+                request,
+                ResponseCode::TOPIC_NOT_EXIST,
+                format!("topic[{}] not exist, apply first please!", header.topic),
+            );
+        }
+        Err(error) => return store_failure(request, error),
     };
     if topic.perm & crate::broker::store::metadata::perm::WRITE == 0 {
         return RemotingCommand::error_response(

@@ -100,6 +100,11 @@ pub enum StoreError {
     Metadata { file: String, reason: String },
     #[error("invalid message record: {0}")]
     InvalidRecord(#[from] crate::remoting::message::RecordError),
+    /// A topic or group name, or a queue id, that must not reach the disk.
+    #[error("{0}")]
+    InvalidName(#[from] crate::names::NameError),
+    #[error("path {path} would lie outside {root}")]
+    OutsideDataDir { root: PathBuf, path: PathBuf },
 }
 
 /// Where an appended entry landed.

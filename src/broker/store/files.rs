@@ -2,7 +2,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use super::commit_log::StoreError;
 
@@ -18,6 +18,27 @@ pub fn io_error<'a>(
         action,
         path: path.to_owned(),
         source,
+    }
+}
+
+/// `root/component`, refused unless `component` is one plain path component, so the result stays
+/// under `root`. Names are validated before they get here; this is the last line of defence.
+pub fn child_path(root: &Path, component: &str) -> Result<PathBuf, StoreError> {
+    let outside = || StoreError::OutsideDataDir {
+        root: root.to_owned(),
+        path: root.join(component),
+    };
+    let mut components = Path::new(component).components();
+    match (components.next(), components.next()) {
+        (Some(Component::Normal(part)), None) if part == component && !component.contains('\0') => {
+            let path = root.join(part);
+            if path.starts_with(root) && path.parent() == Some(root) {
+                Ok(path)
+            } else {
+                Err(outside())
+            }
+        }
+        _ => Err(outside()),
     }
 }
 
@@ -78,5 +99,39 @@ pub fn read_u64(path: &Path) -> Result<Option<u64>, StoreError> {
             path: path.to_owned(),
             source,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn child_paths_stay_one_level_below_their_root() {
+        let root = Path::new("/data/consumequeue");
+        assert_eq!(
+            child_path(root, "TopicTest").expect("plain"),
+            root.join("TopicTest")
+        );
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            "/etc",
+            "a/",
+            "./a",
+            "a\0b",
+            "%DLQ%../../x",
+        ] {
+            assert!(
+                matches!(
+                    child_path(root, bad),
+                    Err(StoreError::OutsideDataDir { .. })
+                ),
+                "{bad:?}"
+            );
+        }
     }
 }

@@ -20,8 +20,10 @@ use bytes::{Bytes, BytesMut};
 
 use super::commit_log::{CommitLog, CommitLogConfig, StoreError};
 use super::consume_queue::{ConsumeQueue, QueueEntry};
-use super::files::{read_u64, replace_file};
+use super::files::{child_path, read_u64, replace_file};
 use super::key_index::KeyIndex;
+use crate::log_throttle::LogThrottle;
+use crate::names;
 use crate::remoting::message::{MessageRecord, java_string_hash};
 
 const COMMIT_LOG_DIR: &str = "commitlog";
@@ -29,6 +31,10 @@ const CONSUME_QUEUE_DIR: &str = "consumequeue";
 const KEY_INDEX_DIR: &str = "index";
 const DISPATCH_CHECKPOINT: &str = "dispatch.checkpoint";
 const KEY_INDEX_ENTRIES_PER_FILE: u64 = 1 << 20;
+
+/// Records and directories with names the store refuses, found while opening: written by an older
+/// version that did not check names, they are skipped, and one line per interval says so.
+static SKIPPED_LOG: LogThrottle = LogThrottle::new(std::time::Duration::from_secs(10));
 
 /// Message store settings.
 #[derive(Debug, Clone)]
@@ -141,7 +147,15 @@ impl MessageStore {
             return Ok(());
         };
         for topic_dir in topics.flatten() {
-            let Some(topic) = topic_dir.file_name().to_str().map(str::to_owned) else {
+            let Some(topic) = topic_dir
+                .file_name()
+                .to_str()
+                .filter(|topic| names::validate_topic(topic).is_ok())
+                .map(str::to_owned)
+            else {
+                if let Some(skipped) = SKIPPED_LOG.allow() {
+                    tracing::warn!(dir = %topic_dir.path().display(), skipped, "consume-queue directory with an invalid topic name ignored");
+                }
                 continue;
             };
             let Ok(queue_dirs) = fs::read_dir(topic_dir.path()) else {
@@ -152,6 +166,7 @@ impl MessageStore {
                     .file_name()
                     .to_str()
                     .and_then(|name| name.parse::<i32>().ok())
+                    .filter(|queue_id| names::validate_queue_id(&topic, *queue_id).is_ok())
                 else {
                     continue;
                 };
@@ -170,7 +185,14 @@ impl MessageStore {
         if let Some(queue) = queues.get(&(topic.to_owned(), queue_id)) {
             return Ok(queue.clone());
         }
-        let dir = self.queue_root().join(topic).join(queue_id.to_string());
+        // Every consume-queue path comes from here: a checked name and queue id, and a path
+        // checked to stay under the data directory.
+        names::validate_topic(topic)?;
+        names::validate_queue_id(topic, queue_id)?;
+        let dir = child_path(
+            &child_path(&self.queue_root(), topic)?,
+            &queue_id.to_string(),
+        )?;
         let queue = Arc::new(RwLock::new(ConsumeQueue::open(
             dir,
             self.config.entries_per_queue_file,
@@ -202,7 +224,17 @@ impl MessageStore {
                     offset,
                     reason: "negative queue offset in a stored record",
                 })?;
-            let queue = self.open_queue(&record.topic, record.queue_id)?;
+            let queue = match self.open_queue(&record.topic, record.queue_id) {
+                Ok(queue) => queue,
+                Err(StoreError::InvalidName(error)) => {
+                    if let Some(skipped) = SKIPPED_LOG.allow() {
+                        tracing::warn!(offset, %error, skipped, "commit-log record not indexed");
+                    }
+                    offset = next;
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
             queue
                 .write()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -730,5 +762,30 @@ mod tests {
         bad.properties.insert("huge".into(), "x".repeat(40_000));
         assert!(matches!(store.put(bad), Err(StoreError::InvalidRecord(_))));
         assert_eq!(store.put(message("T", 0, 1)).expect("put").queue_offset, 0);
+    }
+    #[test]
+    fn invalid_topics_and_queue_ids_never_reach_the_disk() {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let data = parent.path().join("data");
+        let store = MessageStore::open(config(&data)).expect("open");
+        for (topic, queue_id) in [
+            ("%DLQ%../../../escaped", 0),
+            ("%RETRY%../../T", 0),
+            ("a\0b", 0),
+            ("T", -3),
+            ("T", names::MAX_QUEUES),
+        ] {
+            let refused = store.put(message(topic, queue_id, 0));
+            assert!(
+                matches!(refused, Err(StoreError::InvalidName(_))),
+                "{topic:?} {queue_id}: {refused:?}"
+            );
+        }
+        assert_eq!(store.commit_log().max_offset(), 0, "nothing was appended");
+        assert!(!parent.path().join("escaped").exists());
+        let queues: Vec<_> = fs::read_dir(data.join(CONSUME_QUEUE_DIR))
+            .map(|dirs| dirs.flatten().map(|dir| dir.file_name()).collect())
+            .unwrap_or_default();
+        assert!(queues.is_empty(), "{queues:?}");
     }
 }

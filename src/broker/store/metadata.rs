@@ -13,13 +13,14 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::{PoisonError, RwLock};
+use std::sync::{Mutex, PoisonError, RwLock};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::commit_log::StoreError;
 pub use super::files::replace_file;
+use crate::names;
 use crate::remoting::fastjson;
 
 const TOPICS_FILE: &str = "topics.json";
@@ -154,10 +155,50 @@ struct Tables {
     modes_dirty: bool,
 }
 
+impl Tables {
+    /// Drops entries whose names the broker would refuse today (files written before names were
+    /// checked, or edited by hand), and marks their tables for rewriting.
+    fn drop_invalid_names(&mut self) {
+        fn keep<V>(
+            table: &mut BTreeMap<String, V>,
+            file: &str,
+            valid: impl Fn(&str) -> bool,
+        ) -> bool {
+            let before = table.len();
+            table.retain(|key, _| {
+                let ok = valid(key);
+                if !ok {
+                    tracing::warn!(file, entry = %names::shown(key), "metadata entry with an invalid name dropped");
+                }
+                ok
+            });
+            table.len() != before
+        }
+        let valid_pair = |key: &str| {
+            key.rsplit_once('@').is_some_and(|(topic, group)| {
+                names::validate_topic(topic).is_ok() && names::validate_group(group).is_ok()
+            })
+        };
+        self.topics_dirty |= keep(&mut self.topics.topic_config_table, TOPICS_FILE, |topic| {
+            names::validate_topic(topic).is_ok()
+        });
+        self.groups_dirty |= keep(
+            &mut self.groups.subscription_group_table,
+            GROUPS_FILE,
+            |group| names::validate_group(group).is_ok(),
+        );
+        self.offsets_dirty |= keep(&mut self.offsets.offset_table, OFFSETS_FILE, valid_pair);
+        self.modes_dirty |= keep(&mut self.modes.mode_table, MODES_FILE, valid_pair);
+    }
+}
+
 /// The metadata of one broker, in memory, persisted on [`Metadata::persist`].
 pub struct Metadata {
     dir: PathBuf,
     tables: RwLock<Tables>,
+    /// One persist at a time: concurrent ones (housekeeping and a handler) would share the
+    /// temporary file, and one's rename could find it gone.
+    persisting: Mutex<()>,
 }
 
 fn offset_key(topic: &str, group: &str) -> String {
@@ -173,16 +214,18 @@ impl Metadata {
             path: dir.clone(),
             source,
         })?;
-        let tables = Tables {
+        let mut tables = Tables {
             topics: load(&dir.join(TOPICS_FILE))?,
             groups: load(&dir.join(GROUPS_FILE))?,
             offsets: load(&dir.join(OFFSETS_FILE))?,
             modes: load(&dir.join(MODES_FILE))?,
             ..Tables::default()
         };
+        tables.drop_invalid_names();
         Ok(Self {
             dir,
             tables: RwLock::new(tables),
+            persisting: Mutex::new(()),
         })
     }
 
@@ -207,14 +250,21 @@ impl Metadata {
             .collect()
     }
 
-    /// Creates or replaces a topic.
-    pub fn put_topic(&self, config: TopicConfig) {
+    /// Creates or replaces a topic; a topic with an invalid name or queue count is refused.
+    pub fn put_topic(&self, config: TopicConfig) -> Result<(), StoreError> {
+        names::validate_topic(&config.topic_name)?;
+        for queues in [config.read_queue_nums, config.write_queue_nums] {
+            if queues != 0 {
+                names::validate_queue_id(&config.topic_name, queues - 1)?;
+            }
+        }
         let mut tables = self.write();
         tables
             .topics
             .topic_config_table
             .insert(config.topic_name.clone(), config);
         tables.topics_dirty = true;
+        Ok(())
     }
 
     pub fn remove_topic(&self, topic: &str) -> Option<TopicConfig> {
@@ -232,14 +282,16 @@ impl Metadata {
             .cloned()
     }
 
-    /// Creates or replaces a subscription group.
-    pub fn put_group(&self, config: SubscriptionGroupConfig) {
+    /// Creates or replaces a subscription group; an invalid group name is refused.
+    pub fn put_group(&self, config: SubscriptionGroupConfig) -> Result<(), StoreError> {
+        names::validate_group(&config.group_name)?;
         let mut tables = self.write();
         tables
             .groups
             .subscription_group_table
             .insert(config.group_name.clone(), config);
         tables.groups_dirty = true;
+        Ok(())
     }
 
     /// A group's committed offset for one queue.
@@ -253,7 +305,16 @@ impl Metadata {
     }
 
     /// Records a group's offset for one queue.
-    pub fn commit_offset(&self, group: &str, topic: &str, queue_id: i32, offset: i64) {
+    pub fn commit_offset(
+        &self,
+        group: &str,
+        topic: &str,
+        queue_id: i32,
+        offset: i64,
+    ) -> Result<(), StoreError> {
+        names::validate_group(group)?;
+        names::validate_topic(topic)?;
+        names::validate_queue_id(topic, queue_id)?;
         let mut tables = self.write();
         let queues = tables
             .offsets
@@ -263,6 +324,7 @@ impl Metadata {
         if queues.insert(queue_id, offset) != Some(offset) {
             tables.offsets_dirty = true;
         }
+        Ok(())
     }
 
     /// The request mode set for a group on a topic, if any.
@@ -274,17 +336,29 @@ impl Metadata {
             .cloned()
     }
 
-    pub fn set_request_mode(&self, group: &str, topic: &str, mode: RequestMode) {
+    pub fn set_request_mode(
+        &self,
+        group: &str,
+        topic: &str,
+        mode: RequestMode,
+    ) -> Result<(), StoreError> {
+        names::validate_group(group)?;
+        names::validate_topic(topic)?;
         let mut tables = self.write();
         tables
             .modes
             .mode_table
             .insert(offset_key(topic, group), mode);
         tables.modes_dirty = true;
+        Ok(())
     }
 
     /// Writes every table that changed since the last call, each atomically.
     pub fn persist(&self) -> Result<(), StoreError> {
+        let _one = self
+            .persisting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         // Serialize under the read lock, write the files outside any lock.
         let (topics, groups, offsets, modes) = {
             let tables = self.read();
@@ -359,21 +433,25 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let metadata = Metadata::open(dir.path()).expect("open");
-            metadata.put_topic(TopicConfig {
-                topic_name: "T".into(),
-                read_queue_nums: 4,
-                write_queue_nums: 4,
-                ..TopicConfig::default()
-            });
-            metadata.put_group(SubscriptionGroupConfig {
-                group_name: "G".into(),
-                retry_max_times: 3,
-                ..SubscriptionGroupConfig::default()
-            });
-            metadata.commit_offset("G", "T", 2, 42);
+            metadata
+                .put_topic(TopicConfig {
+                    topic_name: "T".into(),
+                    read_queue_nums: 4,
+                    write_queue_nums: 4,
+                    ..TopicConfig::default()
+                })
+                .expect("put topic");
+            metadata
+                .put_group(SubscriptionGroupConfig {
+                    group_name: "G".into(),
+                    retry_max_times: 3,
+                    ..SubscriptionGroupConfig::default()
+                })
+                .expect("put group");
+            metadata.commit_offset("G", "T", 2, 42).expect("commit");
             metadata.persist().expect("persist");
             // Not persisted: lost on "crash".
-            metadata.commit_offset("G", "T", 2, 43);
+            metadata.commit_offset("G", "T", 2, 43).expect("commit");
         }
         let metadata = Metadata::open(dir.path()).expect("reopen");
         assert_eq!(metadata.topic("T").map(|t| t.read_queue_nums), Some(4));
@@ -419,5 +497,65 @@ mod tests {
             .err()
             .expect("corrupt file refused");
         assert!(error.to_string().contains(GROUPS_FILE), "{error}");
+    }
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::*;
+
+    #[test]
+    fn invalid_names_are_refused_and_never_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let metadata = Metadata::open(dir.path()).expect("open");
+        for topic in ["%DLQ%../../x", "%RETRY%a\0b", &"t".repeat(200)] {
+            let refused = metadata.put_topic(TopicConfig {
+                topic_name: topic.to_owned(),
+                ..TopicConfig::default()
+            });
+            assert!(
+                matches!(refused, Err(StoreError::InvalidName(_))),
+                "{topic:?}"
+            );
+        }
+        let negative = metadata.put_topic(TopicConfig {
+            topic_name: "T".into(),
+            read_queue_nums: 5000,
+            ..TopicConfig::default()
+        });
+        assert!(matches!(negative, Err(StoreError::InvalidName(_))));
+        assert!(
+            metadata
+                .put_group(SubscriptionGroupConfig {
+                    group_name: "../g".into(),
+                    ..SubscriptionGroupConfig::default()
+                })
+                .is_err()
+        );
+        assert!(metadata.commit_offset("g", "T", -1, 0).is_err());
+        assert!(metadata.commit_offset("g/x", "T", 0, 0).is_err());
+        metadata.persist().expect("persist");
+        assert!(metadata.topics().is_empty());
+        assert!(!dir.path().join(TOPICS_FILE).exists(), "nothing to write");
+    }
+
+    #[test]
+    fn invalid_entries_on_disk_are_dropped_on_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::write(
+            dir.path().join(TOPICS_FILE),
+            br#"{"topicConfigTable":{"Good":{"topicName":"Good"},"%DLQ%../../x":{"topicName":"%DLQ%../../x"}}}"#,
+        )
+        .expect("write");
+        let metadata = Metadata::open(dir.path()).expect("open");
+        let names: Vec<String> = metadata
+            .topics()
+            .into_iter()
+            .map(|t| t.topic_name)
+            .collect();
+        assert_eq!(names, vec!["Good".to_owned()]);
+        metadata.persist().expect("persist");
+        let written = fs::read_to_string(dir.path().join(TOPICS_FILE)).expect("read");
+        assert!(!written.contains(".."), "{written}");
     }
 }
