@@ -1,6 +1,7 @@
 //! The bundled RocketMQ-compatible broker (`rocketmesh broker`).
 
 pub use crate::client_registry as clients;
+pub mod arrivals;
 pub mod config;
 pub mod handlers;
 pub mod pop;

@@ -245,7 +245,7 @@ async fn deliver_delayed(state: Arc<BrokerState>) {
         .await
         {
             Ok(Ok(0)) => {}
-            Ok(Ok(_)) => state.arrivals.notify_waiters(),
+            Ok(Ok(_)) => state.arrivals.notify_all(),
             Ok(Err(error)) => warn!(%error, "delivering delayed messages failed"),
             Err(error) => warn!(%error, "delayed delivery task failed"),
         }

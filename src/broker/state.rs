@@ -33,8 +33,8 @@ pub struct BrokerState {
     pub delay_levels: Vec<std::time::Duration>,
     /// Woken when a delayed message is scheduled, so the scheduler can move its next wake-up.
     pub scheduled: Notify,
-    /// Woken on every stored message, so that parked pulls look again.
-    pub arrivals: Notify,
+    /// Woken per topic on every stored message, so that parked pulls and pops look again.
+    pub arrivals: crate::broker::arrivals::Arrivals,
     pub parked_pulls: AtomicUsize,
     /// Orderly consumers' queue locks.
     pub queue_locks: QueueLocks,
@@ -79,7 +79,7 @@ impl BrokerState {
             pop,
             delay_levels,
             scheduled: Notify::new(),
-            arrivals: Notify::new(),
+            arrivals: Default::default(),
             parked_pulls: AtomicUsize::new(0),
             queue_locks: QueueLocks::default(),
             queue_cursor: AtomicU32::new(0),

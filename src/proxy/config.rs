@@ -151,6 +151,9 @@ impl BrokerListenersConfig {
 pub struct Limits {
     /// Largest frame accepted from clients or brokers, length prefix included.
     pub max_frame_size: usize,
+    /// Largest message body a send may carry; larger ones are refused here, as the broker would
+    /// refuse them, instead of being carried to it. 0 turns the check off.
+    pub max_message_size: usize,
     /// Downstream connections beyond this are closed at once.
     pub max_connections: usize,
     /// Downstream connections one peer address may hold.
@@ -175,6 +178,8 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_frame_size: DEFAULT_MAX_FRAME,
+            // Apache RocketMQ's default maxMessageSize.
+            max_message_size: 4 * 1024 * 1024,
             max_connections: 10_000,
             max_connections_per_peer: crate::inbound::DEFAULT_MAX_CONNECTIONS_PER_PEER,
             idle_timeout_ms: crate::inbound::DEFAULT_IDLE_TIMEOUT.as_millis() as u64,

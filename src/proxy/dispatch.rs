@@ -587,6 +587,17 @@ async fn send(
             "the send request names no topic",
         ));
     };
+    let max_message_size = proxy.config.limits.max_message_size;
+    let body_size = request.body.len();
+    if max_message_size > 0 && body_size > max_message_size {
+        return Some(reply(
+            request.opaque,
+            ResponseCode::MESSAGE_ILLEGAL,
+            format!(
+                "the message body is {body_size} bytes, more than the sidecar's limit of {max_message_size} (limits.max_message_size)"
+            ),
+        ));
+    }
     let Some((table, action)) = route(proxy, &topic, request.code).await else {
         return Some(no_route(request.opaque, &topic));
     };

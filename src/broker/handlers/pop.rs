@@ -117,8 +117,9 @@ pub async fn pop(state: &BrokerState, request: &RemotingCommand) -> RemotingComm
         && !poll.is_zero()
         && state.parked_pulls.fetch_add(1, Ordering::AcqRel) < state.config.max_parked_pulls
     {
+        let arrivals = state.arrivals.watch(&header.topic);
         loop {
-            let arrival = state.arrivals.notified();
+            let arrival = arrivals.notified();
             tokio::pin!(arrival);
             arrival.as_mut().enable();
             let now = now_ms();
@@ -248,7 +249,7 @@ pub async fn ack(state: &BrokerState, request: &RemotingCommand) -> RemotingComm
         Ok(put) => match durable(state, put).await {
             Ok(()) => {
                 // An ack can free an orderly queue for the pops parked on it.
-                state.arrivals.notify_waiters();
+                state.arrivals.notify(&header.topic);
                 RemotingCommand::response_to(request, ResponseCode::SUCCESS)
             }
             Err(error) => store_failure(request, error),
@@ -344,7 +345,7 @@ pub async fn change_invisible_time(
                 return store_failure(request, error);
             }
             // Parked pops recompute when this message becomes visible again.
-            state.arrivals.notify_waiters();
+            state.arrivals.notify(&header.topic);
             pop_time
         }
         // A stale handle: nothing to move; answer as Java does with the requested times.

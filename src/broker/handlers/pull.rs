@@ -161,8 +161,9 @@ pub async fn handle(
         let suspend =
             Duration::from_millis(header.suspend_timeout_millis.max(0) as u64).min(MAX_SUSPEND);
         let deadline = tokio::time::Instant::now() + suspend;
+        let arrivals = state.arrivals.watch(&header.topic);
         loop {
-            let arrival = state.arrivals.notified();
+            let arrival = arrivals.notified();
             tokio::pin!(arrival);
             // Register before looking again, so an arrival between the look and the wait counts.
             arrival.as_mut().enable();

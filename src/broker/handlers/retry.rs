@@ -124,7 +124,7 @@ pub async fn send_back(state: &BrokerState, request: &RemotingCommand) -> Remoti
             if let Err(error) = state.store.wait_durable(put.end).await {
                 return store_failure(request, error);
             }
-            state.arrivals.notify_waiters();
+            state.arrivals.notify_all();
             RemotingCommand::response_to(request, ResponseCode::SUCCESS)
         }
         Err(error) => store_failure(request, error),

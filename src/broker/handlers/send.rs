@@ -198,7 +198,7 @@ pub async fn handle(
     } else if due.is_some() {
         state.scheduled.notify_one();
     } else {
-        state.arrivals.notify_waiters();
+        state.arrivals.notify(&header.topic);
     }
 
     let store_host = state.store.config().store_host;

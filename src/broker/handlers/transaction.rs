@@ -33,7 +33,7 @@ pub async fn end_transaction(state: &BrokerState, request: &RemotingCommand) -> 
             if let Err(error) = state.store.wait_durable(put.end).await {
                 return store_failure(request, error);
             }
-            state.arrivals.notify_waiters();
+            state.arrivals.notify_all();
             RemotingCommand::response_to(request, ResponseCode::SUCCESS)
         }
         Ok(None) => RemotingCommand::response_to(request, ResponseCode::SUCCESS),

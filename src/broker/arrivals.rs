@@ -1,0 +1,70 @@
+//! Wake-ups for parked pulls and pops, per topic: a stored message wakes only the long polls of
+//! its own topic. One process-wide wake-up made every send wake every parked poll, so 2,100
+//! parked polls cost each send 2,100 queue lookups.
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use tokio::sync::Notify;
+
+#[derive(Default)]
+pub struct Arrivals {
+    by_topic: DashMap<String, Arc<Notify>>,
+}
+
+impl Arrivals {
+    /// The wake-up of `topic`, created on first use. Register with `notified()` and `enable()`
+    /// before looking at the queue, so an arrival between the look and the wait counts.
+    pub fn watch(&self, topic: &str) -> Arc<Notify> {
+        if let Some(existing) = self.by_topic.get(topic) {
+            return existing.clone();
+        }
+        self.by_topic
+            .entry(topic.to_owned())
+            .or_insert_with(|| Arc::new(Notify::new()))
+            .clone()
+    }
+
+    /// Wakes the long polls parked on `topic`.
+    pub fn notify(&self, topic: &str) {
+        if let Some(notify) = self.by_topic.get(topic) {
+            notify.notify_waiters();
+        }
+    }
+
+    /// Wakes every parked long poll: for the rare paths that may store into several topics
+    /// (delayed deliveries, transaction commits, retries).
+    pub fn notify_all(&self) {
+        for notify in self.by_topic.iter() {
+            notify.notify_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_topic_wakes_only_its_own_waiters() {
+        let arrivals = Arrivals::default();
+        let (a, b) = (arrivals.watch("A"), arrivals.watch("B"));
+        let (woken_a, woken_b) = (a.notified(), b.notified());
+        tokio::pin!(woken_a, woken_b);
+        woken_a.as_mut().enable();
+        woken_b.as_mut().enable();
+        arrivals.notify("A");
+        tokio::time::timeout(Duration::from_secs(5), woken_a)
+            .await
+            .expect("A's waiter is woken");
+        assert!(
+            futures::poll!(woken_b.as_mut()).is_pending(),
+            "B's waiter sleeps on"
+        );
+        arrivals.notify_all();
+        tokio::time::timeout(Duration::from_secs(5), woken_b)
+            .await
+            .expect("notify_all wakes B");
+    }
+}
