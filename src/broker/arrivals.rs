@@ -1,6 +1,7 @@
-//! Wake-ups for parked pulls and pops, per topic: a stored message wakes only the long polls of
-//! its own topic. One process-wide wake-up made every send wake every parked poll, so 2,100
-//! parked polls cost each send 2,100 queue lookups.
+//! Wake-ups for parked long polls. Pulls wait per topic: a stored message wakes only the pulls of
+//! its own topic (one process-wide wake-up made every send wake every parked pull, so 2,100
+//! parked pulls cost each send 2,100 queue lookups). Pops still share one wake-up for every
+//! store event: with per-topic wake-ups the POP consumer test saw redeliveries, not yet explained.
 
 use std::sync::Arc;
 
@@ -10,6 +11,7 @@ use tokio::sync::Notify;
 #[derive(Default)]
 pub struct Arrivals {
     by_topic: DashMap<String, Arc<Notify>>,
+    pops: Notify,
 }
 
 impl Arrivals {
@@ -25,11 +27,17 @@ impl Arrivals {
             .clone()
     }
 
-    /// Wakes the long polls parked on `topic`.
+    /// The wake-up every parked pop waits on.
+    pub fn pops(&self) -> &Notify {
+        &self.pops
+    }
+
+    /// Wakes the pulls parked on `topic`, and every parked pop.
     pub fn notify(&self, topic: &str) {
         if let Some(notify) = self.by_topic.get(topic) {
             notify.notify_waiters();
         }
+        self.pops.notify_waiters();
     }
 
     /// Wakes every parked long poll: for the rare paths that may store into several topics
@@ -38,6 +46,7 @@ impl Arrivals {
         for notify in self.by_topic.iter() {
             notify.notify_waiters();
         }
+        self.pops.notify_waiters();
     }
 }
 

@@ -117,9 +117,8 @@ pub async fn pop(state: &BrokerState, request: &RemotingCommand) -> RemotingComm
         && !poll.is_zero()
         && state.parked_pulls.fetch_add(1, Ordering::AcqRel) < state.config.max_parked_pulls
     {
-        let arrivals = state.arrivals.watch(&header.topic);
         loop {
-            let arrival = arrivals.notified();
+            let arrival = state.arrivals.pops().notified();
             tokio::pin!(arrival);
             arrival.as_mut().enable();
             let now = now_ms();
