@@ -10,9 +10,10 @@
 //! Durability: appends go to the page cache under one writer lock. A flusher thread fsyncs either
 //! periodically (`Async`) or as soon as an appender asks (`Sync`); every fsync covers all appends
 //! made before it started, so concurrent synchronous senders share fsyncs (group commit). The flushed
-//! offset is checkpointed so that recovery only has to scan what might be torn: from the segment
-//! holding the checkpoint onwards, each frame's length and CRC are checked, the first bad frame and
-//! everything after it are cut off, and any later segment is removed.
+//! offset is checkpointed so that recovery only has to scan what might be torn: from the checkpoint
+//! onwards, each frame's length and CRC are checked, the first bad frame and everything after it
+//! are cut off, and any later segment is removed. (Should no frame follow the checkpoint where one
+//! should, its whole segment is scanned instead.)
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -655,7 +656,18 @@ fn recover(
             .map_err(io_error("stat", &segment.path))?
             .len();
         let valid = if Some(base) >= scan_from {
-            scan_segment(config, &segment, length)?
+            // The checkpoint is a frame boundary of fsynced data: start there when it lies in
+            // this segment and a frame (or the end) follows it; otherwise scan the whole segment.
+            let trusted = checkpoint
+                .filter(|checkpoint| (base..=base + length).contains(checkpoint))
+                .map(|checkpoint| checkpoint - base)
+                .unwrap_or(0);
+            match scan_segment(config, &segment, length, trusted)? {
+                valid if valid == trusted && trusted < length => {
+                    scan_segment(config, &segment, length, 0)?
+                }
+                valid => valid,
+            }
         } else {
             length
         };
@@ -694,13 +706,15 @@ fn recover(
     Ok(end)
 }
 
-/// The length of the valid prefix of a segment: whole frames with good lengths and CRCs.
+/// The length of the valid prefix of a segment, `from` being known valid: whole frames with good
+/// lengths and CRCs.
 fn scan_segment(
     config: &CommitLogConfig,
     segment: &Segment,
     length: u64,
+    from: u64,
 ) -> Result<u64, StoreError> {
-    let mut position = 0u64;
+    let mut position = from;
     while let Ok(payload) = segment.read_frame(position, length, config.max_entry_size)? {
         position += FRAME_OVERHEAD + payload.len() as u64;
     }

@@ -75,6 +75,16 @@ pub struct ConsumeQueue {
 /// Entries buffered per queue before they are written out.
 const MAX_UNWRITTEN_ENTRIES: u64 = 256;
 
+/// Entry `number` (0-based) of a queue file.
+fn read_entry(queue_file: &QueueFile, number: u64) -> Result<Option<QueueEntry>, StoreError> {
+    let mut bytes = [0u8; ENTRY_SIZE as usize];
+    queue_file
+        .file
+        .read_exact_at(&mut bytes, number * ENTRY_SIZE)
+        .map_err(io_error("read", &queue_file.path))?;
+    Ok(QueueEntry::decode(&bytes))
+}
+
 impl ConsumeQueue {
     /// Opens the queue in `dir`, keeping only entries that lie wholly below `commit_log_end` and
     /// above `commit_log_min`.
@@ -83,6 +93,19 @@ impl ConsumeQueue {
         entries_per_file: u64,
         commit_log_min: u64,
         commit_log_end: u64,
+    ) -> Result<Self, StoreError> {
+        Self::open_trusting(dir, entries_per_file, commit_log_min, commit_log_end, 0)
+    }
+
+    /// [`ConsumeQueue::open`], taking full files whose entries all point below `trusted_below`
+    /// (the dispatch checkpoint, taken after they were fsynced) on their last entry alone, so that
+    /// open reads only the recent tail of a queue.
+    pub fn open_trusting(
+        dir: impl Into<PathBuf>,
+        entries_per_file: u64,
+        commit_log_min: u64,
+        commit_log_end: u64,
+        trusted_below: u64,
     ) -> Result<Self, StoreError> {
         let dir = dir.into();
         let entries_per_file = entries_per_file.max(1);
@@ -106,12 +129,18 @@ impl ConsumeQueue {
             unwritten: Vec::new(),
             unwritten_from: 0,
         };
-        queue.recover(commit_log_min, commit_log_end)?;
+        queue.recover(commit_log_min, commit_log_end, trusted_below)?;
         Ok(queue)
     }
 
-    fn recover(&mut self, commit_log_min: u64, commit_log_end: u64) -> Result<(), StoreError> {
+    fn recover(
+        &mut self,
+        commit_log_min: u64,
+        commit_log_end: u64,
+        trusted_below: u64,
+    ) -> Result<(), StoreError> {
         let bases: Vec<u64> = self.files.keys().copied().collect();
+        let newest = bases.last().copied();
         let mut expected: Option<u64> = None;
         let mut cut_from: Option<u64> = None;
         for base in bases {
@@ -128,6 +157,31 @@ impl ConsumeQueue {
                 .map_err(io_error("stat", &queue_file.path))?
                 .len();
             let whole = (length / ENTRY_SIZE).min(self.entries_per_file);
+            let valid_entry = |entry: &QueueEntry| {
+                entry.size > 0
+                    && entry.commit_offset.saturating_add(u64::from(entry.size)) <= commit_log_end
+            };
+            let trusted_entry = |entry: &QueueEntry| {
+                valid_entry(entry)
+                    && entry.commit_offset.saturating_add(u64::from(entry.size)) <= trusted_below
+            };
+            if whole == self.entries_per_file
+                && Some(base) != newest
+                && let Some(last) = read_entry(queue_file, whole - 1)?.filter(trusted_entry)
+            {
+                // Commit offsets grow along a queue and the file was fsynced before the
+                // checkpoint, so it is good throughout: open does not read the whole history.
+                self.dispatched_up_to = Some(last.commit_offset + u64::from(last.size));
+                if length > whole * ENTRY_SIZE {
+                    queue_file
+                        .file
+                        .set_len(whole * ENTRY_SIZE)
+                        .map_err(io_error("truncate", &queue_file.path))?;
+                }
+                self.max_offset = base + whole;
+                expected = Some(base + whole);
+                continue;
+            }
             let mut bytes = vec![0u8; (whole * ENTRY_SIZE) as usize];
             queue_file
                 .file
@@ -136,11 +190,7 @@ impl ConsumeQueue {
             let mut valid = 0;
             for chunk in bytes.chunks_exact(ENTRY_SIZE as usize) {
                 match QueueEntry::decode(chunk) {
-                    Some(entry)
-                        if entry.size > 0
-                            && entry.commit_offset.saturating_add(u64::from(entry.size))
-                                <= commit_log_end =>
-                    {
+                    Some(entry) if valid_entry(&entry) => {
                         self.dispatched_up_to = Some(entry.commit_offset + u64::from(entry.size));
                         valid += 1;
                     }
@@ -435,6 +485,32 @@ mod tests {
         fs::write(&last, bytes).expect("write");
         let queue = ConsumeQueue::open(dir.path(), 8, 0, u64::MAX).expect("reopen");
         assert_eq!(queue.max_offset(), 19);
+    }
+
+    #[test]
+    fn only_files_past_the_checkpoint_are_scanned() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(filled(dir.path(), 20));
+        // Zero entry 3 of the first (full) file, as a crash could before its fsync.
+        let first = dir.path().join(format!("{:020}", 0));
+        let mut bytes = fs::read(&first).expect("read");
+        for byte in bytes
+            .iter_mut()
+            .skip(3 * ENTRY_SIZE as usize)
+            .take(ENTRY_SIZE as usize)
+        {
+            *byte = 0;
+        }
+        fs::write(&first, bytes).expect("write");
+        // Below the checkpoint the file is trusted on its last entry: the queue stays whole.
+        let trusted = ConsumeQueue::open_trusting(dir.path(), 8, 0, u64::MAX, 8 * 100)
+            .expect("open trusting");
+        assert_eq!(trusted.max_offset(), 20);
+        drop(trusted);
+        // Past the checkpoint it is scanned, cut at the zeroed entry, and the rest goes.
+        let scanned = ConsumeQueue::open_trusting(dir.path(), 8, 0, u64::MAX, 8 * 100 - 1)
+            .expect("open scanning");
+        assert_eq!(scanned.max_offset(), 3);
     }
 
     #[test]

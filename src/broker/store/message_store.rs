@@ -6,8 +6,9 @@
 //! so queue offsets are handed out in commit-log order and a failed write gives its offset back.
 //! Waiting for durability (sync flush) happens after the lock is released, so concurrent senders
 //! still share fsyncs. On open, consume queues are repaired against the commit log and every record
-//! past the dispatch checkpoint is indexed again; re-indexing an entry that is already there is a
-//! no-op.
+//! past the dispatch checkpoint (or past where the key index found entries missing) is indexed
+//! again; re-indexing an entry that is already there is a no-op. Open reads only what follows the
+//! checkpoints, so restart time and memory do not grow with the stored history.
 
 use std::collections::HashMap;
 use std::fs;
@@ -31,6 +32,9 @@ const CONSUME_QUEUE_DIR: &str = "consumequeue";
 const KEY_INDEX_DIR: &str = "index";
 const DISPATCH_CHECKPOINT: &str = "dispatch.checkpoint";
 const KEY_INDEX_ENTRIES_PER_FILE: u64 = 1 << 20;
+/// Index hits a key query reads at most, newest first: bounds the work of a query for a key that
+/// thousands of messages share (a reply holds at most 64).
+const MAX_KEY_CANDIDATES: usize = 4096;
 
 /// Records and directories with names the store refuses, found while opening: written by an older
 /// version that did not check names, they are skipped, and one line per interval says so.
@@ -84,6 +88,8 @@ pub struct MessageStore {
     queues: RwLock<HashMap<QueueKey, Arc<RwLock<ConsumeQueue>>>>,
     keys: RwLock<KeyIndex>,
     put_lock: Mutex<()>,
+    /// The dispatch checkpoint found at open: every index was flushed up to it.
+    dispatch_checkpoint: u64,
 }
 
 /// The index keys of a message: each of its KEYS and its UNIQ_KEY.
@@ -125,10 +131,13 @@ impl MessageStore {
             KEY_INDEX_ENTRIES_PER_FILE,
             commit_log.max_offset(),
         )?;
+        let dispatch_checkpoint =
+            read_u64(&config.data_dir.join(DISPATCH_CHECKPOINT))?.unwrap_or(0);
         let store = Self {
             queues: RwLock::new(HashMap::new()),
             keys: RwLock::new(keys),
             put_lock: Mutex::new(()),
+            dispatch_checkpoint,
             commit_log,
             config,
         };
@@ -193,11 +202,12 @@ impl MessageStore {
             &child_path(&self.queue_root(), topic)?,
             &queue_id.to_string(),
         )?;
-        let queue = Arc::new(RwLock::new(ConsumeQueue::open(
+        let queue = Arc::new(RwLock::new(ConsumeQueue::open_trusting(
             dir,
             self.config.entries_per_queue_file,
             self.commit_log.min_offset(),
             self.commit_log.max_offset(),
+            self.dispatch_checkpoint,
         )?));
         queues.insert((topic.to_owned(), queue_id), queue.clone());
         Ok(queue)
@@ -208,10 +218,17 @@ impl MessageStore {
         queues.get(&(topic.to_owned(), queue_id)).cloned()
     }
 
-    /// Indexes every record past the dispatch checkpoint.
+    /// Indexes every record past the dispatch checkpoint, or from earlier where the key index
+    /// found entries missing.
     fn replay(&self) -> Result<(), StoreError> {
-        let checkpoint = read_u64(&self.config.data_dir.join(DISPATCH_CHECKPOINT))?.unwrap_or(0);
-        let mut offset = checkpoint.max(self.commit_log.min_offset());
+        let checkpoint = self.dispatch_checkpoint;
+        let keys_from = self
+            .keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .replay_from();
+        let from = keys_from.map_or(checkpoint, |keys_from| keys_from.min(checkpoint));
+        let mut offset = from.max(self.commit_log.min_offset());
         while offset < self.commit_log.max_offset() {
             let (payload, next) = self.commit_log.read(offset)?;
             let (record, _) =
@@ -249,7 +266,12 @@ impl MessageStore {
             self.keys
                 .write()
                 .unwrap_or_else(PoisonError::into_inner)
-                .add(&record.topic, index_keys(&record), offset)?;
+                .add(
+                    &record.topic,
+                    index_keys(&record),
+                    offset,
+                    record.store_timestamp,
+                )?;
             offset = next;
         }
         Ok(())
@@ -311,7 +333,12 @@ impl MessageStore {
         self.keys
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .add(&record.topic, index_keys(&record), appended.offset)?;
+            .add(
+                &record.topic,
+                index_keys(&record),
+                appended.offset,
+                record.store_timestamp,
+            )?;
         Ok(PutResult {
             commit_offset: appended.offset,
             queue_offset,
@@ -387,7 +414,7 @@ impl MessageStore {
             .keys
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .candidates(topic, key);
+            .candidates(topic, key, begin_ms, end_ms, MAX_KEY_CANDIDATES)?;
         let mut found = Vec::new();
         for offset in candidates {
             if found.len() >= max {
