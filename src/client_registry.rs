@@ -66,6 +66,9 @@ struct Registry {
 pub struct ClientRegistry {
     registry: Mutex<Registry>,
     next_opaque: AtomicI32,
+    /// Groups whose members must not hear of membership changes (the sidecar's converted
+    /// groups, whose members each see themselves alone).
+    quiet: Mutex<BTreeSet<String>>,
 }
 
 impl ClientRegistry {
@@ -331,8 +334,87 @@ impl ClientRegistry {
         found.into_values().collect()
     }
 
+    /// Stops (or resumes) NOTIFY_CONSUMER_IDS_CHANGED for `group`.
+    pub fn set_quiet(&self, group: &str, quiet: bool) {
+        let mut groups = self.quiet.lock().unwrap_or_else(PoisonError::into_inner);
+        if quiet {
+            groups.insert(group.to_owned());
+        } else {
+            groups.remove(group);
+        }
+    }
+
+    /// The client id a connection registered with, from its consumer or producer heartbeats.
+    pub fn client_id_of(&self, connection: ConnectionId) -> Option<String> {
+        let registry = self.lock();
+        registry
+            .consumers
+            .values()
+            .flat_map(|group| group.members.iter())
+            .find(|(_, member)| member.connections.contains(&connection))
+            .map(|(client, _)| client.clone())
+            .or_else(|| {
+                registry
+                    .producers
+                    .values()
+                    .flat_map(|members| members.iter())
+                    .find(|(_, connections)| connections.contains(&connection))
+                    .map(|(client, _)| client.clone())
+            })
+    }
+
+    /// A member's latest heartbeat entry for `group`.
+    pub fn consumer_data(&self, group: &str) -> Option<ConsumerData> {
+        self.lock()
+            .consumers
+            .get(group)?
+            .members
+            .values()
+            .next()
+            .map(|member| member.data.clone())
+    }
+
+    /// The consumer groups in which `client` subscribes to `topic`.
+    pub fn groups_of(&self, client: &str, topic: &str) -> Vec<String> {
+        self.lock()
+            .consumers
+            .iter()
+            .filter(|(_, group)| {
+                group.members.get(client).is_some_and(|member| {
+                    member
+                        .data
+                        .subscription_data_set
+                        .iter()
+                        .any(|subscription| subscription.topic == topic)
+                })
+            })
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// Whether `client` still has a live connection registered.
+    pub fn is_connected(&self, client: &str) -> bool {
+        let registry = self.lock();
+        registry
+            .consumers
+            .values()
+            .any(|group| group.members.contains_key(client))
+            || registry
+                .producers
+                .values()
+                .any(|members| members.contains_key(client))
+    }
+
     /// Sends NOTIFY_CONSUMER_IDS_CHANGED (oneway) to every member of `group`.
     pub fn notify_group(&self, group: &str) {
+        if self
+            .quiet
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(group)
+        {
+            return;
+        }
         let targets: Vec<Outbound> = {
             let registry = self.lock();
             let Some(consumers) = registry.consumers.get(group) else {

@@ -92,7 +92,14 @@ fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
     }
 }
 
-const PATHS: [&str; 5] = ["/ready", "/stats", "/metrics", "/clusters", "/config_dump"];
+const PATHS: [&str; 6] = [
+    "/ready",
+    "/stats",
+    "/metrics",
+    "/clusters",
+    "/config_dump",
+    "/consumers",
+];
 
 fn respond(proxy: &Proxy, request: &Request<Incoming>) -> Response<Full<Bytes>> {
     let path = request.uri().path();
@@ -111,6 +118,7 @@ fn respond(proxy: &Proxy, request: &Request<Incoming>) -> Response<Full<Bytes>> 
         "/stats" => json(&views::stats(proxy)),
         "/clusters" => json(&views::clusters(proxy)),
         "/config_dump" => json(&views::config_dump(proxy)),
+        "/consumers" => json(&proxy.pullpop.view()),
         "/metrics" => reply(
             StatusCode::OK,
             "text/plain; version=0.0.4",

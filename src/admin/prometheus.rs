@@ -319,7 +319,120 @@ pub fn render(proxy: &Proxy) -> String {
             &snapshot,
         );
     }
+    pull_to_pop(out, proxy);
     std::mem::take(out)
+}
+
+/// Pull→POP: each group's mode, and each converted client's receipts.
+fn pull_to_pop(out: &mut String, proxy: &Proxy) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let engine = &proxy.pullpop;
+    family(
+        out,
+        "rocketmesh_consumer_group_converted",
+        "gauge",
+        "1 when the group's pulls are served by POP, 0 when they are forwarded as pulls.",
+    );
+    for (group, mode) in engine.group_modes() {
+        let converted = u8::from(mode == crate::proxy::pullpop::mode::Mode::Pop);
+        let _ = writeln!(
+            out,
+            "rocketmesh_consumer_group_converted{} {converted}",
+            labels(&[("consumer_group", &group)])
+        );
+    }
+    single(
+        out,
+        "rocketmesh_pop_refusals_total",
+        "counter",
+        "(group, broker) pairs that fell back to PULL because the broker refused POP.",
+        engine.pop_refusals(),
+    );
+    let series = engine.client_series();
+    let gauge = |out: &mut String,
+                 name: &str,
+                 help: &str,
+                 value: &dyn Fn(&crate::proxy::pullpop::ClientStats) -> i64| {
+        family(out, name, "gauge", help);
+        for (group, _, client, stats) in &series {
+            let _ = writeln!(
+                out,
+                "{name}{} {}",
+                labels(&[("consumer_group", group), ("client_id", client)]),
+                value(stats)
+            );
+        }
+    };
+    gauge(
+        out,
+        "rocketmesh_pop_receipts_in_flight",
+        "Receipts a converted client holds: delivered, not yet committed.",
+        &|stats| stats.in_flight.load(Relaxed),
+    );
+    type Read = fn(&crate::proxy::pullpop::ClientStats) -> u64;
+    let counters: [(&str, &str, Read); 10] = [
+        (
+            "rocketmesh_pop_filtered_total",
+            "Popped messages the subscription rejects, acked without delivery.",
+            |s| s.filtered.load(Relaxed),
+        ),
+        (
+            "rocketmesh_pop_delivered_total",
+            "Messages popped for a converted client's pulls.",
+            |s| s.delivered.load(Relaxed),
+        ),
+        (
+            "rocketmesh_pop_acked_total",
+            "Receipts acked because the client committed past them.",
+            |s| s.acked.load(Relaxed),
+        ),
+        (
+            "rocketmesh_pop_ack_failures_total",
+            "Acks the broker did not take: those messages come again.",
+            |s| s.ack_failures.load(Relaxed),
+        ),
+        (
+            "rocketmesh_pop_renewals_total",
+            "Invisible-time renewals of receipts a live client still holds.",
+            |s| s.renewals.load(Relaxed),
+        ),
+        (
+            "rocketmesh_pop_renewal_failures_total",
+            "Renewals the broker refused.",
+            |s| s.renewal_failures.load(Relaxed),
+        ),
+        (
+            "rocketmesh_pop_nacks_total",
+            "Send-backs turned into invisible-time changes.",
+            |s| s.nacks.load(Relaxed),
+        ),
+        (
+            "rocketmesh_pop_released_total",
+            "Receipts made visible again because the client let them go.",
+            |s| s.released.load(Relaxed),
+        ),
+        (
+            "rocketmesh_pop_lapsed_total",
+            "Receipts whose invisible time ran out before the client committed.",
+            |s| s.lapsed.load(Relaxed),
+        ),
+        (
+            "rocketmesh_pop_dead_lettered_total",
+            "Messages moved to the dead-letter topic past the max reconsume times.",
+            |s| s.dead_lettered.load(Relaxed),
+        ),
+    ];
+    for (name, help, value) in counters {
+        family(out, name, "counter", help);
+        for (group, _, client, stats) in &series {
+            let _ = writeln!(
+                out,
+                "{name}{} {}",
+                labels(&[("consumer_group", group), ("client_id", client)]),
+                value(stats)
+            );
+        }
+    }
 }
 
 #[cfg(test)]

@@ -63,6 +63,7 @@ pub fn sidecar_config(
                 cluster: "local".into(),
                 metadata_match: Default::default(),
                 ordered: false,
+                consume_mode: None,
             },
         }],
         clusters: vec![ClusterConfig {
@@ -93,6 +94,8 @@ pub fn sidecar_config(
                 })
                 .collect(),
         }],
+        // Pull→POP stays off in `up` until it passes its acceptance runs (issue 12).
+        consume: Default::default(),
     }
 }
 

@@ -53,6 +53,9 @@ pub struct SidecarConfig {
     pub broker_listeners: BrokerListenersConfig,
     pub routes: Vec<RouteConfig>,
     pub clusters: Vec<ClusterConfig>,
+    /// Pull→POP conversion of consumer groups.
+    #[serde(default)]
+    pub consume: super::pullpop::ConsumeConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -255,6 +258,9 @@ pub struct RouteActionConfig {
     /// Keep the broker and queue the client chose for sends (ordered messages).
     #[serde(default)]
     pub ordered: bool,
+    /// Whether consumer groups of this topic's pulls become POP (`consume.mode` when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consume_mode: Option<super::pullpop::ConsumeMode>,
 }
 
 /// A metadata value in a match: YAML strings, numbers and booleans all compare as text.
@@ -515,6 +521,9 @@ impl SidecarConfig {
 
     /// Checks what the types cannot: references, ranges, regexes, duplicates.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some((field, reason)) = self.consume.problems().into_iter().next() {
+            return Err(invalid(format!("consume.{field}"), reason));
+        }
         if self.listeners.is_empty() {
             return Err(invalid("listeners", "at least one listener is needed"));
         }

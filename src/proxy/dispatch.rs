@@ -23,14 +23,16 @@ use tracing::{debug, warn};
 
 use super::Proxy;
 use super::failover;
+use super::pullpop::{Intercept, PullPop};
 use super::routes::{Endpoint, RouteAction, RouteTable};
 use super::upstream::UpstreamError;
 use crate::balance::Outcome;
 use crate::client_registry::ConnectionId;
 use crate::names::{self, NameError};
 use crate::remoting::body::{
-    BatchAckMessageRequestBody, HeartbeatData, JsonBody, LockBatchRequestBody, MessageQueue,
-    QueryAssignmentRequestBody, SetMessageRequestModeRequestBody, UnlockBatchRequestBody,
+    BatchAckMessageRequestBody, ConsumerList, HeartbeatData, JsonBody, LockBatchRequestBody,
+    MessageQueue, QueryAssignmentRequestBody, SetMessageRequestModeRequestBody,
+    UnlockBatchRequestBody,
 };
 use crate::remoting::extra_info::ExtraInfo;
 use crate::remoting::header::{
@@ -72,16 +74,26 @@ pub async fn handle(
         RequestCode::GET_ROUTEINFO_BY_TOPIC => Some(route_info(proxy, downstream, &request).await),
         RequestCode::HEART_BEAT => Some(heartbeat(proxy, downstream, &request)),
         RequestCode::UNREGISTER_CLIENT => Some(unregister(proxy, downstream, &request)),
-        RequestCode::GET_CONSUMER_LIST_BY_GROUP => Some(consumer_list(proxy, &request)),
+        RequestCode::GET_CONSUMER_LIST_BY_GROUP => Some(consumer_list(proxy, downstream, &request)),
         RequestCode::SEND_MESSAGE
         | RequestCode::SEND_MESSAGE_V2
         | RequestCode::SEND_BATCH_MESSAGE => send(proxy, downstream, request).await,
-        RequestCode::POP_MESSAGE => pop(proxy, downstream, request).await,
+        RequestCode::POP_MESSAGE => {
+            if let Some(group) = request.ext("consumerGroup") {
+                proxy.pullpop.pops_itself(proxy, group);
+            }
+            pop(proxy, downstream, request).await
+        }
         RequestCode::ACK_MESSAGE | RequestCode::CHANGE_MESSAGE_INVISIBLETIME => {
             by_receipt(proxy, downstream, request).await
         }
         RequestCode::BATCH_ACK_MESSAGE => batch_ack(proxy, downstream, request).await,
         RequestCode::QUERY_ASSIGNMENT | RequestCode::SET_MESSAGE_REQUEST_MODE => {
+            if request.request_code() == RequestCode::QUERY_ASSIGNMENT
+                && let Ok(body) = QueryAssignmentRequestBody::from_json(&request.body)
+            {
+                proxy.pullpop.pops_itself(proxy, &body.consumer_group);
+            }
             to_every_broker(proxy, request).await
         }
         RequestCode::VIEW_MESSAGE_BY_ID | RequestCode::QUERY_MESSAGE
@@ -454,6 +466,7 @@ fn heartbeat(
         }
     };
     proxy.clients.heartbeat(downstream.connection, &heartbeat);
+    proxy.pullpop.heartbeat(&heartbeat.client_id);
     let mut upstream = request.clone();
     upstream.set_oneway(false);
     to_brokers_in_background(proxy, downstream.broker.as_deref(), &upstream);
@@ -472,6 +485,11 @@ fn unregister(
                 header.producer_group.as_deref(),
                 header.consumer_group.as_deref(),
             );
+            if let Some(group) = header.consumer_group.as_deref() {
+                proxy
+                    .pullpop
+                    .client_gone(proxy, &header.client_id, Some(group));
+            }
             let mut upstream = request.clone();
             upstream.set_oneway(false);
             to_brokers_in_background(proxy, downstream.broker.as_deref(), &upstream);
@@ -521,10 +539,24 @@ pub fn client_disconnected(proxy: &Arc<Proxy>, downstream: &Downstream) {
             to_brokers_in_background(proxy, target, &request);
         }
     }
+    let registrations = proxy.clients.registrations_of(downstream.connection);
     proxy.clients.disconnected(downstream.connection);
+    for registration in registrations {
+        if !proxy.clients.is_connected(&registration.client_id) {
+            proxy
+                .pullpop
+                .client_gone(proxy, &registration.client_id, None);
+        }
+    }
 }
 
-fn consumer_list(proxy: &Proxy, request: &RemotingCommand) -> RemotingCommand {
+/// A converted group's member sees itself alone: it then pulls every queue, and POP shares the
+/// messages among the members.
+fn consumer_list(
+    proxy: &Arc<Proxy>,
+    downstream: &Downstream,
+    request: &RemotingCommand,
+) -> RemotingCommand {
     let header = match request.decode_header::<GetConsumerListByGroupRequestHeader>() {
         Ok(header) => header,
         Err(error) => {
@@ -535,6 +567,26 @@ fn consumer_list(proxy: &Proxy, request: &RemotingCommand) -> RemotingCommand {
             );
         }
     };
+    if proxy
+        .pullpop
+        .answers_membership(proxy, &header.consumer_group)
+        && let Some(client) = proxy.clients.client_id_of(downstream.connection)
+    {
+        return match (ConsumerList {
+            consumer_id_list: vec![client],
+        })
+        .to_json()
+        {
+            Ok(body) => {
+                RemotingCommand::response_to(request, ResponseCode::SUCCESS).with_body(body)
+            }
+            Err(error) => RemotingCommand::error_response(
+                request,
+                ResponseCode::SYSTEM_ERROR,
+                error.to_string(),
+            ),
+        };
+    }
     proxy
         .clients
         .consumer_list_response(request, &header.consumer_group)
@@ -890,7 +942,7 @@ fn named_broker(
 }
 
 async fn to_named_broker(
-    proxy: &Proxy,
+    proxy: &Arc<Proxy>,
     downstream: &Downstream,
     request: RemotingCommand,
 ) -> Option<RemotingCommand> {
@@ -898,6 +950,15 @@ async fn to_named_broker(
     let endpoint = match named_broker(proxy, &table, downstream, &request) {
         Ok(endpoint) => endpoint,
         Err(reason) => return Some(reply(request.opaque, ResponseCode::SYSTEM_ERROR, reason)),
+    };
+    if request.request_code() == RequestCode::LOCK_BATCH_MQ
+        && let Ok(body) = LockBatchRequestBody::from_json(&request.body)
+    {
+        proxy.pullpop.locked(proxy, &body.consumer_group);
+    }
+    let request = match PullPop::intercept(proxy, downstream, &endpoint, request).await {
+        Intercept::Answered(answer) => return answer,
+        Intercept::Forward(request) => request,
     };
     let pull = matches!(
         request.request_code(),

@@ -10,12 +10,14 @@
 //! - [`relay`]: requests brokers send to clients (transaction checks, membership changes).
 //! - [`server`]: listeners, downstream connections, graceful shutdown.
 //! - [`listeners`]: one listener per upstream broker name, following the route table.
+//! - [`pullpop`]: pull and push consumers served by POP/ACK.
 //! - [`stats`]: counters and histograms for the admin endpoint.
 
 pub mod config;
 pub mod dispatch;
 pub mod failover;
 pub mod listeners;
+pub mod pullpop;
 pub mod relay;
 pub mod routes;
 pub mod server;
@@ -65,6 +67,8 @@ pub struct Proxy {
     /// Raised once at shutdown: accept loops and connections stop reading.
     shutdown: watch::Sender<bool>,
     pub broker_listeners: listeners::BrokerListeners,
+    /// Pull→POP conversion of consumer groups.
+    pub pullpop: pullpop::PullPop,
 }
 
 impl Proxy {

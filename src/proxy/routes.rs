@@ -67,6 +67,7 @@ pub struct RouteAction {
     /// (key, value) pairs every serving endpoint's metadata must have.
     pub metadata_match: Vec<(String, String)>,
     pub ordered: bool,
+    pub consume_mode: Option<super::pullpop::ConsumeMode>,
 }
 
 impl RouteAction {
@@ -181,6 +182,7 @@ impl RouteTable {
                         .map(|(key, value)| (key.clone(), value.as_text()))
                         .collect(),
                     ordered: route.route.ordered,
+                    consume_mode: route.route.consume_mode,
                 }),
             });
         }

@@ -109,6 +109,7 @@ pub async fn start(config: SidecarConfig) -> Result<RunningSidecar, SidecarError
         )),
         draining: AtomicBool::new(false),
         broker_listeners,
+        pullpop: super::pullpop::PullPop::new(config.consume.clone()),
         shutdown,
         current: ArcSwap::from_pointee(config.clone()),
         config,
@@ -139,6 +140,7 @@ pub async fn start(config: SidecarConfig) -> Result<RunningSidecar, SidecarError
     };
     background.spawn(relay::run(proxy.clone(), inbound));
     background.spawn(super::failover::health_checks(proxy.clone()));
+    background.spawn(super::pullpop::PullPop::renew(proxy.clone()));
     Ok(RunningSidecar {
         listeners,
         admin,

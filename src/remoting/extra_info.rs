@@ -42,7 +42,7 @@ pub enum TopicType {
 }
 
 impl TopicType {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             TopicType::Normal => "0",
             TopicType::RetryV1 => "1",
