@@ -374,6 +374,16 @@ impl ClientRegistry {
             .map(|member| member.data.clone())
     }
 
+    /// The latest heartbeat entry of `client` for `group`.
+    pub fn member_data(&self, group: &str, client: &str) -> Option<ConsumerData> {
+        self.lock()
+            .consumers
+            .get(group)?
+            .members
+            .get(client)
+            .map(|member| member.data.clone())
+    }
+
     /// The consumer groups in which `client` subscribes to `topic`.
     pub fn groups_of(&self, client: &str, topic: &str) -> Vec<String> {
         self.lock()

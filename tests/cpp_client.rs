@@ -11,12 +11,12 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::RunningBroker;
+use common::cpp::{python, script};
 use common::raw::RawClient;
 use rocketmesh::proxy;
 use rocketmesh::remoting::body::{ConsumerList, JsonBody};
@@ -25,46 +25,9 @@ use rocketmesh::remoting::message::MessageRecord;
 use rocketmesh::remoting::{RemotingCommand, RequestCode};
 use serde_json::Value;
 
-const PACKAGE: &str = "rocketmq==0.4.4";
 /// The longest any one client run may take before it is killed.
 const RUN_LIMIT: Duration = Duration::from_secs(180);
 const PER_MODE: usize = 100;
-
-/// The virtual environment's python, installing the binding the first time.
-fn python() -> &'static Path {
-    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
-    PYTHON.get_or_init(|| {
-        let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
-        let venv = root.join("cpp-client-0.4.4");
-        let python = venv.join("bin").join("python");
-        if python.exists() {
-            return python;
-        }
-        // Built beside, then renamed into place: a half-made environment is never used.
-        let building = root.join(format!("cpp-client-building-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&building);
-        let status = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&building)
-            .status()
-            .expect("python3 is needed for the C++ client tests");
-        assert!(status.success(), "python3 -m venv failed");
-        let status = Command::new(building.join("bin").join("pip"))
-            .args(["install", "--quiet", "--disable-pip-version-check", PACKAGE])
-            .status()
-            .expect("pip");
-        assert!(status.success(), "pip install {PACKAGE} failed");
-        if std::fs::rename(&building, &venv).is_err() {
-            // Another test process finished first; its environment is as good.
-            let _ = std::fs::remove_dir_all(&building);
-        }
-        python
-    })
-}
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cpp/client.py")
-}
 
 /// Runs `client.py` with `args` (blocking; killed after [`RUN_LIMIT`]) and returns its JSON line.
 fn run_client(home: &Path, args: &[String]) -> Value {

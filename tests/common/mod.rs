@@ -2,6 +2,7 @@
 //! ephemeral loopback ports, the client runtime, and a collecting listener.
 #![allow(dead_code)]
 
+pub mod cpp;
 pub mod raw;
 
 use std::collections::BTreeMap;

@@ -3,8 +3,11 @@
     client.py produce --namesrv ADDR --topic T --count N --mode sync|async|oneway|orderly [--keys K]
     client.py push    --namesrv ADDR --topic T --group G --expect N [--orderly] [--instance NAME]
     client.py pull    --namesrv ADDR --topic T --group G --expect N
+    client.py stream  --namesrv ADDR --topic T --group G [--fail-prefix P] [--broadcasting]
 
-Each command prints one JSON object on its last line of standard output and exits 0 when it did
+`stream` runs a push consumer until its standard input closes, printing "got <body> <reconsume
+times>" for each delivery as it happens and answering "reconsume later" for bodies that start with
+--fail-prefix; the other commands print one JSON object on its last line of standard output and exits 0 when it did
 what it was asked. Every wait is bounded by --timeout-secs. Message bodies are "<prefix>-<i>";
 orderly sends use key i % K and the body "<prefix>-<key>-<seq>".
 """
@@ -16,7 +19,8 @@ import sys
 import threading
 import time
 
-from rocketmq.client import Message, Producer, PullConsumer, PushConsumer
+from rocketmq.client import Message, MessageModel, Producer, PullConsumer, PushConsumer, RecvMessage
+from rocketmq.ffi import _CConsumeStatus, dll
 
 
 def shut_down(consumer, limit_secs=5.0):
@@ -153,6 +157,37 @@ def push(args):
     return 0
 
 
+def stream(args):
+    model = MessageModel.BROADCASTING if args.broadcasting else MessageModel.CLUSTERING
+    consumer = PushConsumer(args.group, orderly=args.orderly, message_model=model)
+    consumer.set_namesrv_addr(args.namesrv)
+    consumer.set_instance_name(args.instance)
+    consumer.set_thread_count(2)
+    consumer.set_message_batch_max_size(1)
+    lock = threading.Lock()
+
+    # The binding's own subscribe() turns a raised exception into "success"; this callback
+    # returns the status itself.
+    def on_message(_consumer, handle):
+        msg = RecvMessage(handle)
+        body = msg.body.decode("utf-8")
+        with lock:
+            sys.stdout.write("got %s %d\n" % (body, msg.reconsume_times))
+            sys.stdout.flush()
+        if args.fail_prefix and body.startswith(args.fail_prefix):
+            return _CConsumeStatus.RECONSUME_LATER.value
+        return _CConsumeStatus.CONSUME_SUCCESS.value
+
+    dll.Subscribe(consumer._handle, args.topic.encode("utf-8"), b"*")
+    consumer._register_callback(on_message)
+    consumer.start()
+    sys.stdout.write("started\n")
+    sys.stdout.flush()
+    sys.stdin.read()
+    shut_down(consumer)
+    return 0
+
+
 def pull(args):
     consumer = PullConsumer(args.group)
     consumer.set_namesrv_addr(args.namesrv)
@@ -182,7 +217,7 @@ def pull(args):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=["produce", "push", "pull"])
+    parser.add_argument("command", choices=["produce", "push", "pull", "stream"])
     parser.add_argument("--namesrv", required=True)
     parser.add_argument("--topic", required=True)
     parser.add_argument("--group", default="cpp_group")
@@ -192,11 +227,13 @@ def main():
     parser.add_argument("--keys", type=int, default=8)
     parser.add_argument("--prefix", default="m")
     parser.add_argument("--orderly", action="store_true")
+    parser.add_argument("--broadcasting", action="store_true")
+    parser.add_argument("--fail-prefix", default="")
     parser.add_argument("--instance", default="cpp-1")
     parser.add_argument("--timeout-secs", type=float, default=90)
     parser.add_argument("--quiet-secs", type=float, default=5)
     args = parser.parse_args()
-    return {"produce": produce, "push": push, "pull": pull}[args.command](args)
+    return {"produce": produce, "push": push, "pull": pull, "stream": stream}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,8 @@ pub struct ConsumeConfig {
     /// Stop renewing a receipt this long after its pop and let the broker serve it again (Java
     /// sends a message back after its 15-minute consume timeout).
     pub renew_max_ms: u64,
-    /// Renew only for clients heard from within this time: a hung or stopped client's messages
-    /// then go to the others after the invisible time.
+    /// A client not heard from within this time (live ones commit offsets every 5 s) is taken as
+    /// hung: its receipts are released to the other consumers at once.
     pub client_liveness_ms: u64,
     /// The invisible time given to receipts a client let go (disconnect, unregister, a rewind), so
     /// they reach another consumer at once.

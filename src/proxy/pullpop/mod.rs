@@ -183,9 +183,9 @@ impl PullPop {
             .is_some_and(|seen| now - *seen <= self.config.client_liveness_ms as i64)
     }
 
-    /// The mode of `group`; `code` is the request that asks. A group with no heartbeat yet is
-    /// left undecided and served as PULL.
-    fn mode(&self, proxy: &Arc<Proxy>, group: &str, code: RequestCode) -> Mode {
+    /// The mode of `group`; `code` is the request that asks, from `client`. A group with no
+    /// heartbeat yet is left undecided and served as PULL.
+    fn mode(&self, proxy: &Arc<Proxy>, group: &str, client: &str, code: RequestCode) -> Mode {
         let legacy_now = code == RequestCode::PULL_MESSAGE;
         if let Some(state) = self.groups.get(group) {
             let stays = state.decision.mode == Mode::Pull || state.legacy_pull || !legacy_now;
@@ -196,10 +196,12 @@ impl PullPop {
         let Some(consumer) = proxy.clients.consumer_data(group) else {
             return Mode::Pull;
         };
+        // Only the asker's own heartbeat tells: a push member pulls with the same code.
         let legacy_pull = legacy_now
-            && consumer
-                .consume_type
-                .eq_ignore_ascii_case("CONSUME_ACTIVELY");
+            && proxy
+                .clients
+                .member_data(group, client)
+                .is_some_and(|member| member.consume_type.eq_ignore_ascii_case("CONSUME_ACTIVELY"));
         if let Some(state) = self.groups.get(group)
             && !legacy_pull
         {
@@ -329,7 +331,7 @@ impl PullPop {
 
     /// Whether GET_CONSUMER_LIST_BY_GROUP for `group` gets the asking client alone.
     pub fn answers_membership(&self, proxy: &Arc<Proxy>, group: &str) -> bool {
-        self.mode(proxy, group, RequestCode::GET_CONSUMER_LIST_BY_GROUP) == Mode::Pop
+        self.mode(proxy, group, "", RequestCode::GET_CONSUMER_LIST_BY_GROUP) == Mode::Pop
     }
 
     /// A heartbeat from `client`: it is alive.
@@ -347,8 +349,15 @@ impl PullPop {
             )
     }
 
-    fn converted(&self, proxy: &Arc<Proxy>, group: &str, broker: &str, code: RequestCode) -> bool {
-        self.mode(proxy, group, code) == Mode::Pop
+    fn converted(
+        &self,
+        proxy: &Arc<Proxy>,
+        group: &str,
+        client: &str,
+        broker: &str,
+        code: RequestCode,
+    ) -> bool {
+        self.mode(proxy, group, client, code) == Mode::Pop
             && !self
                 .fallbacks
                 .contains_key(&(group.to_owned(), broker.to_owned()))
@@ -369,10 +378,10 @@ impl PullPop {
                 let Ok(header) = request.decode_header::<PullMessageRequestHeader>() else {
                     return Intercept::Forward(request);
                 };
-                if !engine.converted(proxy, &header.consumer_group, broker, code) {
+                let client = Self::client_of(proxy, downstream);
+                if !engine.converted(proxy, &header.consumer_group, &client, broker, code) {
                     return Intercept::Forward(request);
                 }
-                let client = Self::client_of(proxy, downstream);
                 Self::pull(proxy, client, endpoint.clone(), request, header).await
             }
             RequestCode::UPDATE_CONSUMER_OFFSET => {
@@ -388,7 +397,7 @@ impl PullPop {
                     broker: Arc::from(broker),
                     queue_id: header.queue_id,
                 };
-                if !engine.converted(proxy, &header.consumer_group, broker, code) {
+                if !engine.converted(proxy, &header.consumer_group, &key.client, broker, code) {
                     // A group that left POP still settles the receipts it took while converted.
                     if engine.queues.contains_key(&key) {
                         Self::commit(proxy, &key, header.commit_offset);
@@ -406,10 +415,10 @@ impl PullPop {
                 let Ok(header) = request.decode_header::<QueryConsumerOffsetRequestHeader>() else {
                     return Intercept::Forward(request);
                 };
-                if !engine.converted(proxy, &header.consumer_group, broker, code) {
+                let client = Self::client_of(proxy, downstream);
+                if !engine.converted(proxy, &header.consumer_group, &client, broker, code) {
                     return Intercept::Forward(request);
                 }
-                let client = Self::client_of(proxy, downstream);
                 engine.saw(&client);
                 let key = QueueKey {
                     client,
@@ -431,10 +440,10 @@ impl PullPop {
                 let Ok(header) = request.decode_header::<ConsumerSendMsgBackRequestHeader>() else {
                     return Intercept::Forward(request);
                 };
-                if !engine.converted(proxy, &header.group, broker, code) {
+                let client = Self::client_of(proxy, downstream);
+                if !engine.converted(proxy, &header.group, &client, broker, code) {
                     return Intercept::Forward(request);
                 }
-                let client = Self::client_of(proxy, downstream);
                 Self::send_back(proxy, client, broker, request, header).await
             }
             _ => Intercept::Forward(request),
@@ -467,7 +476,9 @@ impl PullPop {
             .clients
             .groups_of(&client, &topic)
             .into_iter()
-            .find(|group| self.converted(proxy, group, broker, RequestCode::GET_MAX_OFFSET));
+            .find(|group| {
+                self.converted(proxy, group, &client, broker, RequestCode::GET_MAX_OFFSET)
+            });
         let Some(group) = group else {
             return Intercept::Forward(request);
         };
@@ -551,7 +562,7 @@ impl PullPop {
         let from_first = key.topic.starts_with("%RETRY%")
             || proxy
                 .clients
-                .consumer_data(&key.group)
+                .member_data(&key.group, &key.client)
                 .is_some_and(|consumer| {
                     consumer
                         .consume_from_where
@@ -892,6 +903,28 @@ impl PullPop {
         }
     }
 
+    /// A live client talks at least every few seconds (pulls, offset commits every 5 s,
+    /// heartbeats). One silent past the liveness window is hung (SIGSTOP, a stuck process): what
+    /// it holds goes to the others now instead of after the invisible time. If it wakes up, its
+    /// late commits find nothing to ack, so they cannot ack what others took.
+    fn release_silent(&self, proxy: &Arc<Proxy>, now: i64) {
+        let liveness = self.config.client_liveness_ms as i64;
+        let silent: Vec<Arc<str>> = self
+            .seen
+            .iter()
+            .filter(|entry| now - *entry.value() > liveness)
+            .map(|entry| entry.key().clone())
+            .collect();
+        for client in silent {
+            self.seen.remove(&client);
+            let holds = self.queues.iter().any(|entry| entry.key().client == client);
+            if holds {
+                info!(%client, "client silent past its liveness window: its receipts go to the others");
+                self.release_matching(proxy, |key| key.client == client);
+            }
+        }
+    }
+
     /// Renews, until the renewal limit, the receipts of live clients that would soon become
     /// visible; runs for the life of the sidecar.
     pub async fn renew(proxy: Arc<Proxy>) {
@@ -909,6 +942,7 @@ impl PullPop {
         let engine = &proxy.pullpop;
         let config = &engine.config;
         let now = now_ms();
+        engine.release_silent(proxy, now);
         let horizon = now + config.renew_ahead_ms as i64;
         let mut due = Vec::new();
         for entry in engine.queues.iter() {
