@@ -12,7 +12,10 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
-use rocketmesh::remoting::body::{BatchAck, BatchAckMessageRequestBody, JsonBody, TopicRouteData};
+use rocketmesh::remoting::body::{
+    BatchAck, BatchAckMessageRequestBody, ConsumerData, HeartbeatData, JsonBody, SubscriptionData,
+    TopicRouteData,
+};
 use rocketmesh::remoting::header::{
     GetMaxOffsetRequestHeader, GetRouteInfoRequestHeader, PopMessageRequestHeader,
     PullMessageRequestHeader, SendMessageRequestHeaderV2,
@@ -280,6 +283,11 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             }
         }
         Workload::Consume { group, mode } => {
+            if *mode == ConsumeMode::Pull {
+                for (index, connection) in connections.iter().enumerate() {
+                    register_push_consumer(connection, group, &args.topic, index).await?;
+                }
+            }
             for queue_id in 0..queues {
                 let connection = connections[queue_id as usize % connections.len()].clone();
                 workers.push(tokio::spawn(consume(
@@ -400,6 +408,44 @@ async fn produce(
     let _ = limit.acquire_many(limit.available_permits() as u32).await;
 }
 
+/// Registers the connection as a push consumer of `group`, as a real client's heartbeat does:
+/// a sidecar that converts pulls into POP then knows the group is clustering and concurrent.
+async fn register_push_consumer(
+    connection: &Connection,
+    group: &str,
+    topic: &str,
+    index: usize,
+) -> anyhow::Result<()> {
+    let heartbeat = HeartbeatData {
+        client_id: format!("127.0.0.1@bench-{}-{index}", std::process::id()),
+        consumer_data_set: vec![ConsumerData {
+            consume_from_where: "CONSUME_FROM_FIRST_OFFSET".into(),
+            consume_type: "CONSUME_PASSIVELY".into(),
+            group_name: group.to_owned(),
+            message_model: "CLUSTERING".into(),
+            subscription_data_set: vec![SubscriptionData {
+                topic: topic.to_owned(),
+                sub_string: "*".into(),
+                expression_type: Some("TAG".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let request =
+        RemotingCommand::request(RequestCode::HEART_BEAT, 0).with_body(heartbeat.to_json()?);
+    let response = connection.call(request, Duration::from_secs(10)).await?;
+    if response.code != ResponseCode::SUCCESS.0 {
+        bail!(
+            "heartbeat refused: {} {}",
+            response.code,
+            response.remark.unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn consume(
     connection: Arc<Connection>,
@@ -416,14 +462,16 @@ async fn consume(
     while !reached(&tally, deadline, count) {
         let started = Instant::now();
         let request = match mode {
+            // As a push consumer does: each pull commits what the previous one brought.
             ConsumeMode::Pull => RemotingCommand::request(RequestCode::PULL_MESSAGE, 0)
                 .with_header(&PullMessageRequestHeader {
                     consumer_group: group.clone(),
                     topic: topic.clone(),
                     queue_id,
                     queue_offset: offset,
+                    commit_offset: offset,
                     max_msg_nums: 32,
-                    sys_flag: 0x2 | 0x4,
+                    sys_flag: 0x2 | 0x4 | if offset > 0 { 0x1 } else { 0 },
                     suspend_timeout_millis: 1_000,
                     subscription: Some("*".into()),
                     broker_name: (!broker_name.is_empty()).then(|| broker_name.clone()),

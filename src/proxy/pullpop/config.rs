@@ -10,12 +10,11 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "lowercase")]
 pub enum ConsumeMode {
     /// POP for clustering, concurrently consuming groups; PULL for the rest (see `mode`).
+    #[default]
     Auto,
     /// Convert every group that can be converted (broadcasting groups still cannot).
     Pop,
-    /// Forward pulls as pulls. The default until conversion passes its acceptance runs
-    /// (issue 12): a converted push consumer was seen missing messages.
-    #[default]
+    /// Forward pulls as pulls.
     Pull,
 }
 
@@ -42,6 +41,8 @@ pub struct ConsumeConfig {
     pub release_invisible_ms: u64,
     /// Receipts one client may hold across its queues; its pulls wait while it is over.
     pub max_receipts_per_client: usize,
+    /// After a full batch, pop the queue's next batch before the client asks for it.
+    pub read_ahead: bool,
     /// The largest batch one POP asks for.
     pub max_pop_batch: i32,
     /// The longest a converted pull is held at the broker, whatever the client's suspend time.
@@ -53,12 +54,13 @@ pub struct ConsumeConfig {
 impl Default for ConsumeConfig {
     fn default() -> Self {
         Self {
-            mode: ConsumeMode::Pull,
+            mode: ConsumeMode::Auto,
             groups: BTreeMap::new(),
             invisible_time_ms: 60_000,
             renew_ahead_ms: 10_000,
             renew_max_ms: 20 * 60_000,
             client_liveness_ms: 15_000,
+            read_ahead: true,
             release_invisible_ms: 1_000,
             max_receipts_per_client: 65_536,
             max_pop_batch: 32,

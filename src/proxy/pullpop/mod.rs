@@ -26,6 +26,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
 use serde::Serialize;
+use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 pub use config::{ConsumeConfig, ConsumeMode};
@@ -104,6 +105,9 @@ pub struct PullPop {
     fallbacks: DashMap<(String, String), ()>,
     no_batch_ack: DashMap<String, ()>,
     fallback_count: AtomicU64,
+    /// The pop made ahead for a queue's next pull, when the last one came back full. Dropping
+    /// one (rewind, client gone) makes its task release what it brings.
+    ahead: DashMap<QueueKey, oneshot::Receiver<PopOutcome>>,
 }
 
 fn now_ms() -> i64 {
@@ -151,6 +155,7 @@ impl PullPop {
             fallbacks: DashMap::new(),
             no_batch_ack: DashMap::new(),
             fallback_count: AtomicU64::new(0),
+            ahead: DashMap::new(),
         }
     }
 
@@ -519,14 +524,17 @@ impl PullPop {
         if header.sys_flag & pull_flag::COMMIT_OFFSET != 0 && header.commit_offset > 0 {
             Self::commit(proxy, &key, header.commit_offset);
         }
-        let (ticket, released, max_offset) = {
+        let (ticket, released, max_offset, ahead) = {
             let mut queue = engine.queues.entry(key.clone()).or_default();
             let before = queue.held() as i64;
+            // A pop made ahead serves only the pull that continues where the last one ended.
+            let ahead = engine.ahead.remove(&key).map(|(_, ahead)| ahead);
+            let ahead = ahead.filter(|_| queue.cursor() == header.queue_offset);
             let (ticket, released) = queue.begin_pull(header.queue_offset);
             stats
                 .in_flight
                 .fetch_add(queue.held() as i64 - before, Ordering::Relaxed);
-            (ticket, released, queue.cursor() + queue.backlog)
+            (ticket, released, queue.cursor() + queue.backlog, ahead)
         };
         engine.release(proxy, &key.group, &stats, released);
         let suspend_ms = if header.sys_flag & pull_flag::SUSPEND != 0 {
@@ -538,6 +546,7 @@ impl PullPop {
         };
         if stats.in_flight.load(Ordering::Relaxed) >= config.max_receipts_per_client as i64 {
             // Over its bound: nothing more until it commits. The wait keeps it from spinning.
+            drop(ahead);
             tokio::time::sleep(Duration::from_millis(suspend_ms.clamp(0, 1000) as u64)).await;
             return Intercept::Answered(Some(translate::no_new_message(
                 &request,
@@ -545,61 +554,64 @@ impl PullPop {
                 max_offset,
             )));
         }
-        let subscription = header
-            .subscription
-            .as_deref()
-            .filter(|text| !text.is_empty())
-            .map(|text| Subscription::new(header.expression_type.as_deref(), Some(text)))
-            .or_else(|| {
-                proxy
-                    .clients
-                    .subscription(&key.group, &key.topic)
-                    .map(|data| {
-                        Subscription::new(data.expression_type.as_deref(), Some(&data.sub_string))
-                    })
-            })
-            .unwrap_or_else(|| Subscription::new(None, None));
-        let from_first = key.topic.starts_with("%RETRY%")
-            || proxy
-                .clients
-                .member_data(&key.group, &key.client)
-                .is_some_and(|consumer| {
-                    consumer
-                        .consume_from_where
-                        .eq_ignore_ascii_case("CONSUME_FROM_FIRST_OFFSET")
-                });
-        let pop = translate::pop_request(&PopAsk {
-            pull: &header,
-            broker: &key.broker,
-            invisible_time_ms: config.invisible_time_ms as i64,
-            poll_time_ms: suspend_ms,
-            max_messages: header.max_msg_nums.clamp(1, config.max_pop_batch),
-            init_mode: if from_first { 0 } else { 1 },
-            expression: Some(&subscription),
-            now_ms: now_ms(),
-        });
-        // The pop runs on its own: if the client goes away meanwhile, what it brings is still
-        // recorded and released rather than left invisible.
-        let task = tokio::spawn(Self::pop_for(
-            proxy.clone(),
-            key.clone(),
-            ticket,
-            pop,
-            subscription,
-            endpoint,
-            Duration::from_millis(suspend_ms as u64),
-        ));
-        let outcome = match task.await {
-            Ok(outcome) => outcome,
-            Err(error) => PopOutcome::Failed(ResponseCode::SYSTEM_ERROR, error.to_string()),
+        let pop = PopPlan::new(proxy, &key, &header);
+        let max_messages = pop.max_messages;
+        let ended = || {
+            PopOutcome::Failed(
+                ResponseCode::SYSTEM_ERROR,
+                "rocketmesh: pop task ended".into(),
+            )
         };
+        let mut outcome = match ahead {
+            Some(ahead) => ahead.await.unwrap_or_else(|_| ended()),
+            None => PopOutcome::Empty,
+        };
+        if matches!(outcome, PopOutcome::Empty | PopOutcome::Failed(..)) {
+            // Nothing ahead, or it found nothing: the pull's own pop, long-polling as asked.
+            let receiver = pop.start(proxy, &key, &endpoint, suspend_ms);
+            outcome = receiver.await.unwrap_or_else(|_| ended());
+        }
         let answer = match outcome {
-            PopOutcome::Delivered {
-                first,
+            PopOutcome::Popped {
                 records,
+                receipts,
                 backlog,
-            } => translate::found(&request, &records, first, header.queue_id, backlog),
-            PopOutcome::Empty { max_offset } => {
+            } => {
+                let count = receipts.len();
+                let handed = match engine.queues.get_mut(&key) {
+                    Some(mut queue) => queue.hand_out(ticket, receipts, backlog),
+                    None => Err(receipts),
+                };
+                match handed {
+                    Ok(first) => {
+                        stats.in_flight.fetch_add(count as i64, Ordering::Relaxed);
+                        ClientStats::add(&stats.delivered, count);
+                        proxy
+                            .stats
+                            .messages_out(&key.topic, &key.group, count as u64);
+                        if config.read_ahead && count as i32 >= max_messages {
+                            // A full batch: more is likely waiting, so the next pull's pop starts
+                            // now and the client does not wait for the broker.
+                            if let Some(queue) = engine.queues.get(&key) {
+                                let next = pop.start(proxy, &key, &endpoint, 0);
+                                engine.ahead.insert(key.clone(), next);
+                                drop(queue);
+                            }
+                        }
+                        translate::found(&request, &records, first, header.queue_id, backlog)
+                    }
+                    Err(receipts) => {
+                        // The client left, or asked again meanwhile: nobody takes these.
+                        engine.release(proxy, &key.group, &stats, receipts);
+                        translate::no_new_message(&request, header.queue_offset, max_offset)
+                    }
+                }
+            }
+            PopOutcome::Empty => {
+                let max_offset = engine
+                    .queues
+                    .get(&key)
+                    .map_or(max_offset, |queue| queue.cursor() + queue.backlog);
                 translate::no_new_message(&request, header.queue_offset, max_offset)
             }
             PopOutcome::Unsupported(remark) => {
@@ -615,10 +627,10 @@ impl PullPop {
         Intercept::Answered(Some(answer))
     }
 
+    /// One POP at the broker, read into receipts; the caller hands them out.
     async fn pop_for(
         proxy: Arc<Proxy>,
         key: QueueKey,
-        ticket: u64,
         pop: RemotingCommand,
         subscription: Subscription,
         endpoint: Arc<Endpoint>,
@@ -645,12 +657,6 @@ impl PullPop {
             Err(_) => crate::balance::Outcome::Failure,
         };
         proxy.observe(&endpoint, outcome);
-        let current_max = || {
-            engine
-                .queues
-                .get(&key)
-                .map_or(0, |queue| queue.cursor() + queue.backlog)
-        };
         let response = match result {
             Ok(response) => response,
             Err(error) => {
@@ -670,16 +676,12 @@ impl PullPop {
             ResponseCode::POLLING_TIMEOUT
             | ResponseCode::PULL_NOT_FOUND
             | ResponseCode::NO_MESSAGE => {
-                return PopOutcome::Empty {
-                    max_offset: current_max(),
-                };
+                return PopOutcome::Empty;
             }
             ResponseCode::POLLING_FULL => {
                 // The broker holds too many polls: a short pause keeps clients from spinning.
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                return PopOutcome::Empty {
-                    max_offset: current_max(),
-                };
+                return PopOutcome::Empty;
             }
             ResponseCode::REQUEST_CODE_NOT_SUPPORTED => {
                 return PopOutcome::Unsupported(response.remark.unwrap_or_default());
@@ -715,35 +717,12 @@ impl PullPop {
         }
         let (records, receipts): (Vec<_>, Vec<_>) = popped.delivered.into_iter().unzip();
         if receipts.is_empty() {
-            return PopOutcome::Empty {
-                max_offset: current_max(),
-            };
+            return PopOutcome::Empty;
         }
-        let count = receipts.len();
-        let handed = match engine.queues.get_mut(&key) {
-            Some(mut queue) => queue.hand_out(ticket, receipts, popped.backlog),
-            None => Err(receipts),
-        };
-        match handed {
-            Ok(first) => {
-                stats.in_flight.fetch_add(count as i64, Ordering::Relaxed);
-                ClientStats::add(&stats.delivered, count);
-                proxy
-                    .stats
-                    .messages_out(&key.topic, &key.group, count as u64);
-                PopOutcome::Delivered {
-                    first,
-                    records,
-                    backlog: popped.backlog,
-                }
-            }
-            Err(receipts) => {
-                // The client left, or asked again meanwhile: nobody takes these.
-                engine.release(&proxy, &key.group, &stats, receipts);
-                PopOutcome::Empty {
-                    max_offset: current_max(),
-                }
-            }
+        PopOutcome::Popped {
+            records,
+            receipts,
+            backlog: popped.backlog,
         }
     }
 
@@ -879,6 +858,7 @@ impl PullPop {
             let Some((key, mut queue)) = self.queues.remove(&key) else {
                 continue;
             };
+            self.ahead.remove(&key);
             let stats = self.client_stats(&key.group, &key.client);
             stats
                 .in_flight
@@ -1063,16 +1043,100 @@ impl PullPop {
 }
 
 enum PopOutcome {
-    Delivered {
-        first: i64,
+    Popped {
         records: Vec<bytes::Bytes>,
+        receipts: Vec<Receipt>,
         backlog: i64,
     },
-    Empty {
-        max_offset: i64,
-    },
+    Empty,
     Unsupported(String),
     Failed(ResponseCode, String),
+}
+
+/// The POP a client's pull asks for, reusable for the pop made ahead of its next pull.
+struct PopPlan {
+    header: PullMessageRequestHeader,
+    subscription: Subscription,
+    init_mode: i32,
+    max_messages: i32,
+}
+
+impl PopPlan {
+    fn new(proxy: &Arc<Proxy>, key: &QueueKey, header: &PullMessageRequestHeader) -> Self {
+        let subscription = header
+            .subscription
+            .as_deref()
+            .filter(|text| !text.is_empty())
+            .map(|text| Subscription::new(header.expression_type.as_deref(), Some(text)))
+            .or_else(|| {
+                proxy
+                    .clients
+                    .subscription(&key.group, &key.topic)
+                    .map(|data| {
+                        Subscription::new(data.expression_type.as_deref(), Some(&data.sub_string))
+                    })
+            })
+            .unwrap_or_else(|| Subscription::new(None, None));
+        let from_first = key.topic.starts_with("%RETRY%")
+            || proxy
+                .clients
+                .member_data(&key.group, &key.client)
+                .is_some_and(|consumer| {
+                    consumer
+                        .consume_from_where
+                        .eq_ignore_ascii_case("CONSUME_FROM_FIRST_OFFSET")
+                });
+        Self {
+            header: header.clone(),
+            subscription,
+            init_mode: if from_first { 0 } else { 1 },
+            max_messages: header
+                .max_msg_nums
+                .clamp(1, proxy.pullpop.config.max_pop_batch),
+        }
+    }
+
+    /// Starts the pop on its own task, so that if the client goes away meanwhile, what it brings
+    /// is released rather than left invisible.
+    fn start(
+        &self,
+        proxy: &Arc<Proxy>,
+        key: &QueueKey,
+        endpoint: &Arc<Endpoint>,
+        poll_ms: i64,
+    ) -> oneshot::Receiver<PopOutcome> {
+        let config = &proxy.pullpop.config;
+        let pop = translate::pop_request(&PopAsk {
+            pull: &self.header,
+            broker: &key.broker,
+            invisible_time_ms: config.invisible_time_ms as i64,
+            poll_time_ms: poll_ms,
+            max_messages: self.max_messages,
+            init_mode: self.init_mode,
+            expression: Some(&self.subscription),
+            now_ms: now_ms(),
+        });
+        let (sender, receiver) = oneshot::channel();
+        let (proxy, key, endpoint) = (proxy.clone(), key.clone(), endpoint.clone());
+        let subscription = self.subscription.clone();
+        tokio::spawn(async move {
+            let outcome = PullPop::pop_for(
+                proxy.clone(),
+                key.clone(),
+                pop,
+                subscription,
+                endpoint,
+                Duration::from_millis(poll_ms.max(0) as u64),
+            )
+            .await;
+            if let Err(PopOutcome::Popped { receipts, .. }) = sender.send(outcome) {
+                let engine = &proxy.pullpop;
+                let stats = engine.client_stats(&key.group, &key.client);
+                engine.release(&proxy, &key.group, &stats, receipts);
+            }
+        });
+        receiver
+    }
 }
 
 #[cfg(test)]
