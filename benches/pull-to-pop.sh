@@ -3,12 +3,14 @@
 # a bundled broker, through a sidecar that forwards pulls (consume.mode: pull), and through one
 # that converts them into POP (consume.mode: auto). Each target reads the same stored messages
 # with its own consumer group, registered by heartbeat like a push consumer, committing with the
-# pull's commit flag. Prints throughput and p99 per target and the conversion's ratio to native
-# pull through the sidecar.
-# Usage: benches/pull-to-pop.sh [BINARY] [MESSAGES]
+# pull's commit flag, for SECONDS from a backlog of MESSAGES large enough that no run drains it
+# (start-up and the drained tail would otherwise dominate). Prints throughput, p99 and CPU per
+# message per target, and the conversion's ratio to native pull through the sidecar.
+# Usage: benches/pull-to-pop.sh [BINARY] [MESSAGES] [SECONDS]
 set -euo pipefail
 BIN=${1:-target/release/rocketmesh}
-MESSAGES=${2:-200000}
+MESSAGES=${2:-1000000}
+SECONDS_PER_RUN=${3:-6}
 BASE=${PORT:-19900}
 BROKER=127.0.0.1:$BASE
 FORWARDING=127.0.0.1:$((BASE + 1))
@@ -53,7 +55,7 @@ sidecar "$FORWARDING" pull
 sidecar "$CONVERTING" auto
 
 "$BIN" bench --target "$BROKER" --topic "$TOPIC" --connections 4 --inflight 64 \
-  --count "$MESSAGES" --duration-secs 120 produce --size 1024 >/dev/null
+  --count "$MESSAGES" --duration-secs 300 produce --size 1024 >/dev/null
 
 # CPU seconds (user + system) a process has used so far.
 cpu() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.3f", ($14 + $15) / hz }' "/proc/$1/stat"; }
@@ -64,7 +66,7 @@ run() { # label target group proxy-pid
   broker_before=$(cpu "$BROKER_PID")
   proxy_before=$([ -n "$4" ] && cpu "$4" || echo 0)
   json=$("$BIN" bench --target "$2" --topic "$TOPIC" --connections 4 --count "$MESSAGES" \
-    --duration-secs 120 --json consume --mode pull --group "$3")
+    --duration-secs "$SECONDS_PER_RUN" --json consume --mode pull --group "$3")
   local messages rate p99 broker_us proxy_us
   messages=$(sed -E 's/.*"messages":([0-9]+).*/\1/' <<<"$json")
   rate=$(sed -E 's/.*"msgs_per_sec":([0-9.]+).*/\1/' <<<"$json")
@@ -81,7 +83,7 @@ run "pull through the sidecar" "$FORWARDING" bench_native "$SIDECAR_pull"
 native=$RATE
 run "pull→POP through the sidecar" "$CONVERTING" bench_converted "$SIDECAR_auto"
 converted=$RATE
-echo "consume $MESSAGES stored 1 KiB messages, 4 connections, one pull per queue in flight:"
+echo "consume for ${SECONDS_PER_RUN} s from $MESSAGES stored 1 KiB messages, 4 connections, one pull per queue in flight:"
 printf '%s\n' "${LINES[@]}"
 awk -v c="$converted" -v n="$native" -v d="$direct" 'BEGIN {
   printf "conversion / native pull through the sidecar: %.2fx (target >= 0.8x); native through the sidecar / direct: %.2fx\n", c / n, n / d

@@ -57,6 +57,15 @@ enum Event {
         o: u64,
         pt: i64,
     },
+    /// Several messages of one pop acked at once (BATCH_ACK): one log record, not one each.
+    #[serde(rename = "acks")]
+    Acks {
+        g: String,
+        t: String,
+        q: i32,
+        o: Vec<u64>,
+        pt: i64,
+    },
     #[serde(rename = "inv")]
     Invisible {
         g: String,
@@ -342,6 +351,46 @@ impl PopState {
         self.log_if_current(store, &event, (group, topic, queue_id, offset, pop_time))
     }
 
+    /// Acknowledges the messages of one pop (same queue and pop time) with one log record; stale
+    /// handles among them acknowledge nothing. Returns how many were acked, and the put.
+    pub fn ack_many(
+        &self,
+        store: &MessageStore,
+        group: &str,
+        topic: &str,
+        queue_id: i32,
+        offsets: &[u64],
+        pop_time: i64,
+    ) -> Result<(usize, Option<PutResult>), StoreError> {
+        let mut state = self.lock();
+        let current: Vec<u64> = match state.in_flight.get(&key(group, topic, queue_id)) {
+            Some(messages) => offsets
+                .iter()
+                .copied()
+                .filter(|offset| {
+                    messages
+                        .get(offset)
+                        .is_some_and(|message| message.pop_time == pop_time)
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        if current.is_empty() {
+            return Ok((0, None));
+        }
+        let count = current.len();
+        let event = Event::Acks {
+            g: group.to_owned(),
+            t: topic.to_owned(),
+            q: queue_id,
+            o: current,
+            pt: pop_time,
+        };
+        let put = Self::log(store, &event)?;
+        apply(&mut state, &event);
+        Ok((count, Some(put)))
+    }
+
     /// Moves a popped message's invisible time. Returns the new pop time when the handle was current.
     #[allow(clippy::too_many_arguments)]
     pub fn change_invisible_time(
@@ -422,6 +471,15 @@ fn apply(state: &mut State, event: &Event) {
                 && messages.get(o).is_some_and(|m| m.pop_time == *pt)
             {
                 messages.remove(o);
+            }
+        }
+        Event::Acks { g, t, q, o, pt } => {
+            if let Some(messages) = state.in_flight.get_mut(&key(g, t, *q)) {
+                for offset in o {
+                    if messages.get(offset).is_some_and(|m| m.pop_time == *pt) {
+                        messages.remove(offset);
+                    }
+                }
             }
         }
         Event::Invisible {
@@ -554,6 +612,55 @@ mod tests {
         assert!(fourth.messages.is_empty(), "the third attempt was the last");
         assert_eq!(store.queue_offsets("%DLQ%G", 0), (0, 2));
         assert_eq!(pop.in_flight("G", "T", 1), 0);
+    }
+
+    #[test]
+    fn a_batch_ack_is_one_log_record_and_survives_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let acked = {
+            let store = store(dir.path());
+            fill(&store, 4);
+            let pop = PopState::open(&store).expect("open");
+            let popped = pop
+                .pop(&store, &request(10_000, 4), |_, _| true)
+                .expect("pop");
+            let queue = popped.messages[0].queue_id;
+            let offsets: Vec<u64> = popped
+                .messages
+                .iter()
+                .filter(|m| m.queue_id == queue)
+                .map(|m| m.queue_offset)
+                .collect();
+            let logged = store.queue_offsets(POP_LOG_TOPIC, POP_LOG_QUEUE).1;
+            let (acked, put) = pop
+                .ack_many(&store, "G", "T", queue, &offsets, 10_000)
+                .expect("ack");
+            assert_eq!(acked, offsets.len());
+            assert!(put.is_some());
+            assert_eq!(
+                store.queue_offsets(POP_LOG_TOPIC, POP_LOG_QUEUE).1,
+                logged + 1,
+                "one record for the whole batch"
+            );
+            let (again, put) = pop
+                .ack_many(&store, "G", "T", queue, &offsets, 10_000)
+                .expect("ack");
+            assert_eq!((again, put.is_none()), (0, true), "acked handles are stale");
+            assert_eq!(pop.in_flight("G", "T", queue), 0);
+            acked
+        };
+        let store = store(dir.path());
+        let pop = PopState::open(&store).expect("replay");
+        let total: usize = (0..4).map(|queue| pop.in_flight("G", "T", queue)).sum();
+        assert_eq!(total, 4 - acked, "the batch ack was replayed");
+        let later = pop
+            .pop(&store, &request(11_000, 32), |_, _| true)
+            .expect("pop");
+        assert_eq!(
+            later.messages.len(),
+            total,
+            "after the restart only the unacked come back"
+        );
     }
 
     #[test]

@@ -285,22 +285,21 @@ pub async fn batch_ack(state: &BrokerState, request: &RemotingCommand) -> Remoti
                 );
             }
         };
-        for offset in offsets {
-            let Ok(offset) = u64::try_from(offset) else {
-                continue;
-            };
-            match state.pop.ack(
-                &state.store,
-                &ack.consumer_group,
-                &ack.topic,
-                ack.queue_id,
-                offset,
-                ack.pop_time,
-            ) {
-                Ok(Some(put)) => last = Some(put),
-                Ok(None) => {}
-                Err(error) => return store_failure(request, error),
-            }
+        let offsets: Vec<u64> = offsets
+            .into_iter()
+            .filter_map(|offset| u64::try_from(offset).ok())
+            .collect();
+        match state.pop.ack_many(
+            &state.store,
+            &ack.consumer_group,
+            &ack.topic,
+            ack.queue_id,
+            &offsets,
+            ack.pop_time,
+        ) {
+            Ok((_, Some(put))) => last = Some(put),
+            Ok((_, None)) => {}
+            Err(error) => return store_failure(request, error),
         }
     }
     match durable(state, last).await {
