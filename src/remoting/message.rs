@@ -368,6 +368,88 @@ impl MessageRecord {
     }
 }
 
+/// The fields of a stored record that Pull→POP reads, taken without copying: the topic and
+/// properties stay borrowed from the record bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordHead<'a> {
+    pub queue_id: i32,
+    pub queue_offset: i64,
+    pub physical_offset: i64,
+    pub reconsume_times: i32,
+    pub topic: &'a str,
+    /// The properties string: `name\x01value\x02` pairs.
+    pub properties: &'a str,
+    /// The whole record's encoded size.
+    pub size: usize,
+}
+
+impl<'a> RecordHead<'a> {
+    /// Reads the record at the start of `data` as [`MessageRecord::decode`] does (same checks),
+    /// but allocates nothing.
+    pub fn peek(data: &'a [u8]) -> Result<Self, RecordError> {
+        let mut reader = Reader::new(data);
+        let total = reader.length_i32("total size")?;
+        let v2 = match reader.i32("magic")? {
+            MAGIC_V1 => false,
+            MAGIC_V2 => true,
+            other => {
+                return Err(RecordError::BadMagic {
+                    offset: 4,
+                    magic: other as u32,
+                });
+            }
+        };
+        reader.i32("body CRC")?;
+        let queue_id = reader.i32("queue id")?;
+        reader.i32("flag")?;
+        let queue_offset = reader.i64("queue offset")?;
+        let physical_offset = reader.i64("physical offset")?;
+        let sys_flag = reader.i32("sys flag")?;
+        reader.i64("born timestamp")?;
+        reader.host("born host", sys_flag & sys_flag::BORN_HOST_V6 != 0)?;
+        reader.i64("store timestamp")?;
+        reader.host("store host", sys_flag & sys_flag::STORE_HOST_V6 != 0)?;
+        let reconsume_times = reader.i32("reconsume times")?;
+        reader.i64("prepared transaction offset")?;
+        let body_len = reader.length_i32("body length")?;
+        reader.take("body", body_len)?;
+        let topic_len = if v2 {
+            reader.length_i16("topic length")?
+        } else {
+            reader.length_i8("topic length")?
+        };
+        let topic = reader.str("topic", topic_len)?;
+        let properties_len = reader.length_i16("properties length")?;
+        let properties = reader.str("properties", properties_len)?;
+        if reader.offset != total {
+            return Err(RecordError::SizeMismatch {
+                offset: 0,
+                declared: total,
+                actual: reader.offset,
+            });
+        }
+        Ok(Self {
+            queue_id,
+            queue_offset,
+            physical_offset,
+            reconsume_times,
+            topic,
+            properties,
+            size: total,
+        })
+    }
+
+    /// One property's value, as [`parse_properties`] would give it.
+    pub fn property(&self, name: &str) -> Option<&'a str> {
+        self.properties
+            .split(PROPERTY_SEPARATOR)
+            .filter_map(|pair| pair.split_once(NAME_VALUE_SEPARATOR))
+            .filter(|(key, _)| *key == name)
+            .map(|(_, value)| value)
+            .next_back()
+    }
+}
+
 /// Decodes every record of a pull or pop body. Stops at the first error, reporting its offset within
 /// `data`.
 pub fn decode_records(data: &Bytes, verify_crc: bool) -> Result<Vec<MessageRecord>, RecordError> {
@@ -692,6 +774,12 @@ impl<'a> Reader<'a> {
         self.length(field, offset, i64::from(value))
     }
 
+    fn str(&mut self, field: &'static str, len: usize) -> Result<&'a str, RecordError> {
+        let offset = self.offset;
+        let bytes = self.take(field, len)?;
+        std::str::from_utf8(bytes).map_err(|_| RecordError::InvalidUtf8 { field, offset })
+    }
+
     fn string(&mut self, field: &'static str, len: usize) -> Result<String, RecordError> {
         let offset = self.offset;
         let bytes = self.take(field, len)?;
@@ -772,6 +860,28 @@ mod tests {
                 expected.v2 = original.uses_v2();
                 expected.sys_flag = original.effective_sys_flag();
                 prop_assert_eq!(decoded, &expected);
+            }
+        }
+
+        #[test]
+        fn a_peek_reads_what_a_decode_reads(record in record(), probe in "[A-Za-z_]{1,4}") {
+            let mut out = BytesMut::new();
+            record.encode(&mut out).expect("encode");
+            let bytes = out.freeze();
+            let (decoded, size) = MessageRecord::decode(&bytes, true).expect("decode");
+            let head = RecordHead::peek(&bytes).expect("peek");
+            prop_assert_eq!(head.size, size);
+            prop_assert_eq!(head.queue_id, decoded.queue_id);
+            prop_assert_eq!(head.queue_offset, decoded.queue_offset);
+            prop_assert_eq!(head.physical_offset, decoded.physical_offset);
+            prop_assert_eq!(head.reconsume_times, decoded.reconsume_times);
+            prop_assert_eq!(head.topic, decoded.topic.as_str());
+            for name in decoded.properties.keys().map(String::as_str).chain([probe.as_str()]) {
+                prop_assert_eq!(head.property(name), decoded.properties.get(name).map(String::as_str));
+            }
+            // Cut anywhere, it is an error, never a panic.
+            for cut in [0, size / 2, size.saturating_sub(1)] {
+                prop_assert!(RecordHead::peek(&bytes[..cut]).is_err());
             }
         }
 

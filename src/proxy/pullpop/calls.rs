@@ -110,40 +110,50 @@ async fn batch_ack(
     broker: &str,
     receipts: &[Receipt],
 ) -> Result<(), CallError> {
-    // One entry per checkpoint: the receipts of one pop of one queue share it.
-    /// (topic, queue, start offset, pop time, invisible time, revive queue, retry kind)
-    type Checkpoint = (String, i32, i64, i64, i64, i32, String);
-    let mut checkpoints: BTreeMap<Checkpoint, Vec<i64>> = BTreeMap::new();
+    // One entry per checkpoint: the receipts of one pop of one queue share it. They mostly come
+    // in runs, so each receipt is first compared with the entry it most likely joins.
+    let same_checkpoint = |a: &Receipt, b: &Receipt| {
+        let (x, y) = (&a.handle, &b.handle);
+        a.ack_topic == b.ack_topic
+            && x.queue_id == y.queue_id
+            && x.ck_queue_offset == y.ck_queue_offset
+            && x.pop_time == y.pop_time
+            && x.invisible_time == y.invisible_time
+            && x.revive_qid == y.revive_qid
+            && x.topic_type == y.topic_type
+    };
+    let mut checkpoints: Vec<(&Receipt, Vec<i64>)> = Vec::new();
     for receipt in receipts {
-        let handle = &receipt.handle;
-        checkpoints
-            .entry((
-                receipt.ack_topic.clone(),
-                handle.queue_id,
-                handle.ck_queue_offset,
-                handle.pop_time,
-                handle.invisible_time,
-                handle.revive_qid,
-                handle.topic_type.as_str().to_owned(),
-            ))
-            .or_default()
-            .push(receipt.queue_offset);
+        let joined = match checkpoints.last_mut() {
+            Some((first, offsets)) if same_checkpoint(first, receipt) => {
+                offsets.push(receipt.queue_offset);
+                true
+            }
+            _ => false,
+        };
+        if joined {
+            continue;
+        }
+        match checkpoints
+            .iter_mut()
+            .find(|(first, _)| same_checkpoint(first, receipt))
+        {
+            Some((_, offsets)) => offsets.push(receipt.queue_offset),
+            None => checkpoints.push((receipt, vec![receipt.queue_offset])),
+        }
     }
     let mut acks = Vec::with_capacity(checkpoints.len());
-    for (
-        (topic, queue_id, start_offset, pop_time, invisible_time, revive_queue_id, retry),
-        offsets,
-    ) in checkpoints
-    {
+    for (first, offsets) in checkpoints {
+        let handle = &first.handle;
         let mut ack = BatchAck {
             consumer_group: group.to_owned(),
-            topic,
-            retry,
-            start_offset,
-            queue_id,
-            revive_queue_id,
-            pop_time,
-            invisible_time,
+            topic: first.ack_topic.to_string(),
+            retry: handle.topic_type.as_str().to_owned(),
+            start_offset: handle.ck_queue_offset,
+            queue_id: handle.queue_id,
+            revive_queue_id: handle.revive_qid,
+            pop_time: handle.pop_time,
+            invisible_time: handle.invisible_time,
             bit_set: String::new(),
         };
         ack.set_offsets(offsets)
@@ -169,7 +179,7 @@ async fn batch_ack(
 pub async fn ack(proxy: &Proxy, group: &str, receipt: &Receipt) -> Result<(), CallError> {
     let header = AckMessageRequestHeader {
         consumer_group: group.to_owned(),
-        topic: receipt.ack_topic.clone(),
+        topic: receipt.ack_topic.to_string(),
         queue_id: receipt.handle.queue_id,
         extra_info: receipt.handle.to_string(),
         offset: receipt.queue_offset,
@@ -190,7 +200,7 @@ pub async fn change_invisible_time(
 ) -> Result<ExtraInfo, CallError> {
     let header = ChangeInvisibleTimeRequestHeader {
         consumer_group: group.to_owned(),
-        topic: receipt.ack_topic.clone(),
+        topic: receipt.ack_topic.to_string(),
         queue_id: receipt.handle.queue_id,
         extra_info: receipt.handle.to_string(),
         offset: receipt.queue_offset,

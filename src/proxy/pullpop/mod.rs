@@ -201,12 +201,16 @@ impl PullPop {
         let Some(consumer) = proxy.clients.consumer_data(group) else {
             return Mode::Pull;
         };
-        // Only the asker's own heartbeat tells: a push member pulls with the same code.
+        // The asker's own heartbeat tells (a push member pulls with the same code); a connection
+        // that never sent one (the C++ pull consumer pulls on such) goes by the group's.
         let legacy_pull = legacy_now
             && proxy
                 .clients
                 .member_data(group, client)
-                .is_some_and(|member| member.consume_type.eq_ignore_ascii_case("CONSUME_ACTIVELY"));
+                .as_ref()
+                .unwrap_or(&consumer)
+                .consume_type
+                .eq_ignore_ascii_case("CONSUME_ACTIVELY");
         if let Some(state) = self.groups.get(group)
             && !legacy_pull
         {

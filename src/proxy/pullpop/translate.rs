@@ -11,7 +11,7 @@ use crate::remoting::header::{
     PopMessageRequestHeader, PopMessageResponseHeader, PullMessageRequestHeader,
     PullMessageResponseHeader,
 };
-use crate::remoting::message::{MessageRecord, RecordError, property};
+use crate::remoting::message::{MessageRecord, RecordError, RecordHead, property};
 use crate::remoting::{RemotingCommand, RequestCode, ResponseCode, SerializeType};
 
 /// Pull `sysFlag` bits.
@@ -101,12 +101,12 @@ impl Subscription {
     /// The client-side check Java makes after the broker's tag-hash filter: with a tag
     /// expression, a message passes only with one of its tags (a tagless one does not).
     pub fn passes(&self, record: &MessageRecord) -> bool {
-        if self.tags.is_empty() {
-            return true;
-        }
-        record
-            .tags()
-            .is_some_and(|tag| self.tags.iter().any(|wanted| wanted == tag))
+        self.passes_tags(record.tags())
+    }
+
+    /// [`Subscription::passes`] for a message with the TAGS property `tags`.
+    pub fn passes_tags(&self, tags: Option<&str>) -> bool {
+        self.tags.is_empty() || tags.is_some_and(|tag| self.tags.iter().any(|wanted| wanted == tag))
     }
 }
 
@@ -162,29 +162,27 @@ pub fn read_pop(
         ..Popped::default()
     };
     let mut rest = response.body.clone();
+    // The ack topic of each kind of handle, made once per answer rather than once per message.
+    let mut ack_topics: Vec<(TopicType, Arc<str>)> = Vec::with_capacity(1);
     while !rest.is_empty() {
-        let (record, size) = MessageRecord::decode(&rest, false)?;
-        let raw = rest.split_to(size);
-        let handle = match record
-            .properties
-            .get(property::POP_CK)
+        let head = RecordHead::peek(&rest)?;
+        let handle = match head
+            .property(property::POP_CK)
             .and_then(|text| text.parse::<ExtraInfo>().ok())
         {
             Some(handle) => handle,
             None => {
-                let topic_type = if popping_retry_topic || !record.topic.starts_with(RETRY_PREFIX) {
+                let topic_type = if popping_retry_topic || !head.topic.starts_with(RETRY_PREFIX) {
                     TopicType::Normal
-                } else if record.topic.contains('+') {
+                } else if head.topic.contains('+') {
                     TopicType::RetryV2
                 } else {
                     TopicType::RetryV1
                 };
                 let start = starts
                     .iter()
-                    .find(|entry| {
-                        entry.topic_type == topic_type && entry.queue_id == record.queue_id
-                    })
-                    .map_or(record.queue_offset, |entry| entry.start_offset);
+                    .find(|entry| entry.topic_type == topic_type && entry.queue_id == head.queue_id)
+                    .map_or(head.queue_offset, |entry| entry.start_offset);
                 ExtraInfo {
                     ck_queue_offset: start,
                     pop_time: header.pop_time,
@@ -192,40 +190,56 @@ pub fn read_pop(
                     revive_qid: header.revive_qid,
                     topic_type,
                     broker_name: context.broker.to_string(),
-                    queue_id: record.queue_id,
-                    queue_offset: Some(record.queue_offset),
+                    queue_id: head.queue_id,
+                    queue_offset: Some(head.queue_offset),
                     commit_log_offset: None,
                 }
             }
         };
-        // A retry topic popped for itself acks under its own name (reference §5.3 trap 6).
-        let ack_topic = if popping_retry_topic {
-            context.topic.to_owned()
-        } else {
-            handle.topic_type.real_topic(context.topic, context.group)
+        let ack_topic = match ack_topics
+            .iter()
+            .find(|(kind, _)| *kind == handle.topic_type)
+        {
+            Some((_, topic)) => topic.clone(),
+            None => {
+                // A retry topic popped for itself acks under its own name (reference §5.3 trap 6).
+                let topic: Arc<str> = if popping_retry_topic {
+                    Arc::from(context.topic)
+                } else {
+                    Arc::from(handle.topic_type.real_topic(context.topic, context.group))
+                };
+                ack_topics.push((handle.topic_type, topic.clone()));
+                topic
+            }
         };
+        let passes = context
+            .subscription
+            .passes_tags(head.property(property::TAGS));
+        // Brokers with popResponseReturnActualRetryTopic name the retry topic: show the topic
+        // the client subscribed to, as a pull would.
+        let renamed = head.topic != context.topic && !popping_retry_topic;
         let receipt = Receipt {
             broker: context.broker.clone(),
             ack_topic,
-            queue_offset: handle.queue_offset.unwrap_or(record.queue_offset),
+            queue_offset: handle.queue_offset.unwrap_or(head.queue_offset),
             handle,
-            commit_log_offset: record.physical_offset,
-            reconsume_times: record.reconsume_times,
+            commit_log_offset: head.physical_offset,
+            reconsume_times: head.reconsume_times,
             visible_at_ms: context.sent_at_ms + header.invisible_time.max(0),
             popped_at_ms: context.sent_at_ms,
             state: ReceiptState::Held,
         };
-        if !context.subscription.passes(&record) {
+        let size = head.size;
+        let raw = rest.split_to(size);
+        if !passes {
             popped.filtered.push(receipt);
             continue;
         }
-        // Brokers with popResponseReturnActualRetryTopic name the retry topic: show the topic
-        // the client subscribed to, as a pull would.
-        let raw = if record.topic != context.topic && !popping_retry_topic {
-            let mut renamed = record;
-            renamed.topic = context.topic.to_owned();
+        let raw = if renamed {
+            let (mut record, _) = MessageRecord::decode(&raw, false)?;
+            record.topic = context.topic.to_owned();
             let mut out = BytesMut::new();
-            renamed.encode(&mut out)?;
+            record.encode(&mut out)?;
             out.freeze()
         } else {
             raw
@@ -382,7 +396,7 @@ mod tests {
         let popped =
             read_pop(&pop_answer(&[retried], None), &context(&broker, &all)).expect("read");
         let receipt = &popped.delivered[0].1;
-        assert_eq!(receipt.ack_topic, "%RETRY%g_T");
+        assert_eq!(&*receipt.ack_topic, "%RETRY%g_T");
         assert_eq!(receipt.handle.pop_time, 4000);
     }
 
@@ -396,7 +410,7 @@ mod tests {
         )
         .expect("read");
         let (raw, receipt) = &popped.delivered[0];
-        assert_eq!(receipt.ack_topic, "%RETRY%g_T");
+        assert_eq!(&*receipt.ack_topic, "%RETRY%g_T");
         let (shown, _) = MessageRecord::decode(raw, true).expect("decode");
         assert_eq!(shown.topic, "T");
     }

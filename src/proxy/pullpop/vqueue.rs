@@ -16,7 +16,7 @@ pub struct Receipt {
     /// The broker that served the pop; every ack and change goes back to it.
     pub broker: Arc<str>,
     /// The topic acks name: the pop retry topic for a message that came from it.
-    pub ack_topic: String,
+    pub ack_topic: Arc<str>,
     /// The handle, replaced by each renewal.
     pub handle: ExtraInfo,
     pub queue_offset: i64,
