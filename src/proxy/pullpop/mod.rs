@@ -570,6 +570,18 @@ impl PullPop {
             Some(ahead) => ahead.await.unwrap_or_else(|_| ended()),
             None => PopOutcome::Empty,
         };
+        let stale_after = now_ms() + config.renew_ahead_ms as i64;
+        if let PopOutcome::Popped { receipts, .. } = &outcome
+            && receipts
+                .iter()
+                .any(|receipt| receipt.visible_at_ms <= stale_after)
+            && let PopOutcome::Popped { receipts, .. } =
+                std::mem::replace(&mut outcome, PopOutcome::Empty)
+        {
+            // Popped ahead, then kept waiting (the client paused) until it is about to be served
+            // again elsewhere: let it go rather than hand out what may be taken twice.
+            engine.release(proxy, &key.group, &stats, receipts);
+        }
         if matches!(outcome, PopOutcome::Empty | PopOutcome::Failed(..)) {
             // Nothing ahead, or it found nothing: the pull's own pop, long-polling as asked.
             let receiver = pop.start(proxy, &key, &endpoint, suspend_ms);
