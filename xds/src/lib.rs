@@ -1,0 +1,2 @@
+//! Delta xDS for rocketmesh.
+pub use envoy_types;
