@@ -63,6 +63,16 @@ impl TopicType {
         }
     }
 
+    /// How Java's broker labels a popped topic in `startOffsetInfo` and `msgOffsetInfo`
+    /// (`ExtraInfoUtil.getRetry`): any retry topic is a retry kind, V2 when it has a `+`.
+    pub fn of_popped_topic(topic: &str) -> Self {
+        match topic.strip_prefix("%RETRY%") {
+            Some(rest) if rest.contains('+') => TopicType::RetryV2,
+            Some(_) => TopicType::RetryV1,
+            None => TopicType::Normal,
+        }
+    }
+
     /// The topic the broker stores the message under, given the original topic and consumer group.
     pub fn real_topic(self, topic: &str, group: &str) -> String {
         match self {
@@ -392,6 +402,20 @@ mod tests {
             })
         ));
         assert!(parse_info::<OrderCountEntry>("0 qo1 3").is_err());
+    }
+
+    #[test]
+    fn popped_topics_are_labelled_as_java_labels_them() {
+        assert_eq!(TopicType::of_popped_topic("Orders"), TopicType::Normal);
+        assert_eq!(TopicType::of_popped_topic("%RETRY%g"), TopicType::RetryV1);
+        assert_eq!(
+            TopicType::of_popped_topic("%RETRY%g_Orders"),
+            TopicType::RetryV1
+        );
+        assert_eq!(
+            TopicType::of_popped_topic("%RETRY%g+Orders"),
+            TopicType::RetryV2
+        );
     }
 
     #[test]

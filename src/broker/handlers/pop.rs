@@ -10,7 +10,7 @@ use super::pull::TagFilter;
 use super::{
     bad_request, check_group, check_topic, consumable, illegal_queue, invalid_name, store_failure,
 };
-use crate::broker::pop::{ORDER_REVIVE_QID, PopRequest};
+use crate::broker::pop::{ORDER_REVIVE_QID, PopRequest, Popped};
 use crate::broker::schedule::now_ms;
 use crate::broker::state::BrokerState;
 use crate::broker::store::{PutResult, RequestMode, StoreError};
@@ -19,7 +19,9 @@ use crate::remoting::body::{
     BatchAckMessageRequestBody, JsonBody, MessageQueue, MessageQueueAssignment,
     QueryAssignmentRequestBody, QueryAssignmentResponseBody, SetMessageRequestModeRequestBody,
 };
-use crate::remoting::extra_info::ExtraInfo;
+use crate::remoting::extra_info::{
+    ExtraInfo, MsgOffsetEntry, StartOffsetEntry, TopicType, format_info,
+};
 use crate::remoting::header::{
     AckMessageRequestHeader, ChangeInvisibleTimeRequestHeader, ChangeInvisibleTimeResponseHeader,
     PopMessageRequestHeader, PopMessageResponseHeader,
@@ -175,11 +177,14 @@ pub async fn pop(state: &BrokerState, request: &RemotingCommand) -> RemotingComm
             )
         })
         .unwrap_or_else(now_ms);
+    let (start_offset_info, msg_offset_info) = offset_infos(&header.topic, &outcome.messages);
     let response_header = PopMessageResponseHeader {
         pop_time,
         invisible_time: invisible_ms,
         revive_qid: if order { ORDER_REVIVE_QID } else { 0 },
         rest_num: outcome.rest as i64,
+        start_offset_info: Some(start_offset_info),
+        msg_offset_info: Some(msg_offset_info),
         ..Default::default()
     };
     let body: Vec<Bytes> = outcome
@@ -191,6 +196,39 @@ pub async fn pop(state: &BrokerState, request: &RemotingCommand) -> RemotingComm
         .with_remark("FOUND")
         .with_header(&response_header)
         .with_body(Bytes::from(body.concat()))
+}
+
+/// The `startOffsetInfo` and `msgOffsetInfo` strings of a pop answer, as Java's broker writes them.
+/// Clients build each receipt's checkpoint offset from the start offset of its queue, so the
+/// messages of one queue share a checkpoint and one BATCH_ACK entry acks them all (without it,
+/// every message would be a checkpoint of its own). The start is the lowest offset handed out in
+/// that queue, so every message's place in the ack bitset is non-negative.
+fn offset_infos(topic: &str, messages: &[Popped]) -> (String, String) {
+    let topic_type = TopicType::of_popped_topic(topic);
+    let mut queues: Vec<MsgOffsetEntry> = Vec::with_capacity(1);
+    for message in messages {
+        let offset = message.queue_offset as i64;
+        match queues
+            .iter_mut()
+            .find(|entry| entry.queue_id == message.queue_id)
+        {
+            Some(entry) => entry.offsets.push(offset),
+            None => queues.push(MsgOffsetEntry {
+                topic_type,
+                queue_id: message.queue_id,
+                offsets: vec![offset],
+            }),
+        }
+    }
+    let starts: Vec<StartOffsetEntry> = queues
+        .iter()
+        .map(|entry| StartOffsetEntry {
+            topic_type,
+            queue_id: entry.queue_id,
+            start_offset: entry.offsets.iter().copied().min().unwrap_or_default(),
+        })
+        .collect();
+    (format_info(&starts), format_info(&queues))
 }
 
 /// Java answers a negative invisible time with an error too; silently clamping it would hide a
@@ -477,5 +515,29 @@ fn assignment_response(
         Err(error) => {
             RemotingCommand::error_response(request, ResponseCode::SYSTEM_ERROR, error.to_string())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn popped(queue_id: i32, queue_offset: u64) -> Popped {
+        Popped {
+            queue_id,
+            queue_offset,
+            record: Bytes::new(),
+        }
+    }
+
+    #[test]
+    fn offset_infos_give_each_queue_one_start_at_its_lowest_offset() {
+        // A revived message (offset 3) can come before new ones of the same queue.
+        let messages = [popped(1, 7), popped(1, 8), popped(0, 20), popped(1, 3)];
+        let (starts, offsets) = offset_infos("Orders", &messages);
+        assert_eq!(starts, "0 1 3;0 0 20");
+        assert_eq!(offsets, "0 1 7,8,3;0 0 20");
+        let (starts, _) = offset_infos("%RETRY%g", &[popped(0, 5)]);
+        assert_eq!(starts, "1 0 5");
     }
 }

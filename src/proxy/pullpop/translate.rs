@@ -179,9 +179,15 @@ pub fn read_pop(
                 } else {
                     TopicType::RetryV1
                 };
+                // Java's broker labels a retry topic popped by name as a retry kind, while the
+                // handle acks it as the topic popped: either label names this queue's start.
+                let labelled = TopicType::of_popped_topic(head.topic);
                 let start = starts
                     .iter()
-                    .find(|entry| entry.topic_type == topic_type && entry.queue_id == head.queue_id)
+                    .find(|entry| {
+                        entry.queue_id == head.queue_id
+                            && (entry.topic_type == topic_type || entry.topic_type == labelled)
+                    })
                     .map_or(head.queue_offset, |entry| entry.start_offset);
                 ExtraInfo {
                     ck_queue_offset: start,
