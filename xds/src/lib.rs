@@ -9,9 +9,11 @@ pub mod pb {
     include!("pb/rocketmesh.v1.rs");
 }
 
+pub mod harness;
 pub mod protocol;
 pub mod resource;
 pub mod spec;
+pub mod store;
 pub mod types;
 
 pub use resource::VersionedResource;
