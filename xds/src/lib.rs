@@ -12,6 +12,7 @@ pub mod pb {
 pub mod harness;
 pub mod protocol;
 pub mod resource;
+pub mod server;
 pub mod spec;
 pub mod store;
 pub mod types;

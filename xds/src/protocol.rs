@@ -32,6 +32,10 @@ pub const WILDCARD: &str = "*";
 /// must not grow our memory).
 const MAX_IN_FLIGHT: usize = 64;
 
+/// Resource bytes per response; more waits for the next response (gRPC peers commonly refuse
+/// messages over 4 MiB). A single larger resource is still sent alone.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 1 << 20;
+
 /// A request the protocol cannot accept.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ProtocolError {
@@ -147,15 +151,31 @@ pub struct TypeSummary {
 }
 
 /// Server-side delta state of one stream, all types.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct StreamState {
     types: BTreeMap<String, TypeState>,
     last_nonce: u64,
+    max_response_bytes: usize,
+}
+
+impl Default for StreamState {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl StreamState {
     pub fn new() -> Self {
-        Self::default()
+        Self::with_max_response_bytes(DEFAULT_MAX_RESPONSE_BYTES)
+    }
+
+    /// Caps the resource bytes of one response (see [`DEFAULT_MAX_RESPONSE_BYTES`]).
+    pub fn with_max_response_bytes(max_response_bytes: usize) -> Self {
+        Self {
+            types: BTreeMap::new(),
+            last_nonce: 0,
+            max_response_bytes,
+        }
     }
 
     /// Applies a request: (N)ACK bookkeeping, then subscription changes (whatever the nonce).
@@ -277,6 +297,26 @@ impl StreamState {
         }
     }
 
+    /// Compares everything of one type on its next response (e.g. after a fault was lifted).
+    pub fn mark_resync_type(&mut self, type_url: &str) {
+        if let Some(ts) = self.types.get_mut(type_url) {
+            ts.resync = true;
+        }
+    }
+
+    /// Answers these names again even if the client holds them (only names it subscribed to,
+    /// or all under a wildcard). Used to re-send endpoints after their cluster changed.
+    pub fn force(&mut self, type_url: &str, names: &[String]) {
+        let Some(ts) = self.types.get_mut(type_url) else {
+            return;
+        };
+        for name in names {
+            if ts.wildcard || ts.subscribed.contains(name) {
+                ts.forced.insert(name.clone());
+            }
+        }
+    }
+
     /// Compares everything on the next response of every type (the change feed lagged).
     pub fn mark_resync(&mut self) {
         for ts in self.types.values_mut() {
@@ -318,9 +358,15 @@ impl StreamState {
             }
             ts.resync = false;
         }
-        let mut resources = Vec::new();
+        let mut resources: Vec<Arc<VersionedResource>> = Vec::new();
         let mut removed = Vec::new();
+        let mut bytes = 0usize;
         for name in candidates {
+            if bytes >= self.max_response_bytes {
+                // Full: the rest stays forced/dirty for the next response.
+                ts.dirty.insert(name);
+                continue;
+            }
             let forced = ts.forced.contains(&name);
             let interested = ts.wildcard || ts.subscribed.contains(&name);
             let held = ts.held.get(&name).and_then(|h| h.version.as_deref());
@@ -332,10 +378,12 @@ impl StreamState {
                     let current = held == Some(r.version.as_str())
                         || rejected == Some(&Some(r.version.clone()));
                     if interested && (forced || !current) {
+                        bytes += r.any.value.len() + r.name.len();
                         resources.push(r);
                     }
                 }
                 Lookup::Absent => {
+                    bytes += name.len();
                     let told = rejected == Some(&None);
                     if (interested || held.is_some()) && (forced || (held.is_some() && !told)) {
                         removed.push(name.clone());
@@ -975,6 +1023,19 @@ mod tests {
             s.on_request(&ack("not-a-number")).unwrap().ack,
             Some(Ack::Stale { .. })
         ));
+    }
+
+    #[test]
+    fn responses_are_bounded_in_size() {
+        let mut v = MapView::default();
+        let mut s = StreamState::with_max_response_bytes(100);
+        for n in ["a", "b", "c"] {
+            v.put(n, &"x".repeat(60));
+        }
+        s.on_request(&req(&["a", "b", "c"], &[])).unwrap();
+        assert_eq!(next(&mut s, &v).unwrap().0, names(&["a", "b"]));
+        assert_eq!(next(&mut s, &v).unwrap().0, names(&["c"]));
+        assert_eq!(next(&mut s, &v), None);
     }
 
     #[test]

@@ -19,6 +19,8 @@ const CHANGE_BUFFER: usize = 4096;
 pub struct Change {
     pub type_url: String,
     pub names: Vec<String>,
+    /// Every name of the type may answer differently (`names` is then empty).
+    pub whole_type: bool,
     /// When the change was made, for push latency.
     pub at: Instant,
 }
@@ -174,6 +176,17 @@ impl Store {
         let _ = self.changes.send(Arc::new(Change {
             type_url: type_url.to_owned(),
             names,
+            whole_type: false,
+            at: Instant::now(),
+        }));
+    }
+
+    /// Announces that any name of a type may answer differently (faults changed).
+    pub fn notify_type(&self, type_url: &str) {
+        let _ = self.changes.send(Arc::new(Change {
+            type_url: type_url.to_owned(),
+            names: Vec::new(),
+            whole_type: true,
             at: Instant::now(),
         }));
     }
