@@ -513,3 +513,38 @@ async fn drop_and_delay_faults() {
     );
     assert_eq!(cp.harness.metrics().dropped, 1);
 }
+
+#[tokio::test]
+async fn delta_cds_serves_clusters_and_sotw_is_unimplemented() {
+    use rocketmesh_xds::envoy_types::pb::envoy::service::cluster::v3::cluster_discovery_service_client::ClusterDiscoveryServiceClient;
+    use rocketmesh_xds::envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    let cp = start(Arc::new(Store::new()), None).await;
+    let spec = cluster_spec("topic-a", LbPolicy::RoundRobin)
+        .build()
+        .unwrap();
+    cp.store.upsert(spec.cluster);
+    let mut cds = ClusterDiscoveryServiceClient::connect(format!("http://{}", cp.addr))
+        .await
+        .unwrap();
+    let (tx, requests) = mpsc::channel(4);
+    // The type URL may be left out on the single-type service.
+    tx.send(DeltaDiscoveryRequest {
+        resource_names_subscribe: vec!["topic-a".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut rx = cds
+        .delta_clusters(ReceiverStream::new(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let r = timeout(WAIT, rx.message()).await.unwrap().unwrap().unwrap();
+    assert_eq!((r.type_url.as_str(), names(&r)), (CLUSTER, vec!["topic-a"]));
+    let mut ads = AggregatedDiscoveryServiceClient::connect(format!("http://{}", cp.addr))
+        .await
+        .unwrap();
+    let sotw = tokio_stream::iter(vec![DiscoveryRequest::default()]);
+    let status = ads.stream_aggregated_resources(sotw).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unimplemented);
+}
