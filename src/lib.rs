@@ -2,6 +2,7 @@ pub mod admin;
 pub mod balance;
 pub mod broker;
 pub mod client_registry;
+pub mod control_plane;
 pub mod inbound;
 pub mod log_throttle;
 pub mod names;

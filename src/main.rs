@@ -25,6 +25,8 @@ enum Command {
     Bench(cli::bench::BenchArgs),
     /// Run the bundled RocketMQ-compatible broker.
     Broker(cli::broker::BrokerArgs),
+    /// Serve topic routes, clusters and endpoints over delta xDS (ADS), with a harness API.
+    ControlPlane(cli::control_plane::ControlPlaneArgs),
     /// Decode a raw remoting byte stream (a TCP capture) into one JSON object per frame.
     Decode(cli::decode::DecodeArgs),
     /// Run the sidecar data plane from a YAML config.
@@ -54,6 +56,13 @@ fn main() -> std::process::ExitCode {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(error) => {
                 eprintln!("rocketmesh broker: {}", describe(&error));
+                std::process::ExitCode::from(2)
+            }
+        },
+        Command::ControlPlane(args) => match cli::control_plane::run(&args) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("rocketmesh control-plane: {}", describe(&error));
                 std::process::ExitCode::from(2)
             }
         },

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod broker;
+pub mod control_plane;
 pub mod decode;
 pub mod sidecar;
 pub mod signal;

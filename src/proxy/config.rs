@@ -310,6 +310,23 @@ pub struct ClusterConfig {
     pub endpoints: Vec<EndpointConfig>,
 }
 
+impl Default for ClusterConfig {
+    /// A cluster with no name or endpoints and every setting at its default.
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            connect_timeout_ms: default_connect_timeout_ms(),
+            request_timeout_ms: default_request_timeout_ms(),
+            pool_size: default_pool_size(),
+            max_in_flight_per_endpoint: default_max_in_flight(),
+            broker_max_in_flight_per_connection: default_broker_in_flight_per_connection(),
+            max_parked_per_endpoint: default_max_parked(),
+            balancer: BalancerSettings::default(),
+            endpoints: Vec::new(),
+        }
+    }
+}
+
 /// How a cluster's endpoints are chosen, failed over, retried and health-checked.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -557,123 +574,7 @@ impl SidecarConfig {
                 "must be at least limits.max_frame_size (one whole frame must fit)",
             ));
         }
-        let mut names = HashSet::new();
-        for (index, cluster) in self.clusters.iter().enumerate() {
-            let field = |name: &str| format!("clusters[{index}].{name}");
-            if cluster.name.is_empty() {
-                return Err(invalid(field("name"), "must not be empty"));
-            }
-            if !names.insert(cluster.name.as_str()) {
-                return Err(invalid(
-                    field("name"),
-                    format!("duplicate cluster {:?}", cluster.name),
-                ));
-            }
-            for (name, value) in [
-                ("connect_timeout_ms", cluster.connect_timeout_ms),
-                ("request_timeout_ms", cluster.request_timeout_ms),
-                ("pool_size", cluster.pool_size as u64),
-                (
-                    "max_in_flight_per_endpoint",
-                    cluster.max_in_flight_per_endpoint as u64,
-                ),
-                (
-                    "broker_max_in_flight_per_connection",
-                    cluster.broker_max_in_flight_per_connection as u64,
-                ),
-                (
-                    "max_parked_per_endpoint",
-                    cluster.max_parked_per_endpoint as u64,
-                ),
-            ] {
-                if value == 0 {
-                    return Err(invalid(field(name), "must be greater than 0"));
-                }
-            }
-            let balancer = &cluster.balancer;
-            for (name, value, range) in [
-                (
-                    "balancer.overprovisioning_factor",
-                    balancer.overprovisioning_factor,
-                    1.0..=100.0,
-                ),
-                (
-                    "balancer.panic_threshold",
-                    balancer.panic_threshold,
-                    0.0..=1.0,
-                ),
-                ("balancer.retry_budget", balancer.retry_budget, 0.0..=1.0),
-                (
-                    "balancer.active_request_bias",
-                    balancer.active_request_bias,
-                    0.0..=10.0,
-                ),
-                (
-                    "balancer.outlier_max_ejection_percent",
-                    balancer.outlier_max_ejection_percent,
-                    0.0..=100.0,
-                ),
-                (
-                    "balancer.slow_start_initial_share",
-                    balancer.slow_start_initial_share,
-                    0.0..=1.0,
-                ),
-            ] {
-                if !range.contains(&value) {
-                    return Err(invalid(
-                        field(name),
-                        format!("must be between {} and {}", range.start(), range.end()),
-                    ));
-                }
-            }
-            if balancer.health_check_interval_ms == 0 {
-                return Err(invalid(
-                    field("balancer.health_check_interval_ms"),
-                    "must be greater than 0",
-                ));
-            }
-            if cluster.endpoints.is_empty() {
-                return Err(invalid(
-                    field("endpoints"),
-                    "at least one endpoint is needed",
-                ));
-            }
-            let mut brokers = HashSet::new();
-            for (at, endpoint) in cluster.endpoints.iter().enumerate() {
-                let field =
-                    |name: &str| format!("clusters[{index}].endpoints[{at}].metadata.{name}");
-                let metadata = &endpoint.metadata;
-                if metadata.broker_name.is_empty() {
-                    return Err(invalid(field("broker_name"), "must not be empty"));
-                }
-                if metadata.cluster_name.is_empty() {
-                    return Err(invalid(field("cluster_name"), "must not be empty"));
-                }
-                if !brokers.insert((metadata.broker_name.as_str(), metadata.broker_id)) {
-                    return Err(invalid(
-                        field("broker_id"),
-                        format!(
-                            "broker {:?} already has an endpoint with id {}",
-                            metadata.broker_name, metadata.broker_id
-                        ),
-                    ));
-                }
-                if !(0..=7).contains(&metadata.perm) {
-                    return Err(invalid(field("perm"), "must be a permission mask 0..=7"));
-                }
-                for (name, value) in [
-                    ("read_queue_num", metadata.read_queue_num),
-                    ("write_queue_num", metadata.write_queue_num),
-                ] {
-                    if !(1..=1024).contains(&value) {
-                        return Err(invalid(field(name), "must be between 1 and 1024"));
-                    }
-                }
-                if metadata.weight == 0 {
-                    return Err(invalid(field("weight"), "must be greater than 0"));
-                }
-            }
-        }
+        let names = validate_clusters(&self.clusters)?;
         if self.routes.is_empty() {
             return Err(invalid("routes", "at least one route is needed"));
         }
@@ -695,46 +596,176 @@ impl SidecarConfig {
                 ));
             }
         }
-        for (index, route) in self.routes.iter().enumerate() {
-            if !names.contains(route.route.cluster.as_str()) {
-                return Err(invalid(
-                    format!("routes[{index}].route.cluster"),
-                    format!("unknown cluster {:?}", route.route.cluster),
-                ));
-            }
-            let topic = &route.matcher.topic;
-            let given = [&topic.exact, &topic.prefix, &topic.regex]
-                .iter()
-                .filter(|value| value.is_some())
-                .count();
-            if given != 1 {
-                return Err(invalid(
-                    format!("routes[{index}].match.topic"),
-                    "give exactly one of exact, prefix, regex",
-                ));
-            }
-            if let Some(pattern) = &topic.regex {
-                regex::Regex::new(pattern).map_err(|error| {
-                    invalid(
-                        format!("routes[{index}].match.topic.regex"),
-                        error.to_string(),
-                    )
-                })?;
-            }
-            for key in route.route.metadata_match.keys() {
-                if !METADATA_KEYS.contains(&key.as_str()) {
-                    return Err(invalid(
-                        format!("routes[{index}].route.metadata_match.{key}"),
-                        format!(
-                            "unknown metadata key; known keys: {}",
-                            METADATA_KEYS.join(", ")
-                        ),
-                    ));
-                }
+        validate_routes(&self.routes, &names)
+    }
+}
+
+/// Checks clusters as the sidecar needs them (names, limits, balancer ranges, endpoint metadata);
+/// returns their names. The control plane serves the same vocabulary and checks it the same way.
+pub fn validate_clusters(clusters: &[ClusterConfig]) -> Result<HashSet<&str>, ConfigError> {
+    let mut names = HashSet::new();
+    for (index, cluster) in clusters.iter().enumerate() {
+        let field = |name: &str| format!("clusters[{index}].{name}");
+        if cluster.name.is_empty() {
+            return Err(invalid(field("name"), "must not be empty"));
+        }
+        if !names.insert(cluster.name.as_str()) {
+            return Err(invalid(
+                field("name"),
+                format!("duplicate cluster {:?}", cluster.name),
+            ));
+        }
+        for (name, value) in [
+            ("connect_timeout_ms", cluster.connect_timeout_ms),
+            ("request_timeout_ms", cluster.request_timeout_ms),
+            ("pool_size", cluster.pool_size as u64),
+            (
+                "max_in_flight_per_endpoint",
+                cluster.max_in_flight_per_endpoint as u64,
+            ),
+            (
+                "broker_max_in_flight_per_connection",
+                cluster.broker_max_in_flight_per_connection as u64,
+            ),
+            (
+                "max_parked_per_endpoint",
+                cluster.max_parked_per_endpoint as u64,
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(field(name), "must be greater than 0"));
             }
         }
-        Ok(())
+        let balancer = &cluster.balancer;
+        for (name, value, range) in [
+            (
+                "balancer.overprovisioning_factor",
+                balancer.overprovisioning_factor,
+                1.0..=100.0,
+            ),
+            (
+                "balancer.panic_threshold",
+                balancer.panic_threshold,
+                0.0..=1.0,
+            ),
+            ("balancer.retry_budget", balancer.retry_budget, 0.0..=1.0),
+            (
+                "balancer.active_request_bias",
+                balancer.active_request_bias,
+                0.0..=10.0,
+            ),
+            (
+                "balancer.outlier_max_ejection_percent",
+                balancer.outlier_max_ejection_percent,
+                0.0..=100.0,
+            ),
+            (
+                "balancer.slow_start_initial_share",
+                balancer.slow_start_initial_share,
+                0.0..=1.0,
+            ),
+        ] {
+            if !range.contains(&value) {
+                return Err(invalid(
+                    field(name),
+                    format!("must be between {} and {}", range.start(), range.end()),
+                ));
+            }
+        }
+        if balancer.health_check_interval_ms == 0 {
+            return Err(invalid(
+                field("balancer.health_check_interval_ms"),
+                "must be greater than 0",
+            ));
+        }
+        if cluster.endpoints.is_empty() {
+            return Err(invalid(
+                field("endpoints"),
+                "at least one endpoint is needed",
+            ));
+        }
+        let mut brokers = HashSet::new();
+        for (at, endpoint) in cluster.endpoints.iter().enumerate() {
+            let field = |name: &str| format!("clusters[{index}].endpoints[{at}].metadata.{name}");
+            let metadata = &endpoint.metadata;
+            if metadata.broker_name.is_empty() {
+                return Err(invalid(field("broker_name"), "must not be empty"));
+            }
+            if metadata.cluster_name.is_empty() {
+                return Err(invalid(field("cluster_name"), "must not be empty"));
+            }
+            if !brokers.insert((metadata.broker_name.as_str(), metadata.broker_id)) {
+                return Err(invalid(
+                    field("broker_id"),
+                    format!(
+                        "broker {:?} already has an endpoint with id {}",
+                        metadata.broker_name, metadata.broker_id
+                    ),
+                ));
+            }
+            if !(0..=7).contains(&metadata.perm) {
+                return Err(invalid(field("perm"), "must be a permission mask 0..=7"));
+            }
+            for (name, value) in [
+                ("read_queue_num", metadata.read_queue_num),
+                ("write_queue_num", metadata.write_queue_num),
+            ] {
+                if !(1..=1024).contains(&value) {
+                    return Err(invalid(field(name), "must be between 1 and 1024"));
+                }
+            }
+            if metadata.weight == 0 {
+                return Err(invalid(field("weight"), "must be greater than 0"));
+            }
+        }
     }
+    Ok(names)
+}
+
+/// Checks routes against the cluster names they may use.
+pub fn validate_routes(
+    routes: &[RouteConfig],
+    clusters: &HashSet<&str>,
+) -> Result<(), ConfigError> {
+    for (index, route) in routes.iter().enumerate() {
+        if !clusters.contains(route.route.cluster.as_str()) {
+            return Err(invalid(
+                format!("routes[{index}].route.cluster"),
+                format!("unknown cluster {:?}", route.route.cluster),
+            ));
+        }
+        let topic = &route.matcher.topic;
+        let given = [&topic.exact, &topic.prefix, &topic.regex]
+            .iter()
+            .filter(|value| value.is_some())
+            .count();
+        if given != 1 {
+            return Err(invalid(
+                format!("routes[{index}].match.topic"),
+                "give exactly one of exact, prefix, regex",
+            ));
+        }
+        if let Some(pattern) = &topic.regex {
+            regex::Regex::new(pattern).map_err(|error| {
+                invalid(
+                    format!("routes[{index}].match.topic.regex"),
+                    error.to_string(),
+                )
+            })?;
+        }
+        for key in route.route.metadata_match.keys() {
+            if !METADATA_KEYS.contains(&key.as_str()) {
+                return Err(invalid(
+                    format!("routes[{index}].route.metadata_match.{key}"),
+                    format!(
+                        "unknown metadata key; known keys: {}",
+                        METADATA_KEYS.join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -41,15 +41,30 @@ pub struct Cluster {
     pub endpoints: Vec<Arc<Endpoint>>,
 }
 
+/// A compiled topic matcher (`exact`, `prefix` or a whole-name `regex`).
 #[derive(Debug)]
-enum Matcher {
+pub enum Matcher {
     Exact(String),
     Prefix(String),
     Regex(regex::Regex),
 }
 
 impl Matcher {
-    fn matches(&self, topic: &str) -> bool {
+    pub fn new(matcher: &TopicMatcher) -> Result<Self, regex::Error> {
+        Ok(match matcher {
+            TopicMatcher {
+                regex: Some(pattern),
+                ..
+            } => Self::Regex(regex::Regex::new(pattern)?),
+            TopicMatcher {
+                prefix: Some(prefix),
+                ..
+            } => Self::Prefix(prefix.clone()),
+            TopicMatcher { exact, .. } => Self::Exact(exact.clone().unwrap_or_default()),
+        })
+    }
+
+    pub fn matches(&self, topic: &str) -> bool {
         match self {
             Self::Exact(name) => topic == name,
             Self::Prefix(prefix) => topic.starts_with(prefix.as_str()),
@@ -146,22 +161,11 @@ impl RouteTable {
             endpoints.sort_by_key(|endpoint| endpoint.metadata.broker_id);
         }
         for (index, route) in config.routes.iter().enumerate() {
-            let topic = match &route.matcher.topic {
-                TopicMatcher {
-                    regex: Some(pattern),
-                    ..
-                } => Matcher::Regex(regex::Regex::new(pattern).map_err(|error| {
-                    ConfigError::Invalid {
-                        field: format!("routes[{index}].match.topic.regex"),
-                        reason: error.to_string(),
-                    }
-                })?),
-                TopicMatcher {
-                    prefix: Some(prefix),
-                    ..
-                } => Matcher::Prefix(prefix.clone()),
-                TopicMatcher { exact, .. } => Matcher::Exact(exact.clone().unwrap_or_default()),
-            };
+            let topic =
+                Matcher::new(&route.matcher.topic).map_err(|error| ConfigError::Invalid {
+                    field: format!("routes[{index}].match.topic.regex"),
+                    reason: error.to_string(),
+                })?;
             let cluster = table
                 .clusters
                 .get(&route.route.cluster)

@@ -7,6 +7,7 @@
 //! - [`server`]: the delta ADS / CDS tonic server. [`harness`] and [`admin`]: the test harness
 //!   state and its HTTP API.
 pub use envoy_types;
+pub use tonic;
 
 /// Generated code of `proto/rocketmesh/v1/topic_route.proto`.
 #[allow(clippy::all, missing_docs)]

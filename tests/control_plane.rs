@@ -1,0 +1,348 @@
+//! `rocketmesh control-plane`: topic routes from the file's routes and from discovery against a
+//! running bundled broker, served over delta ADS to a real gRPC client; file reloads; `validate`.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::raw::RawClient;
+use futures::channel::mpsc;
+use rocketmesh::control_plane::{self, ControlPlaneConfig};
+use rocketmesh::remoting::header::CreateTopicRequestHeader;
+use rocketmesh::remoting::{RemotingCommand, RequestCode, ResponseCode};
+use rocketmesh_xds::envoy_types::pb::envoy::config::core::v3::Node;
+use rocketmesh_xds::envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+    aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+};
+use rocketmesh_xds::spec::{ClusterSpec, TopicRouteSpec, decode_topic_route};
+use rocketmesh_xds::types::{CLUSTER, CLUSTER_LOAD_ASSIGNMENT, TOPIC_ROUTE};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// One delta ADS stream, as a sidecar would hold it.
+struct Stream {
+    requests: mpsc::UnboundedSender<DeltaDiscoveryRequest>,
+    responses: rocketmesh_xds::tonic::Streaming<DeltaDiscoveryResponse>,
+}
+
+impl Stream {
+    async fn open(address: SocketAddr) -> Self {
+        let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{address}"))
+            .await
+            .expect("connect to the control plane");
+        let (requests, outgoing) = mpsc::unbounded();
+        let responses = client
+            .delta_aggregated_resources(outgoing)
+            .await
+            .expect("open the delta stream")
+            .into_inner();
+        Self {
+            requests,
+            responses,
+        }
+    }
+
+    fn subscribe(&self, type_url: &str, names: &[&str]) {
+        self.requests
+            .unbounded_send(DeltaDiscoveryRequest {
+                node: Some(Node {
+                    id: "control-plane-test".into(),
+                    ..Node::default()
+                }),
+                type_url: type_url.into(),
+                resource_names_subscribe: names.iter().map(|name| name.to_string()).collect(),
+                ..DeltaDiscoveryRequest::default()
+            })
+            .expect("stream open");
+    }
+
+    /// The next response, ACKed.
+    async fn next(&mut self) -> DeltaDiscoveryResponse {
+        let response = tokio::time::timeout(WAIT, self.responses.message())
+            .await
+            .expect("a response in time")
+            .expect("a healthy stream")
+            .expect("the stream stays open");
+        self.requests
+            .unbounded_send(DeltaDiscoveryRequest {
+                type_url: response.type_url.clone(),
+                response_nonce: response.nonce.clone(),
+                ..DeltaDiscoveryRequest::default()
+            })
+            .expect("stream open");
+        response
+    }
+
+    /// The next response that names `topic`, as a route (`None` when it was removed).
+    async fn topic(&mut self, topic: &str) -> Option<TopicRouteSpec> {
+        loop {
+            let response = self.next().await;
+            if response.type_url != TOPIC_ROUTE {
+                continue;
+            }
+            if response.removed_resources.iter().any(|name| name == topic) {
+                return None;
+            }
+            if let Some(resource) = response.resources.iter().find(|r| r.name == topic) {
+                let any = resource.resource.as_ref().expect("a resource body");
+                return Some(decode_topic_route(any).expect("a TopicRoute"));
+            }
+        }
+    }
+
+    async fn cluster(&mut self, name: &str) -> ClusterSpec {
+        self.subscribe(CLUSTER, &[name]);
+        self.subscribe(CLUSTER_LOAD_ASSIGNMENT, &[name]);
+        let (mut cluster, mut endpoints) = (None, None);
+        while cluster.is_none() || endpoints.is_none() {
+            let response = self.next().await;
+            for resource in response.resources.into_iter().filter(|r| r.name == name) {
+                match response.type_url.as_str() {
+                    CLUSTER => cluster = resource.resource,
+                    CLUSTER_LOAD_ASSIGNMENT => endpoints = resource.resource,
+                    _ => {}
+                }
+            }
+        }
+        let (Some(cluster), Some(endpoints)) = (cluster, endpoints) else {
+            unreachable!("both arrived");
+        };
+        ClusterSpec::from_resources(
+            &rocketmesh_xds::spec::decode_any(&cluster).expect("Cluster"),
+            Some(&rocketmesh_xds::spec::decode_any(&endpoints).expect("ClusterLoadAssignment")),
+        )
+        .expect("a rocketmesh cluster")
+    }
+}
+
+async fn create_topic(broker: SocketAddr, topic: &str, queues: i32) {
+    let header = CreateTopicRequestHeader {
+        topic: topic.into(),
+        default_topic: "TBW102".into(),
+        read_queue_nums: queues,
+        write_queue_nums: queues,
+        perm: 6,
+        topic_filter_type: "SINGLE_TAG".into(),
+        ..CreateTopicRequestHeader::default()
+    };
+    let mut client = RawClient::connect(broker).await;
+    let response = client
+        .call(
+            RemotingCommand::request(RequestCode::UPDATE_AND_CREATE_TOPIC, 0).with_header(&header),
+        )
+        .await;
+    assert_eq!(
+        response.response_code(),
+        ResponseCode::SUCCESS,
+        "{response:?}"
+    );
+}
+
+fn discovery_config(broker: SocketAddr, refresh_ms: u64) -> ControlPlaneConfig {
+    ControlPlaneConfig::parse(&format!(
+        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\n\
+         discovery: {{nameservers: [\"{broker}\"], refresh_interval_ms: {refresh_ms}}}\n"
+    ))
+    .expect("config")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_created_on_a_running_broker_is_routable_on_its_first_subscription() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = common::RunningBroker::start(dir.path()).await;
+    // A long refresh: only the first subscription can have found the new topic.
+    let plane = control_plane::start(discovery_config(broker.addr, 600_000))
+        .await
+        .expect("control plane");
+    create_topic(broker.addr, "BornLate", 6).await;
+
+    let mut stream = Stream::open(plane.ads_address).await;
+    stream.subscribe(TOPIC_ROUTE, &["BornLate"]);
+    let route = stream.topic("BornLate").await.expect("routable at once");
+    eprintln!("first subscription to BornLate: {route:?}");
+    assert_eq!(route.cluster, "DefaultCluster");
+    assert_eq!(route.queues.len(), 1);
+    assert_eq!(route.queues[0].broker_name, "broker-a");
+    assert_eq!(route.queues[0].write_queue_nums, 6);
+    let cluster = stream.cluster("DefaultCluster").await;
+    assert_eq!(cluster.endpoints.len(), 1);
+    assert_eq!(cluster.endpoints[0].address, broker.addr.to_string());
+    assert_eq!(
+        cluster.endpoints[0].broker_name.as_deref(),
+        Some("broker-a")
+    );
+    assert_eq!(cluster.endpoints[0].broker_id, Some(0));
+
+    // A topic that does not exist is answered as removed at once, not left to time out.
+    stream.subscribe(TOPIC_ROUTE, &["NoSuchTopic"]);
+    assert_eq!(stream.topic("NoSuchTopic").await, None);
+    plane.shutdown().await;
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_topic_is_pushed_when_a_refresh_finds_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = common::RunningBroker::start(dir.path()).await;
+    let plane = control_plane::start(discovery_config(broker.addr, 200))
+        .await
+        .expect("control plane");
+    let mut stream = Stream::open(plane.ads_address).await;
+    stream.subscribe(TOPIC_ROUTE, &["Later"]);
+    assert_eq!(stream.topic("Later").await, None, "absent at first");
+    create_topic(broker.addr, "Later", 2).await;
+    let route = stream.topic("Later").await.expect("pushed once it exists");
+    assert_eq!(route.queues[0].read_queue_nums, 2);
+    plane.shutdown().await;
+    broker.stop().await;
+}
+
+fn file_config(broker: SocketAddr, ordered: bool) -> String {
+    format!(
+        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nreload_interval_ms: 100\n\
+         routes:\n  - {{match: {{topic: {{prefix: App}}}}, route: {{cluster: local, ordered: {ordered}}}}}\n\
+         clusters:\n  - name: local\n    endpoints:\n      - {{address: \"{broker}\", metadata: {{broker_name: broker-a, cluster_name: C1, zone: z1, priority: 1, weight: 50, read_queue_num: 8}}}}\n"
+    )
+}
+
+/// The control plane as a process: the file's routes, reloads on change, bad files refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_file_routes_topics_and_a_changed_file_is_pushed() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("control-plane.yaml");
+    let broker: SocketAddr = "127.0.0.1:10911".parse().expect("address");
+    std::fs::write(&path, file_config(broker, false)).expect("write config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rocketmesh"))
+        .args(["control-plane", "--config"])
+        .arg(&path)
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn control plane");
+    let stderr = child.stderr.take().expect("stderr");
+    let (found, reported) = std::sync::mpsc::channel();
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let mut found = Some(found);
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("xds=").nth(1)
+                && let Some(found) = found.take()
+            {
+                let _ = found.send(
+                    rest.split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned(),
+                );
+            }
+            let _ = lines_tx.send(line);
+        }
+    });
+    let ads: SocketAddr = reported
+        .recv_timeout(WAIT)
+        .expect("the control plane reports its address")
+        .parse()
+        .expect("a socket address");
+
+    let mut stream = Stream::open(ads).await;
+    stream.subscribe(TOPIC_ROUTE, &["AppOrders", "Elsewhere"]);
+    let mut route = None;
+    let mut elsewhere_removed = false;
+    while route.is_none() || !elsewhere_removed {
+        let response = stream.next().await;
+        elsewhere_removed |= response
+            .removed_resources
+            .iter()
+            .any(|name| name == "Elsewhere");
+        if let Some(resource) = response.resources.iter().find(|r| r.name == "AppOrders") {
+            route =
+                Some(decode_topic_route(resource.resource.as_ref().expect("body")).expect("route"));
+        }
+    }
+    let route = route.expect("routed");
+    assert_eq!(route.cluster, "local");
+    assert!(!route.ordered);
+    assert_eq!(
+        route.queues[0].read_queue_nums, 8,
+        "queues from the endpoint metadata"
+    );
+    let cluster = stream.cluster("local").await;
+    let endpoint = &cluster.endpoints[0];
+    assert_eq!(
+        (endpoint.zone.as_str(), endpoint.priority, endpoint.weight),
+        ("z1", 1, Some(50))
+    );
+    assert_eq!(endpoint.cluster_name.as_deref(), Some("C1"));
+
+    // A changed file is pushed without a restart.
+    std::fs::write(&path, file_config(broker, true)).expect("rewrite config");
+    let route = stream.topic("AppOrders").await.expect("still routed");
+    assert!(route.ordered, "the reload was pushed");
+
+    // A bad file is refused, and the state in force stays.
+    std::fs::write(
+        &path,
+        "routes: [{match: {topic: {prefix: ''}}, route: {cluster: gone}}]\n",
+    )
+    .expect("break config");
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut refused = None;
+    while refused.is_none() && std::time::Instant::now() < deadline {
+        if let Ok(line) = lines.recv_timeout(Duration::from_millis(200))
+            && line.contains("configuration not reloaded")
+        {
+            refused = Some(line);
+        }
+    }
+    let refused = refused.expect("the bad file is refused in the log");
+    assert!(refused.contains("unknown cluster"), "{refused}");
+    let mut again = Stream::open(ads).await;
+    again.subscribe(TOPIC_ROUTE, &["AppOrders"]);
+    assert!(
+        again
+            .topic("AppOrders")
+            .await
+            .expect("still served")
+            .ordered
+    );
+
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn validate_checks_a_file_and_names_the_bad_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/control-plane.yaml");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_rocketmesh"))
+        .args(["control-plane", "validate"])
+        .arg(&good)
+        .output()
+        .expect("run validate");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("valid (2 routes, 1 clusters, discovery from"),
+        "{stdout}"
+    );
+
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, "discovery: {nameservers: [\"nowhere\"]}\n").expect("write");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_rocketmesh"))
+        .args(["control-plane", "validate"])
+        .arg(&bad)
+        .output()
+        .expect("run validate");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("discovery.nameservers[0]: \"nowhere\" is not host:port"),
+        "{stderr}"
+    );
+}
