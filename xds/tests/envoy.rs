@@ -379,6 +379,18 @@ async fn closed_by_envoy(addr: SocketAddr) -> Duration {
     }
 }
 
+/// What became of a connection Envoy held while it waited for its cluster: `proxied` if the
+/// bytes written meanwhile came back from the echo upstream.
+async fn read_held(s: &mut TcpStream, written: &str) -> String {
+    let mut buf = vec![0u8; written.len()];
+    match timeout(Duration::from_secs(2), s.read_exact(&mut buf)).await {
+        Ok(Ok(_)) if buf == written.as_bytes() => "proxied".to_owned(),
+        Ok(Ok(_)) => format!("answered {:?}", String::from_utf8_lossy(&buf)),
+        Ok(Err(e)) => format!("closed ({e})"),
+        Err(_) => "still held".to_owned(),
+    }
+}
+
 /// A control plane (ADS server + harness admin API) serving one store.
 struct ControlPlane {
     store: Arc<Store>,
@@ -614,7 +626,16 @@ async fn envoy_is_a_conforming_on_demand_delta_client() {
     })
     .await;
 
-    // 3. The cluster appears later (harness API): pushed on the remembered subscription.
+    // 3. The cluster appears later (harness API): pushed on the remembered subscription. A
+    // connection made meanwhile sends no new request (Envoy remembers the name) and waits.
+    let mut waiting = TcpStream::connect(envoy.listener("late")).await.unwrap();
+    waiting.write_all(b"waiting for topic-late").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        subscribes(&cp.log(), CLUSTER, "topic-late"),
+        1,
+        "no new request for a name Envoy was told is missing"
+    );
     let spec = serde_json::to_string(&cluster_spec("topic-late", upstream)).unwrap();
     let reply = cp.api("PUT", "/resources/clusters/topic-late", &spec).await;
     eprintln!(
@@ -636,6 +657,13 @@ async fn envoy_is_a_conforming_on_demand_delta_client() {
         .await
         .unwrap_or_else(|e| panic!("topic-late after the push: {e}\n{}", show(&cp.log())));
     eprintln!("   the next connection to topic-late is proxied ({took:?})");
+    let waited = read_held(&mut waiting, "waiting for topic-late").await;
+    eprintln!("   the connection made before the push was {waited}");
+    assert_eq!(
+        waited, "proxied",
+        "the push resumes a connection waiting for it"
+    );
+    assert_eq!(envoy.stat("tcp.late.on_demand_cluster_timeout").await, 0);
 
     // 4. An invalid cluster is NACKed with Envoy's reason; lifting the fault heals it.
     cp.api(
@@ -689,14 +717,14 @@ async fn envoy_is_a_conforming_on_demand_delta_client() {
         ok.then_some(())
     })
     .await;
-    // The connection held since before the NACK: proxied once the fix arrived, or closed.
-    let mut buf = vec![0u8; 20];
-    let held_outcome = match timeout(Duration::from_secs(2), held.read_exact(&mut buf)).await {
-        Ok(Ok(_)) => format!("proxied, echoed {:?}", String::from_utf8_lossy(&buf)),
-        Ok(Err(e)) => format!("closed ({e})"),
-        Err(_) => "still held".to_owned(),
-    };
+    // The connection held since before the NACK: a NACK does not fail it, the fix resumes it.
+    let held_outcome = read_held(&mut held, "held during the NACK").await;
     drop(held);
+    assert_eq!(
+        held_outcome, "proxied",
+        "a NACK does not fail the waiting connection"
+    );
+    assert_eq!(envoy.stat("tcp.bad.on_demand_cluster_timeout").await, 0);
     echo_through(envoy.listener("bad"), "hello topic-bad")
         .await
         .unwrap_or_else(|e| panic!("topic-bad after the fix: {e}\n{}", show(&cp.log())));
@@ -712,6 +740,14 @@ async fn envoy_is_a_conforming_on_demand_delta_client() {
     let stopping = Instant::now();
     cp.stop().await;
     let stopped_in = stopping.elapsed();
+    let old_log = cp.log();
+    assert!(
+        old_log.iter().any(
+            |e| matches!(e, Event::Closed { reason, .. } if reason == "control plane shutting down")
+        ),
+        "{}",
+        show(&old_log)
+    );
     let store = Arc::new(Store::new());
     for (type_url, names) in cp.store.versions() {
         for name in names.keys() {
