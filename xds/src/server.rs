@@ -16,7 +16,7 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -56,6 +56,9 @@ pub struct XdsServer {
     harness: Arc<Harness>,
     resolver: Option<Arc<dyn Resolver>>,
     config: ServerConfig,
+    /// Set by [`serve`]: turns true (or its sender goes away) when that serve shuts down, and
+    /// every stream it opened then ends.
+    stop: Option<watch::Receiver<bool>>,
 }
 
 impl std::fmt::Debug for XdsServer {
@@ -79,6 +82,7 @@ impl XdsServer {
             harness,
             resolver: None,
             config: ServerConfig::default(),
+            stop: None,
         }
     }
 
@@ -121,6 +125,7 @@ impl XdsServer {
         // Subscribed before the task starts, so no change made after the RPC began is missed.
         let changes = self.store.subscribe();
         let task = StreamTask {
+            stop: self.stop.clone(),
             server: self.clone(),
             id,
             node: String::new(),
@@ -134,16 +139,38 @@ impl XdsServer {
 }
 
 /// Serves ADS and CDS on `listener` until `shutdown` completes.
+///
+/// On shutdown the listener is closed at once and every stream opened through this call ends
+/// with `UNAVAILABLE` ("control plane shutting down"), so the graceful drain finishes and clients
+/// reconnect (to a successor on the same port, say) instead of holding the old process open:
+/// xDS streams never end on their own, and an HTTP/2 GOAWAY does not end them either.
+/// Dropping the returned future ends those streams too.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    server: XdsServer,
+    mut server: XdsServer,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    server.stop = Some(stop_rx);
+    let signal = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
     tonic::transport::Server::builder()
         .add_service(server.ads_service())
         .add_service(server.cds_service())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
         .await
+}
+
+/// Completes when the serve that opened a stream shuts down (never for a stream opened outside
+/// [`serve`]).
+async fn stopped(stop: &mut Option<watch::Receiver<bool>>) {
+    match stop {
+        // An error means the sender is gone: the serve future was dropped.
+        Some(rx) => drop(rx.wait_for(|stop| *stop).await),
+        None => std::future::pending().await,
+    }
 }
 
 #[tonic::async_trait]
@@ -248,6 +275,7 @@ enum Stop {
 
 struct StreamTask {
     server: XdsServer,
+    stop: Option<watch::Receiver<bool>>,
     id: u64,
     node: String,
     fixed_type: Option<&'static str>,
@@ -269,6 +297,9 @@ impl StreamTask {
                 reason = &mut close => {
                     let reason = reason.unwrap_or_else(|_| "harness gone".to_owned());
                     break Stop::Status(Status::unavailable(reason));
+                }
+                () = stopped(&mut self.stop) => {
+                    break Stop::Status(Status::unavailable("control plane shutting down"));
                 }
                 msg = inbound.message() => match msg {
                     Ok(Some(req)) => {

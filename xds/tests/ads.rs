@@ -548,3 +548,33 @@ async fn delta_cds_serves_clusters_and_sotw_is_unimplemented() {
     let status = ads.stream_aggregated_resources(sotw).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unimplemented);
 }
+
+#[tokio::test]
+async fn shutdown_ends_open_streams_so_serve_returns() {
+    let store = Arc::new(Store::new());
+    let harness = Arc::new(Harness::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let served = tokio::spawn(serve(
+        listener,
+        XdsServer::new(store.clone(), harness.clone()),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    store.upsert(topic("a", "c"));
+    let mut c = Client::connect(addr).await;
+    c.sub(TOPIC_ROUTE, &["a"]).await;
+    c.recv_ack().await;
+    stop.send(()).unwrap();
+    // The open stream ends with UNAVAILABLE, so the graceful drain finishes.
+    let status = timeout(WAIT, c.rx.message()).await.unwrap().unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(status.message().contains("shutting down"));
+    timeout(WAIT, served).await.unwrap().unwrap().unwrap();
+    // The port is free again for a successor.
+    tokio::net::TcpListener::bind(addr).await.unwrap();
+    let info = &harness.stream_infos()[0];
+    assert!(info.closed_ms.is_some());
+}
