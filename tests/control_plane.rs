@@ -249,6 +249,15 @@ async fn the_file_routes_topics_and_a_changed_file_is_pushed() {
         .expect("the control plane reports its address")
         .parse()
         .expect("a socket address");
+    let admin: SocketAddr = {
+        let line = lines.recv_timeout(WAIT).expect("the start line");
+        let rest = line.split("admin=Some(").nth(1).expect("an admin address");
+        rest.split(')')
+            .next()
+            .unwrap_or_default()
+            .parse()
+            .expect("admin address")
+    };
 
     let mut stream = Stream::open(ads).await;
     stream.subscribe(TOPIC_ROUTE, &["AppOrders", "Elsewhere"]);
@@ -276,7 +285,8 @@ async fn the_file_routes_topics_and_a_changed_file_is_pushed() {
     let endpoint = &cluster.endpoints[0];
     assert_eq!(
         (endpoint.zone.as_str(), endpoint.priority, endpoint.weight),
-        ("z1", 1, Some(50))
+        ("z1", 0, Some(50)),
+        "priority 1 alone is ranked 0: Envoy's priorities have no gaps"
     );
     assert_eq!(endpoint.cluster_name.as_deref(), Some("C1"));
 
@@ -284,6 +294,35 @@ async fn the_file_routes_topics_and_a_changed_file_is_pushed() {
     std::fs::write(&path, file_config(broker, true)).expect("rewrite config");
     let route = stream.topic("AppOrders").await.expect("still routed");
     assert!(route.ordered, "the reload was pushed");
+
+    // A scripted update through the harness API is pushed, and reloads leave it alone.
+    stream.subscribe(TOPIC_ROUTE, &["AppScripted"]);
+    assert_eq!(
+        stream
+            .topic("AppScripted")
+            .await
+            .expect("from the file")
+            .cluster,
+        "local"
+    );
+    let (status, body) = http(
+        admin,
+        "PUT",
+        "/resources/topics/AppScripted",
+        r#"{"topic":"AppScripted","cluster":"scripted"}"#,
+    );
+    assert!(status.contains("200"), "{status} {body}");
+    assert_eq!(
+        stream.topic("AppScripted").await.expect("scripted").cluster,
+        "scripted"
+    );
+    let (_, streams) = http(admin, "GET", "/streams", "");
+    assert!(streams.contains("control-plane-test"), "{streams}");
+    std::fs::write(&path, file_config(broker, false)).expect("rewrite config");
+    assert!(
+        !stream.topic("AppOrders").await.expect("routed").ordered,
+        "reloaded"
+    );
 
     // A bad file is refused, and the state in force stays.
     std::fs::write(
@@ -305,15 +344,43 @@ async fn the_file_routes_topics_and_a_changed_file_is_pushed() {
     let mut again = Stream::open(ads).await;
     again.subscribe(TOPIC_ROUTE, &["AppOrders"]);
     assert!(
-        again
+        !again
             .topic("AppOrders")
             .await
             .expect("still served")
-            .ordered
+            .ordered,
+        "the last good file's route"
+    );
+    again.subscribe(TOPIC_ROUTE, &["AppScripted"]);
+    assert_eq!(
+        again.topic("AppScripted").await.expect("kept").cluster,
+        "scripted"
     );
 
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// One HTTP/1.1 exchange with the harness API: (status line, body).
+fn http(address: SocketAddr, method: &str, path: &str, body: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut socket = std::net::TcpStream::connect(address).expect("connect to the harness API");
+    socket.set_read_timeout(Some(WAIT)).expect("timeout");
+    write!(
+        socket,
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut answer = String::new();
+    socket.read_to_string(&mut answer).expect("read");
+    let status = answer.lines().next().unwrap_or_default().to_owned();
+    let body = answer
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    (status, body)
 }
 
 #[test]

@@ -76,8 +76,27 @@ struct State {
     written: Mutex<HashMap<(String, String), String>>,
     /// Clusters from the file, as of the last apply.
     file_clusters: Mutex<BTreeSet<String>>,
-    /// Discovered clusters: name → (broker name, broker id) → endpoint.
-    discovered: Mutex<BTreeMap<String, BTreeMap<(String, i64), EndpointSpec>>>,
+    /// Discovered clusters and their brokers.
+    discovered: Mutex<BTreeMap<String, Brokers>>,
+}
+
+/// A discovered cluster's brokers: (broker name, broker id) → endpoint.
+type Brokers = BTreeMap<(String, i64), EndpointSpec>;
+
+fn add_brokers(brokers: &mut Brokers, endpoints: Vec<EndpointSpec>) {
+    for endpoint in endpoints {
+        let key = (
+            endpoint.broker_name.clone().unwrap_or_default(),
+            endpoint.broker_id.unwrap_or_default(),
+        );
+        brokers.insert(key, endpoint);
+    }
+}
+
+/// How a topic is routed now, and the discovered cluster (name, brokers) it names, if any.
+struct Routed {
+    route: TopicRouteSpec,
+    discovered: Option<(String, Vec<EndpointSpec>)>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -262,10 +281,7 @@ impl State {
 
     /// How `topic` is routed now, and the discovered cluster it names, if any. Names that are
     /// not valid topics do not exist (and never reach a nameserver).
-    async fn topic_route(
-        &self,
-        topic: &str,
-    ) -> Result<Option<(TopicRouteSpec, Option<(String, Vec<EndpointSpec>)>)>, DiscoveryError> {
+    async fn topic_route(&self, topic: &str) -> Result<Option<Routed>, DiscoveryError> {
         if crate::names::validate_topic(topic).is_err() {
             return Ok(None);
         }
@@ -278,9 +294,15 @@ impl State {
             (Some(mut route), Some(data)) => {
                 // The file routes it; the brokers know its real queues.
                 route.queues = discovered_queues(&data);
-                Some((route, None))
+                Some(Routed {
+                    route,
+                    discovered: None,
+                })
             }
-            (Some(route), None) => Some((route, None)),
+            (Some(route), None) => Some(Routed {
+                route,
+                discovered: None,
+            }),
             (None, Some(data)) => {
                 let (cluster, endpoints) = discovered_brokers(&data);
                 let route = TopicRouteSpec {
@@ -289,7 +311,10 @@ impl State {
                     queues: discovered_queues(&data),
                     ..TopicRouteSpec::default()
                 };
-                Some((route, Some((cluster, endpoints))))
+                Some(Routed {
+                    route,
+                    discovered: Some((cluster, endpoints)),
+                })
             }
             (None, None) => None,
         })
@@ -299,20 +324,14 @@ impl State {
         &self,
         topic: &str,
     ) -> Result<Option<VersionedResource>, DiscoveryError> {
-        let Some((route, cluster)) = self.topic_route(topic).await? else {
+        let Some(Routed { route, discovered }) = self.topic_route(topic).await? else {
             return Ok(None);
         };
-        if let Some((name, endpoints)) = cluster {
+        if let Some((name, endpoints)) = discovered {
             let spec = {
                 let mut discovered = lock(&self.discovered);
                 let brokers = discovered.entry(name.clone()).or_default();
-                for endpoint in endpoints {
-                    let key = (
-                        endpoint.broker_name.clone().unwrap_or_default(),
-                        endpoint.broker_id.unwrap_or_default(),
-                    );
-                    brokers.insert(key, endpoint);
-                }
+                add_brokers(brokers, endpoints);
                 self.sources
                     .load()
                     .discovered_cluster(&name, brokers.values().cloned().collect())
@@ -376,21 +395,16 @@ impl State {
             .buffer_unordered(concurrency.max(1))
             .collect()
             .await;
-        let mut discovered: BTreeMap<String, BTreeMap<(String, i64), EndpointSpec>> =
-            BTreeMap::new();
+        let mut discovered: BTreeMap<String, Brokers> = BTreeMap::new();
         let mut failed = 0usize;
         for (topic, result) in results {
             match result {
-                Ok(Some((route, cluster))) => {
+                Ok(Some(Routed {
+                    route,
+                    discovered: cluster,
+                })) => {
                     if let Some((name, endpoints)) = cluster {
-                        let brokers = discovered.entry(name).or_default();
-                        for endpoint in endpoints {
-                            let key = (
-                                endpoint.broker_name.clone().unwrap_or_default(),
-                                endpoint.broker_id.unwrap_or_default(),
-                            );
-                            brokers.insert(key, endpoint);
-                        }
+                        add_brokers(discovered.entry(name).or_default(), endpoints);
                     }
                     match route.build() {
                         Ok(resource) => self.write(resource),

@@ -199,6 +199,14 @@ pub fn discovered_brokers(data: &TopicRouteData) -> (String, Vec<EndpointSpec>) 
 /// The sidecar's cluster config as an xDS cluster: endpoint metadata in Envoy's rocketmq_proxy
 /// keys, zone and priority as the locality, and the balancer settings Envoy has no field for.
 pub fn cluster_spec(cluster: &ClusterConfig) -> ClusterSpec {
+    // Envoy's locality priorities run 0..=N without gaps; the sidecar's only order endpoints
+    // (lower is preferred), so they are ranked.
+    let priorities: BTreeSet<u32> = cluster
+        .endpoints
+        .iter()
+        .map(|endpoint| endpoint.metadata.priority)
+        .collect();
+    let rank = |priority: u32| priorities.range(..priority).count() as u32;
     let endpoints = cluster
         .endpoints
         .iter()
@@ -214,7 +222,7 @@ pub fn cluster_spec(cluster: &ClusterConfig) -> ClusterSpec {
                 cluster_name: Some(metadata.cluster_name.clone()),
                 metadata: BTreeMap::new(),
                 zone: metadata.zone.clone().unwrap_or_default(),
-                priority: metadata.priority,
+                priority: rank(metadata.priority),
                 weight: Some(metadata.weight),
             }
         })
