@@ -210,45 +210,18 @@ fn file_config(broker: SocketAddr, ordered: bool) -> String {
 /// The control plane as a process: the file's routes, reloads on change, bad files refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_file_routes_topics_and_a_changed_file_is_pushed() {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("control-plane.yaml");
     let broker: SocketAddr = "127.0.0.1:10911".parse().expect("address");
     std::fs::write(&path, file_config(broker, false)).expect("write config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rocketmesh"))
-        .args(["control-plane", "--config"])
-        .arg(&path)
-        .env("NO_COLOR", "1")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn control plane");
-    let stderr = child.stderr.take().expect("stderr");
-    let (found, reported) = std::sync::mpsc::channel();
-    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        let mut found = Some(found);
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("xds=").nth(1)
-                && let Some(found) = found.take()
-            {
-                let _ = found.send(
-                    rest.split_whitespace()
-                        .next()
-                        .unwrap_or_default()
-                        .to_owned(),
-                );
-            }
-            let _ = lines_tx.send(line);
-        }
-    });
-    let ads: SocketAddr = reported
-        .recv_timeout(WAIT)
-        .expect("the control plane reports its address")
-        .parse()
-        .expect("a socket address");
+    let (mut child, ads, lines) = common::spawn_reporting(
+        &[
+            "control-plane".into(),
+            "--config".into(),
+            path.clone().into(),
+        ],
+        "xds=",
+    );
     let admin: SocketAddr = {
         let line = lines.recv_timeout(WAIT).expect("the start line");
         let rest = line.split("admin=Some(").nth(1).expect("an admin address");

@@ -223,25 +223,43 @@ pub fn start_broker_process(
     data_dir: &std::path::Path,
     args: &[&str],
 ) -> (std::process::Child, SocketAddr) {
+    let mut all: Vec<std::ffi::OsString> = std::iter::once("broker".into())
+        .chain(args.iter().map(Into::into))
+        .collect();
+    all.push("--data-dir".into());
+    all.push(data_dir.into());
+    let (child, addr, _) = spawn_reporting(&all, "listen=");
+    (child, addr)
+}
+
+/// Starts `rocketmesh ARGS` with info logs on stderr, and returns it with the address its log
+/// reports after `marker` (e.g. `listen=`) and every stderr line from then on.
+pub fn spawn_reporting(
+    args: &[std::ffi::OsString],
+    marker: &str,
+) -> (
+    std::process::Child,
+    SocketAddr,
+    std::sync::mpsc::Receiver<String>,
+) {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     let mut child = Command::new(env!("CARGO_BIN_EXE_rocketmesh"))
-        .arg("broker")
         .args(args)
-        .arg("--data-dir")
-        .arg(data_dir)
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn broker");
+        .expect("spawn rocketmesh");
     let stderr = child.stderr.take().expect("stderr");
     let (found, reported) = std::sync::mpsc::channel();
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    let marker = marker.to_owned();
     std::thread::spawn(move || {
         let mut found = Some(found);
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("listen=").nth(1)
+            if let Some(rest) = line.split(marker.as_str()).nth(1)
                 && let Some(found) = found.take()
             {
                 let _ = found.send(
@@ -251,14 +269,15 @@ pub fn start_broker_process(
                         .to_owned(),
                 );
             }
+            let _ = lines_tx.send(line);
         }
     });
     let addr = reported
         .recv_timeout(STEP_TIMEOUT)
-        .expect("the broker reports its address")
+        .expect("the process reports its address")
         .parse()
         .expect("a socket address");
-    (child, addr)
+    (child, addr, lines)
 }
 
 /// A sidecar config on an ephemeral port (admin off) with `routes_yaml` (YAML list items, or
