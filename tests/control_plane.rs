@@ -182,6 +182,61 @@ async fn a_topic_created_on_a_running_broker_is_routable_on_its_first_subscripti
     broker.stop().await;
 }
 
+/// Two bundled brokers as the discovery sources: each knows only its own part of a topic, so the
+/// answers are merged; a cluster asked for by name before any of its topics (as a sidecar does
+/// after a control-plane restart) is served from the cluster info, with every broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_merge_across_brokers_and_clusters_resolve_by_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker_a = common::RunningBroker::start(&dir.path().join("a")).await;
+    let broker_b = common::RunningBroker::start_with(&dir.path().join("b"), |config| {
+        config.broker_name = "broker-b".into();
+    })
+    .await;
+    let config = ControlPlaneConfig::parse(&format!(
+        "listen: 127.0.0.1:0\nadmin: null\n\
+         discovery: {{nameservers: [\"{}\", \"{}\"]}}\n",
+        broker_a.addr, broker_b.addr
+    ))
+    .expect("config");
+    let plane = control_plane::start(config).await.expect("control plane");
+    let mut stream = Stream::open(plane.ads_address).await;
+    let cluster = stream.cluster("DefaultCluster").await;
+    let mut brokers: Vec<_> = cluster
+        .endpoints
+        .iter()
+        .map(|endpoint| {
+            (
+                endpoint.broker_name.clone().unwrap_or_default(),
+                endpoint.address.clone(),
+            )
+        })
+        .collect();
+    brokers.sort();
+    assert_eq!(
+        brokers,
+        vec![
+            ("broker-a".to_owned(), broker_a.addr.to_string()),
+            ("broker-b".to_owned(), broker_b.addr.to_string())
+        ]
+    );
+    create_topic(broker_a.addr, "Spread", 4).await;
+    create_topic(broker_b.addr, "Spread", 2).await;
+    stream.subscribe(TOPIC_ROUTE, &["Spread"]);
+    let route = stream.topic("Spread").await.expect("routable");
+    let mut queues: Vec<_> = route
+        .queues
+        .iter()
+        .map(|queue| (queue.broker_name.as_str(), queue.write_queue_nums))
+        .collect();
+    queues.sort();
+    assert_eq!(queues, vec![("broker-a", 4), ("broker-b", 2)]);
+    assert_eq!(route.cluster, "DefaultCluster");
+    plane.shutdown().await;
+    broker_a.stop().await;
+    broker_b.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_topic_is_pushed_when_a_refresh_finds_it() {
     let dir = tempfile::tempdir().expect("tempdir");

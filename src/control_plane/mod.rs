@@ -30,9 +30,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use crate::remoting::body::ClusterInfo;
 pub use config::{ControlPlaneConfig, ControlPlaneConfigError, DiscoveryConfig};
 use discovery::{Discovery, DiscoveryError};
-use sources::{StaticSources, discovered_brokers, discovered_queues};
+use sources::{StaticSources, cluster_brokers, discovered_brokers, discovered_queues};
 
 /// Events kept per stream in the harness log.
 const HARNESS_LOG_CAPACITY: usize = 1_000;
@@ -240,10 +241,12 @@ impl Resolver for TopicResolver {
         let state = Arc::clone(&self.0);
         let is_topic = type_url == TOPIC_ROUTE;
         let topic = name.to_owned();
+        let type_url = type_url.to_owned();
         Box::pin(async move {
-            // Clusters are written when a topic names them; an unknown one does not exist.
             if !is_topic {
-                return Ok(None);
+                // Clusters of the file are in the store already; a discovered one (asked for
+                // before any of its topics, as after a restart) comes from the cluster info.
+                return Ok(state.resolve_cluster(&type_url, &topic).await);
             }
             state.remember(&topic);
             state
@@ -328,15 +331,25 @@ impl State {
             return Ok(None);
         };
         if let Some((name, endpoints)) = discovered {
-            let spec = {
-                let mut discovered = lock(&self.discovered);
-                let brokers = discovered.entry(name.clone()).or_default();
-                add_brokers(brokers, endpoints);
-                self.sources
-                    .load()
-                    .discovered_cluster(&name, brokers.values().cloned().collect())
+            let known = lock(&self.discovered).get(&name).cloned();
+            let brokers = match known {
+                // A broker the route names may be new since the last refresh.
+                Some(mut brokers) => {
+                    add_brokers(&mut brokers, endpoints);
+                    brokers
+                }
+                // First sight of the cluster: all its brokers, not only this topic's.
+                None => {
+                    let mut brokers = Brokers::new();
+                    let members = match self.cluster_info().await {
+                        Some(info) => cluster_brokers(&info, &name),
+                        None => None,
+                    };
+                    add_brokers(&mut brokers, members.unwrap_or(endpoints));
+                    brokers
+                }
             };
-            self.write_cluster(&spec);
+            self.set_discovered_cluster(&name, brokers);
         }
         match route.build() {
             Ok(resource) => {
@@ -352,6 +365,39 @@ impl State {
                 Ok(None)
             }
         }
+    }
+
+    /// A discovered cluster asked for by name, from the nameservers' cluster info.
+    async fn resolve_cluster(&self, type_url: &str, name: &str) -> Option<VersionedResource> {
+        let info = self.cluster_info().await?;
+        let members = cluster_brokers(&info, name)?;
+        let mut brokers = Brokers::new();
+        add_brokers(&mut brokers, members);
+        self.set_discovered_cluster(name, brokers);
+        self.store
+            .get(type_url, name)
+            .map(|resource| (*resource).clone())
+    }
+
+    /// The nameservers' cluster info; `None` without discovery or when none answers.
+    async fn cluster_info(&self) -> Option<ClusterInfo> {
+        let discovery = self.discovery.load_full()?;
+        match discovery.cluster_info().await {
+            Ok(info) => Some(info),
+            Err(error) => {
+                warn!(%error, "cluster info not available; clusters follow the routes' brokers");
+                None
+            }
+        }
+    }
+
+    fn set_discovered_cluster(&self, name: &str, brokers: Brokers) {
+        let spec = self
+            .sources
+            .load()
+            .discovered_cluster(name, brokers.values().cloned().collect());
+        lock(&self.discovered).insert(name.to_owned(), brokers);
+        self.write_cluster(&spec);
     }
 
     /// Writes the file's clusters and removes those it no longer has.
@@ -426,29 +472,40 @@ impl State {
                 "route refresh failed for several topics; their last routes stay"
             );
         }
-        let sources = self.sources.load();
+        // Discovered clusters: every broker the cluster info lists; without it, the brokers
+        // this refresh's routes named, or (if some refreshes failed) those known before.
+        let kept = lock(&self.discovered).clone();
+        let names: BTreeSet<String> = discovered.keys().chain(kept.keys()).cloned().collect();
+        let info = if names.is_empty() {
+            None
+        } else {
+            self.cluster_info().await
+        };
         let file_clusters = lock(&self.file_clusters).clone();
-        let mut kept = lock(&self.discovered);
-        // Clusters of topics whose refresh failed keep their brokers.
-        for (name, brokers) in kept.iter() {
-            if failed > 0 && !discovered.contains_key(name) {
-                discovered.insert(name.clone(), brokers.clone());
+        for name in names {
+            let members = info.as_ref().and_then(|info| cluster_brokers(info, &name));
+            let brokers = match members {
+                Some(members) => {
+                    let mut brokers = Brokers::new();
+                    add_brokers(&mut brokers, members);
+                    Some(brokers)
+                }
+                None if info.is_some() && failed == 0 => discovered.remove(&name),
+                None => discovered
+                    .remove(&name)
+                    .or_else(|| kept.get(&name).cloned()),
+            };
+            match brokers {
+                Some(brokers) => self.set_discovered_cluster(&name, brokers),
+                None => {
+                    lock(&self.discovered).remove(&name);
+                    if !file_clusters.contains(&name) {
+                        self.delete(CLUSTER, &name);
+                        self.delete(CLUSTER_LOAD_ASSIGNMENT, &name);
+                    }
+                }
             }
         }
-        let gone: Vec<String> = kept
-            .keys()
-            .filter(|name| !discovered.contains_key(*name) && !file_clusters.contains(*name))
-            .cloned()
-            .collect();
-        for (name, brokers) in &discovered {
-            let spec = sources.discovered_cluster(name, brokers.values().cloned().collect());
-            self.write_cluster(&spec);
-        }
-        for name in gone {
-            self.delete(CLUSTER, &name);
-            self.delete(CLUSTER_LOAD_ASSIGNMENT, &name);
-        }
-        *kept = discovered;
     }
 
     fn write_cluster(&self, spec: &ClusterSpec) {

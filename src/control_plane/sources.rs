@@ -13,7 +13,7 @@ use super::config::ControlPlaneConfig;
 use crate::proxy::config::{BalancePolicy, ClusterConfig, RouteActionConfig};
 use crate::proxy::pullpop::ConsumeMode;
 use crate::proxy::routes::Matcher;
-use crate::remoting::body::TopicRouteData;
+use crate::remoting::body::{BrokerData, ClusterInfo, TopicRouteData};
 
 struct StaticRoute {
     topic: Matcher,
@@ -162,8 +162,7 @@ pub fn discovered_queues(data: &TopicRouteData) -> Vec<QueueDataSpec> {
 }
 
 /// The cluster a discovered topic routes to, named after its RocketMQ cluster (several joined by
-/// `+`), and that cluster's brokers as endpoints. Addresses that are not `ip:port` are skipped:
-/// EDS endpoints must be IP addresses.
+/// `+`), and the brokers its route names.
 pub fn discovered_brokers(data: &TopicRouteData) -> (String, Vec<EndpointSpec>) {
     let clusters: BTreeSet<&str> = data
         .broker_datas
@@ -176,24 +175,52 @@ pub fn discovered_brokers(data: &TopicRouteData) -> (String, Vec<EndpointSpec>) 
     } else {
         clusters.into_iter().collect::<Vec<_>>().join("+")
     };
+    (
+        name,
+        data.broker_datas
+            .iter()
+            .flat_map(broker_endpoints)
+            .collect(),
+    )
+}
+
+/// Every broker of the RocketMQ cluster(s) `name` names (`a+b` for several), from cluster info;
+/// `None` when the info lacks one of them.
+pub fn cluster_brokers(info: &ClusterInfo, name: &str) -> Option<Vec<EndpointSpec>> {
     let mut endpoints = Vec::new();
-    for broker in &data.broker_datas {
-        for (id, address) in &broker.broker_addrs {
-            if address.parse::<SocketAddr>().is_err() {
-                tracing::warn!(broker = %broker.broker_name, %address, "discovered broker address is not ip:port; skipped");
-                continue;
+    for cluster in name.split('+') {
+        for broker in info.cluster_addr_table.get(cluster)? {
+            if let Some(data) = info.broker_addr_table.get(broker) {
+                let data = BrokerData {
+                    cluster: cluster.to_owned(),
+                    ..data.clone()
+                };
+                endpoints.extend(broker_endpoints(&data));
             }
-            endpoints.push(EndpointSpec {
-                address: address.clone(),
-                broker_name: Some(broker.broker_name.clone()),
-                broker_id: Some(*id),
-                cluster_name: (!broker.cluster.is_empty()).then(|| broker.cluster.clone()),
-                zone: broker.zone_name.clone().unwrap_or_default(),
-                ..EndpointSpec::default()
-            });
         }
     }
-    (name, endpoints)
+    Some(endpoints)
+}
+
+/// One endpoint per address of a broker. Addresses that are not `ip:port` are skipped: EDS
+/// endpoints must be IP addresses.
+fn broker_endpoints(broker: &BrokerData) -> Vec<EndpointSpec> {
+    let mut endpoints = Vec::new();
+    for (id, address) in &broker.broker_addrs {
+        if address.parse::<SocketAddr>().is_err() {
+            tracing::warn!(broker = %broker.broker_name, %address, "discovered broker address is not ip:port; skipped");
+            continue;
+        }
+        endpoints.push(EndpointSpec {
+            address: address.clone(),
+            broker_name: Some(broker.broker_name.clone()),
+            broker_id: Some(*id),
+            cluster_name: (!broker.cluster.is_empty()).then(|| broker.cluster.clone()),
+            zone: broker.zone_name.clone().unwrap_or_default(),
+            ..EndpointSpec::default()
+        });
+    }
+    endpoints
 }
 
 /// The sidecar's cluster config as an xDS cluster: endpoint metadata in Envoy's rocketmq_proxy
