@@ -4,9 +4,8 @@
 //!
 //! Topic routes are made on demand: the first subscription to a topic resolves it (file routes
 //! first, then discovery), and the topic is remembered so reloads and refreshes recompute it and
-//! push what changed. A resource written through the harness API is left alone by reloads and
-//! refreshes until they would write it again after the harness deleted it: what this process
-//! wrote is tracked by version, and anything else in the store is someone else's.
+//! push what changed. Reloads and refreshes replace only what this process wrote last (tracked
+//! by version): a resource the harness API changed stays as the harness left it.
 
 pub mod config;
 pub mod discovery;
@@ -247,6 +246,10 @@ impl Resolver for TopicResolver {
                 // Clusters of the file are in the store already; a discovered one (asked for
                 // before any of its topics, as after a restart) comes from the cluster info.
                 return Ok(state.resolve_cluster(&type_url, &topic).await);
+            }
+            // A name that cannot be a topic does not exist, and is not remembered.
+            if crate::names::validate_topic(&topic).is_err() {
+                return Ok(None);
             }
             state.remember(&topic);
             state
