@@ -16,6 +16,7 @@
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::hash::BuildHasher;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -144,6 +145,8 @@ pub struct ClientSnapshot {
     pub address: String,
     pub node_id: String,
     pub connected: bool,
+    /// The client's task is alive (false only if it died, which is a bug).
+    pub running: bool,
     /// When the client last connected or disconnected (ms since the epoch); `None` before the
     /// first attempt finished.
     pub since_ms: Option<u64>,
@@ -477,6 +480,7 @@ impl XdsClient {
             address: self.shared.config.address.clone(),
             node_id: self.shared.config.node_id.clone(),
             connected: state.conn.connected,
+            running: !self.task.is_finished(),
             since_ms: state.conn.since_ms,
             last_error: state.conn.last_error.clone(),
             types,
@@ -508,6 +512,24 @@ impl State {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The handler, a panic in it being a rejection (the task must survive a buggy handler).
+    fn apply(
+        &self,
+        type_url: &str,
+        added: &[VersionedResource],
+        removed: &[String],
+    ) -> Result<(), String> {
+        let call = AssertUnwindSafe(|| self.handler.apply(type_url, added, removed));
+        std::panic::catch_unwind(call).unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(format!("handler panicked: {what}"))
+        })
     }
 
     fn register(
@@ -592,7 +614,7 @@ impl Shared {
             }
         }
         if !removed.is_empty()
-            && let Err(reason) = self.handler.apply(type_url, &[], &removed)
+            && let Err(reason) = self.apply(type_url, &[], &removed)
         {
             tracing::warn!(type_url = short_name(type_url), %reason, "handler refused a release");
         }
@@ -694,8 +716,7 @@ impl Shared {
                 .cloned()
                 .collect();
             if !changed.is_empty() || !gone.is_empty() {
-                self.handler
-                    .apply(type_url, &changed, &gone)
+                self.apply(type_url, &changed, &gone)
                     .map_err(|reason| truncate(reason, MAX_REASON_BYTES))?;
             }
             Ok((added, removed))
@@ -818,6 +839,18 @@ fn validate(resp: &DeltaDiscoveryResponse) -> Result<Vec<VersionedResource>, Str
     Ok(out)
 }
 
+/// An error with its sources (tonic's own text is just "transport error").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 fn truncate(mut s: String, max: usize) -> String {
     if s.len() > max {
         let mut cut = max;
@@ -873,11 +906,12 @@ async fn run(shared: Arc<Shared>) {
     let mut streams = 0u64;
     loop {
         let reason = session(&shared, &mut backoff, &mut streams).await;
-        let was_connected = *shared.connected.borrow();
-        if !was_connected {
+        if *shared.connected.borrow() {
+            tracing::warn!(address = %config.address, %reason, "xDS stream down");
+        } else {
             inc(&shared.counters.connect_failures);
+            tracing::debug!(address = %config.address, %reason, "xDS connect failed");
         }
-        tracing::warn!(address = %config.address, %reason, "xDS stream down");
         shared.set_connected(false, Some(reason));
         tokio::time::sleep(backoff.delay()).await;
     }
@@ -901,7 +935,7 @@ async fn session(shared: &Shared, backoff: &mut Backoff, streams: &mut u64) -> S
     }
     let channel = match tokio::time::timeout(config.connect_timeout, endpoint.connect()).await {
         Ok(Ok(c)) => c,
-        Ok(Err(e)) => return format!("connect: {e}"),
+        Ok(Err(e)) => return format!("connect: {}", chain(&e)),
         Err(_) => return "connect: timed out".to_owned(),
     };
     let mut grpc = AggregatedDiscoveryServiceClient::new(channel)

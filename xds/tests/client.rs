@@ -157,7 +157,8 @@ impl Held {
     }
 }
 
-/// A handler that records, and rejects topic routes pointing at cluster "forbidden".
+/// A handler that records, rejects topic routes pointing at cluster "forbidden" and panics on
+/// those pointing at "panic".
 struct Recorder {
     held: Mutex<Held>,
     changed: watch::Sender<u64>,
@@ -195,6 +196,7 @@ impl ResourceHandler for Recorder {
         if type_url == TOPIC_ROUTE {
             for r in added {
                 let route = decode_topic_route(&r.any).map_err(|e| e.to_string())?;
+                assert_ne!(route.cluster, "panic", "a buggy handler");
                 if route.cluster == "forbidden" {
                     return Err(format!("topic {} routes to a forbidden cluster", r.name));
                 }
@@ -626,4 +628,63 @@ async fn survives_a_control_plane_restart_on_the_same_port() {
     assert!(snap.counters.connect_failures >= 1);
     assert_eq!(snap.counters.timeouts, 1);
     assert_eq!(cp.harness.stream_infos()[0].node, "sidecar-test");
+}
+
+#[tokio::test]
+async fn names_and_waiters_are_bounded_and_a_panicking_handler_is_a_nack() {
+    let cp = Cp::start(Arc::new(Store::new())).await;
+    cp.store
+        .upsert_many([topic("a", "c1"), topic("p", "panic")]);
+    cp.harness.set_faults(vec![Fault {
+        silence: true,
+        ..fault("topics", "s")
+    }]);
+    let cfg = ClientConfig {
+        max_names_per_type: 2,
+        max_pending_demands: 1,
+        request_timeout: Duration::from_millis(500),
+        ..config(cp.addr)
+    };
+    let client = Arc::new(XdsClient::start(cfg, Recorder::new()));
+    client.demand(TOPIC_ROUTE, "a").await.unwrap();
+    client.demand(TOPIC_ROUTE, "b").await.unwrap();
+    assert_eq!(
+        client.demand(TOPIC_ROUTE, "c").await,
+        Err(DemandError::TooManyNames {
+            type_url: TOPIC_ROUTE.into(),
+            max: 2
+        })
+    );
+    for bad in ["", "*"] {
+        assert_eq!(
+            client.demand(TOPIC_ROUTE, bad).await,
+            Err(DemandError::InvalidName(bad.into()))
+        );
+    }
+    client.release(TOPIC_ROUTE, ["a", "b"]);
+    let silenced = {
+        let client = client.clone();
+        tokio::spawn(async move { client.demand(TOPIC_ROUTE, "s").await })
+    };
+    eventually("s pending", || {
+        !client.snapshot().types[TOPIC_ROUTE].pending.is_empty()
+    })
+    .await;
+    assert_eq!(
+        client.demand(TOPIC_ROUTE, "c").await,
+        Err(DemandError::Overloaded { max: 1 })
+    );
+    assert!(matches!(
+        silenced.await.unwrap(),
+        Err(DemandError::Timeout { .. })
+    ));
+    // The handler panics: a NACK, and the client carries on.
+    let err = client.demand(TOPIC_ROUTE, "p").await.unwrap_err();
+    assert!(
+        matches!(&err, DemandError::Rejected { reason, .. } if reason.starts_with("handler panicked")),
+        "{err:?}"
+    );
+    let snap = client.snapshot();
+    assert!(snap.running && snap.connected);
+    assert_eq!(snap.counters.nacks, 1);
 }
