@@ -4,6 +4,7 @@
 //! - [`spec`]: the serde specs (clusters with broker endpoints, topic routes), builders, decoders.
 //! - [`protocol`]: per-stream delta state, pure and synchronous; server side and client side.
 //! - [`store`]: resources by type and name, change feed, on-demand [`store::Resolver`] hook.
+//! - [`client`]: the on-demand delta ADS client (subscribe on demand, release when idle).
 //! - [`server`]: the delta ADS / CDS tonic server. [`harness`] and [`admin`]: the test harness
 //!   state and its HTTP API.
 pub use envoy_types;
@@ -16,6 +17,7 @@ pub mod pb {
 }
 
 pub mod admin;
+pub mod client;
 pub mod harness;
 pub mod protocol;
 pub mod resource;
