@@ -6,11 +6,8 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::raw::RawClient;
 use futures::channel::mpsc;
 use rocketmesh::control_plane::{self, ControlPlaneConfig};
-use rocketmesh::remoting::header::CreateTopicRequestHeader;
-use rocketmesh::remoting::{RemotingCommand, RequestCode, ResponseCode};
 use rocketmesh_xds::envoy_types::pb::envoy::config::core::v3::Node;
 use rocketmesh_xds::envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse,
@@ -117,29 +114,6 @@ impl Stream {
     }
 }
 
-async fn create_topic(broker: SocketAddr, topic: &str, queues: i32) {
-    let header = CreateTopicRequestHeader {
-        topic: topic.into(),
-        default_topic: "TBW102".into(),
-        read_queue_nums: queues,
-        write_queue_nums: queues,
-        perm: 6,
-        topic_filter_type: "SINGLE_TAG".into(),
-        ..CreateTopicRequestHeader::default()
-    };
-    let mut client = RawClient::connect(broker).await;
-    let response = client
-        .call(
-            RemotingCommand::request(RequestCode::UPDATE_AND_CREATE_TOPIC, 0).with_header(&header),
-        )
-        .await;
-    assert_eq!(
-        response.response_code(),
-        ResponseCode::SUCCESS,
-        "{response:?}"
-    );
-}
-
 fn discovery_config(broker: SocketAddr, refresh_ms: u64) -> ControlPlaneConfig {
     ControlPlaneConfig::parse(&format!(
         "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\n\
@@ -156,7 +130,7 @@ async fn a_topic_created_on_a_running_broker_is_routable_on_its_first_subscripti
     let plane = control_plane::start(discovery_config(broker.addr, 600_000))
         .await
         .expect("control plane");
-    create_topic(broker.addr, "BornLate", 6).await;
+    common::create_topic(broker.addr, "BornLate", 6).await;
 
     let mut stream = Stream::open(plane.ads_address).await;
     stream.subscribe(TOPIC_ROUTE, &["BornLate"]);
@@ -220,8 +194,8 @@ async fn routes_merge_across_brokers_and_clusters_resolve_by_name() {
             ("broker-b".to_owned(), broker_b.addr.to_string())
         ]
     );
-    create_topic(broker_a.addr, "Spread", 4).await;
-    create_topic(broker_b.addr, "Spread", 2).await;
+    common::create_topic(broker_a.addr, "Spread", 4).await;
+    common::create_topic(broker_b.addr, "Spread", 2).await;
     stream.subscribe(TOPIC_ROUTE, &["Spread"]);
     let route = stream.topic("Spread").await.expect("routable");
     let mut queues: Vec<_> = route
@@ -247,7 +221,7 @@ async fn a_missing_topic_is_pushed_when_a_refresh_finds_it() {
     let mut stream = Stream::open(plane.ads_address).await;
     stream.subscribe(TOPIC_ROUTE, &["Later"]);
     assert_eq!(stream.topic("Later").await, None, "absent at first");
-    create_topic(broker.addr, "Later", 2).await;
+    common::create_topic(broker.addr, "Later", 2).await;
     let route = stream.topic("Later").await.expect("pushed once it exists");
     assert_eq!(route.queues[0].read_queue_nums, 2);
     plane.shutdown().await;

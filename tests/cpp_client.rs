@@ -216,8 +216,15 @@ async fn two_brokers(data: &Path) -> (RunningBroker, RunningBroker) {
     (a, b)
 }
 
+/// The orderly test through the mesh runs alone. Beside the other C++ tests it sometimes found
+/// one message of a key (an early one) on another broker's first queue, where the C++ client puts
+/// an orderly send it retries after a failure; alone it never did (see the closing note of the
+/// session that added this).
+static ALONE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cpp_client_straight_to_a_broker() {
+    let _shared = ALONE.read().await;
     let data = tempfile::tempdir().expect("tempdir");
     let broker = RunningBroker::start_with(&data.path().join("broker"), |config| {
         config.broker_name = "broker-a".into();
@@ -229,6 +236,7 @@ async fn cpp_client_straight_to_a_broker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cpp_client_through_a_two_broker_sidecar() {
+    let _shared = ALONE.read().await;
     let data = tempfile::tempdir().expect("tempdir");
     let (a, b) = two_brokers(data.path()).await;
     let sidecar = proxy::start(common::sidecar_config(
@@ -316,6 +324,10 @@ async fn orderly_round(
     keys: usize,
     per_key: usize,
 ) -> BTreeMap<usize, (String, i32)> {
+    // Ordered topics are created before use, as RocketMQ recommends, so no send creates one.
+    for (_, broker) in brokers {
+        common::create_topic(*broker, topic, 4).await;
+    }
     let namesrv = namesrv.to_string();
     let total = (keys * per_key).to_string();
     let sent = client(
@@ -397,6 +409,7 @@ async fn orderly_round(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cpp_orderly_sends_straight_to_a_broker() {
+    let _shared = ALONE.read().await;
     let data = tempfile::tempdir().expect("tempdir");
     let broker = RunningBroker::start_with(&data.path().join("broker"), |config| {
         config.broker_name = "broker-a".into();
@@ -418,6 +431,7 @@ async fn cpp_orderly_sends_straight_to_a_broker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cpp_orderly_sends_keep_partition_order_through_the_mesh() {
+    let _alone = ALONE.write().await;
     let data = tempfile::tempdir().expect("tempdir");
     let (a, b) = two_brokers(data.path()).await;
     let sidecar = proxy::start(common::sidecar_config(

@@ -338,3 +338,29 @@ pub async fn messages_on(broker: SocketAddr, topic: &str) -> i64 {
     }
     total
 }
+
+/// Creates `topic` on `broker` with `queues` read and write queues (UPDATE_AND_CREATE_TOPIC).
+pub async fn create_topic(broker: SocketAddr, topic: &str, queues: i32) {
+    use rocketmesh::remoting::header::CreateTopicRequestHeader;
+    use rocketmesh::remoting::{RemotingCommand, RequestCode, ResponseCode};
+    let header = CreateTopicRequestHeader {
+        topic: topic.into(),
+        default_topic: "TBW102".into(),
+        read_queue_nums: queues,
+        write_queue_nums: queues,
+        perm: 6,
+        topic_filter_type: "SINGLE_TAG".into(),
+        ..CreateTopicRequestHeader::default()
+    };
+    let mut client = raw::RawClient::connect(broker).await;
+    let response = client
+        .call(
+            RemotingCommand::request(RequestCode::UPDATE_AND_CREATE_TOPIC, 0).with_header(&header),
+        )
+        .await;
+    assert_eq!(
+        response.response_code(),
+        ResponseCode::SUCCESS,
+        "{response:?}"
+    );
+}
