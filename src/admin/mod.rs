@@ -101,6 +101,50 @@ const PATHS: [&str; 6] = [
     "/consumers",
 ];
 
+/// Ready unless draining. With xDS, not ready before the first connection to the control plane
+/// when there is no static route to fall back on; afterwards ready, with the connection state in
+/// the body (known topics keep working through an outage, new ones wait for the control plane).
+fn ready(proxy: &Proxy) -> Response<Full<Bytes>> {
+    let Some(ondemand) = proxy.ondemand() else {
+        return reply(StatusCode::OK, "text/plain", "ready\n");
+    };
+    let snapshot = ondemand.client_snapshot();
+    let topics = snapshot
+        .types
+        .get(rocketmesh_xds::types::TOPIC_ROUTE)
+        .map_or(0, |topics| topics.subscribed.len());
+    if snapshot.connected {
+        return reply(
+            StatusCode::OK,
+            "text/plain",
+            format!(
+                "ready\nxds: connected to {} ({topics} topics subscribed)\n",
+                snapshot.address
+            ),
+        );
+    }
+    let never_connected = !snapshot.ever_connected;
+    let reason = snapshot.last_error.unwrap_or_else(|| "connecting".into());
+    if never_connected && proxy.current.load().routes.is_empty() {
+        return reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            format!(
+                "not ready\nxds: not connected to {} yet ({reason})\n",
+                snapshot.address
+            ),
+        );
+    }
+    reply(
+        StatusCode::OK,
+        "text/plain",
+        format!(
+            "ready\nxds: disconnected from {} ({reason}); {topics} known topics are served, new topics wait for the control plane\n",
+            snapshot.address
+        ),
+    )
+}
+
 fn respond(proxy: &Proxy, request: &Request<Incoming>) -> Response<Full<Bytes>> {
     let path = request.uri().path();
     if request.method() != Method::GET {
@@ -114,7 +158,7 @@ fn respond(proxy: &Proxy, request: &Request<Incoming>) -> Response<Full<Bytes>> 
         "/ready" if proxy.draining.load(Ordering::Acquire) => {
             reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
         }
-        "/ready" => reply(StatusCode::OK, "text/plain", "ready\n"),
+        "/ready" => ready(proxy),
         "/stats" => json(&views::stats(proxy)),
         "/clusters" => json(&views::clusters(proxy)),
         "/config_dump" => json(&views::config_dump(proxy)),

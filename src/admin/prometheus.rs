@@ -320,10 +320,113 @@ pub fn render(proxy: &Proxy) -> String {
         );
     }
     pull_to_pop(out, proxy);
+    xds(out, proxy);
     std::mem::take(out)
 }
 
 /// Pull→POP: each group's mode, and each converted client's receipts.
+/// The on-demand xDS client: connection, subscriptions, held requests and how they ended.
+fn xds(out: &mut String, proxy: &Proxy) {
+    let Some(ondemand) = proxy.ondemand() else {
+        return;
+    };
+    let snapshot = ondemand.client_snapshot();
+    let counters = ondemand.counters();
+    single(
+        out,
+        "rocketmesh_xds_connected",
+        "gauge",
+        "1 while the stream to the xDS control plane is up.",
+        u8::from(snapshot.connected),
+    );
+    family(
+        out,
+        "rocketmesh_xds_subscribed",
+        "gauge",
+        "Resource names subscribed now, by type.",
+    );
+    for (type_url, state) in &snapshot.types {
+        let _ = writeln!(
+            out,
+            "rocketmesh_xds_subscribed{} {}",
+            labels(&[("type", rocketmesh_xds::types::short_name(type_url))]),
+            state.subscribed.len()
+        );
+    }
+    let client = counters.client;
+    for (name, help, value) in [
+        (
+            "rocketmesh_xds_subscriptions_total",
+            "Names newly subscribed.",
+            client.subscriptions,
+        ),
+        (
+            "rocketmesh_xds_unsubscriptions_total",
+            "Names unsubscribed (idle topics and the clusters only they named).",
+            client.unsubscriptions,
+        ),
+        (
+            "rocketmesh_xds_acks_total",
+            "Responses acknowledged.",
+            client.acks,
+        ),
+        (
+            "rocketmesh_xds_nacks_total",
+            "Responses rejected (the last good version stays).",
+            client.nacks,
+        ),
+        (
+            "rocketmesh_xds_reconnects_total",
+            "Streams established after the first.",
+            client.reconnects,
+        ),
+        (
+            "rocketmesh_xds_connect_failures_total",
+            "Failed attempts to reach the control plane.",
+            client.connect_failures,
+        ),
+        (
+            "rocketmesh_xds_requests_held_total",
+            "Requests held until their topic's route arrived.",
+            counters.held,
+        ),
+        (
+            "rocketmesh_xds_route_timeouts_total",
+            "Held requests answered TOPIC_NOT_EXIST because no route came in time.",
+            counters.timeouts,
+        ),
+        (
+            "rocketmesh_xds_route_absent_total",
+            "Held requests answered TOPIC_NOT_EXIST because the control plane has no such topic (or cluster).",
+            counters.absent,
+        ),
+        (
+            "rocketmesh_xds_route_refused_total",
+            "Held requests refused by a limit or a rejected resource.",
+            counters.refused,
+        ),
+        (
+            "rocketmesh_xds_topics_unsubscribed_total",
+            "Topics given up after going idle.",
+            counters.topics_unsubscribed,
+        ),
+    ] {
+        single(out, name, "counter", help, value);
+    }
+    family(
+        out,
+        "rocketmesh_xds_hold_duration_milliseconds",
+        "histogram",
+        "How long a request waited for its topic's route, in ms.",
+    );
+    histogram(
+        out,
+        "rocketmesh_xds_hold_duration_milliseconds",
+        &[],
+        &counters.hold_time,
+    );
+}
+
 fn pull_to_pop(out: &mut String, proxy: &Proxy) {
     use std::sync::atomic::Ordering::Relaxed;
     let engine = &proxy.pullpop;

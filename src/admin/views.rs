@@ -146,7 +146,15 @@ pub fn clusters(proxy: &Proxy) -> Value {
     json!({ "clusters": clusters })
 }
 
+/// The configuration in force, plus (with `xds`) what the xDS client holds: subscribed names
+/// with versions, the last ACK or NACK per type, waiting requests and counters.
 pub fn config_dump(proxy: &Proxy) -> Value {
-    serde_json::to_value(&**proxy.current.load())
-        .unwrap_or_else(|error| json!({ "error": error.to_string() }))
+    let mut dump = serde_json::to_value(&**proxy.current.load())
+        .unwrap_or_else(|error| json!({ "error": error.to_string() }));
+    if let (Some(ondemand), Value::Object(fields)) = (proxy.ondemand(), &mut dump) {
+        let state = serde_json::to_value(ondemand.view())
+            .unwrap_or_else(|error| json!({ "error": error.to_string() }));
+        fields.insert("xds_state".into(), state);
+    }
+    dump
 }

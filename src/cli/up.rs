@@ -1,17 +1,22 @@
-//! `rocketmesh up`: two bundled brokers and a sidecar in front of them, all on loopback, from a
-//! generated config. Prints the address apps should use; Ctrl-C (or SIGTERM) stops everything.
+//! `rocketmesh up`: the whole path on loopback, from generated configs: two bundled brokers, a
+//! control plane that discovers topic routes from them (with a catch-all route, so a topic the
+//! brokers do not have yet is created by its first send), and a sidecar that gets every route from
+//! the control plane on demand over delta xDS. Prints the address apps should use; Ctrl-C (or
+//! SIGTERM) stops everything.
 
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use rocketmesh::broker::{BrokerConfig, BrokerState, FlushMode, server};
+use rocketmesh::control_plane::{self, ControlPlaneConfig, DiscoveryConfig};
 use rocketmesh::proxy;
 use rocketmesh::proxy::config::{
     AdminConfig, ClusterConfig, EndpointConfig, EndpointMetadata, Limits, ListenerConfig,
-    RouteActionConfig, RouteConfig, RouteMatchConfig, SidecarConfig, TopicMatcher,
+    RouteActionConfig, RouteConfig, RouteMatchConfig, SidecarConfig, TopicMatcher, XdsConfig,
 };
 use tokio::sync::watch;
 use tracing::info;
@@ -27,6 +32,15 @@ pub struct UpArgs {
     /// The admin HTTP endpoint.
     #[arg(long, default_value = "127.0.0.1:9901")]
     pub admin: SocketAddr,
+    /// The control plane's delta ADS address (the OS picks a port by default).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub xds_listen: SocketAddr,
+    /// The control plane's harness HTTP API (routes, clusters, faults).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub xds_admin: SocketAddr,
+    /// Topics no request names for this long are unsubscribed by the sidecar.
+    #[arg(long, default_value_t = 600)]
+    pub idle_unsubscribe_after_s: u64,
     #[arg(long, value_enum, default_value = "async")]
     pub flush: FlushMode,
 }
@@ -34,11 +48,12 @@ pub struct UpArgs {
 const BROKERS: [&str; 2] = ["broker-a", "broker-b"];
 const CLUSTER: &str = "DefaultCluster";
 
-/// The sidecar config `up` generates for brokers at `brokers`.
+/// The sidecar config `up` generates: no static route, every route from the control plane.
 pub fn sidecar_config(
     listen: SocketAddr,
     admin: SocketAddr,
-    brokers: &[(String, SocketAddr, i32)],
+    xds: SocketAddr,
+    idle_unsubscribe_after_s: u64,
 ) -> SidecarConfig {
     SidecarConfig {
         listeners: vec![ListenerConfig {
@@ -54,20 +69,47 @@ pub fn sidecar_config(
         // Each broker gets its own sidecar address (ports the OS picks), so clients that send
         // no `bname` reach the broker they mean.
         broker_listeners: Default::default(),
+        routes: Vec::new(),
+        clusters: Vec::new(),
+        // Pull→POP stays off in `up`: pull consumers see the brokers' queues as they are.
+        consume: Default::default(),
+        xds: Some(XdsConfig {
+            address: xds.to_string(),
+            node_id: "rocketmesh-up".into(),
+            idle_unsubscribe_after_s,
+            ..XdsConfig::default()
+        }),
+    }
+}
+
+/// The control plane `up` generates for brokers at `brokers`: their cluster, a catch-all route to
+/// it, and the brokers themselves as nameservers for topics' real queues.
+pub fn control_plane_config(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    brokers: &[(String, SocketAddr, i32)],
+) -> ControlPlaneConfig {
+    ControlPlaneConfig {
+        listen,
+        admin: Some(admin),
+        reload_interval_ms: 0,
+        resolve_timeout_ms: 3_000,
+        stream_queue_depth: 64,
+        max_topics: 1_000_000,
         routes: vec![RouteConfig {
             matcher: RouteMatchConfig {
                 topic: TopicMatcher::prefix(""),
                 codes: None,
             },
             route: RouteActionConfig {
-                cluster: "local".into(),
+                cluster: CLUSTER.into(),
                 metadata_match: Default::default(),
                 ordered: false,
                 consume_mode: None,
             },
         }],
         clusters: vec![ClusterConfig {
-            name: "local".into(),
+            name: CLUSTER.into(),
             connect_timeout_ms: 1_000,
             request_timeout_ms: 5_000,
             pool_size: 2,
@@ -94,8 +136,16 @@ pub fn sidecar_config(
                 })
                 .collect(),
         }],
-        // Pull→POP stays off in `up` until it passes its acceptance runs (issue 12).
-        consume: Default::default(),
+        discovery: Some(DiscoveryConfig {
+            nameservers: brokers
+                .iter()
+                .map(|(_, address, _)| address.to_string())
+                .collect(),
+            refresh_interval_ms: 10_000,
+            request_timeout_ms: 3_000,
+            max_concurrent_fetches: 16,
+            cluster_defaults: None,
+        }),
     }
 }
 
@@ -129,14 +179,46 @@ pub fn run(args: &UpArgs) -> anyhow::Result<()> {
             })));
             brokers.push((name.to_owned(), address, queues));
         }
-        let sidecar = proxy::start(sidecar_config(args.listen, args.admin, &brokers)).await?;
+        let control_plane = control_plane::start(control_plane_config(
+            args.xds_listen,
+            args.xds_admin,
+            &brokers,
+        ))
+        .await
+        .context("cannot start the control plane")?;
+        let sidecar = proxy::start(sidecar_config(
+            args.listen,
+            args.admin,
+            control_plane.ads_address,
+            args.idle_unsubscribe_after_s,
+        ))
+        .await?;
+        if let Some(ondemand) = sidecar.proxy.ondemand()
+            && !ondemand.wait_connected(Duration::from_secs(10)).await
+        {
+            anyhow::bail!("the sidecar did not connect to the control plane in 10 s");
+        }
         let address = sidecar.listeners.first().copied().context("no listener")?;
         let mut out = std::io::stdout().lock();
         writeln!(out, "rocketmesh is up")?;
         writeln!(out, "  nameserver address for apps: {address}")?;
         if let Some(admin) = sidecar.admin {
             writeln!(out, "  admin:                       http://{admin}/stats")?;
+            writeln!(
+                out,
+                "  xDS state:                   http://{admin}/config_dump"
+            )?;
         }
+        let harness = control_plane
+            .admin_address
+            .map_or_else(String::new, |admin| {
+                format!(", routes at http://{admin}/resources")
+            });
+        writeln!(
+            out,
+            "  control plane:               {}{harness}",
+            control_plane.ads_address
+        )?;
         let listeners = sidecar.proxy.broker_listeners.listening();
         for (name, broker, _) in &brokers {
             let through = listeners
@@ -157,6 +239,7 @@ pub fn run(args: &UpArgs) -> anyhow::Result<()> {
         super::signal::shutdown_signal().await;
         info!("shutting down");
         sidecar.shutdown().await;
+        control_plane.shutdown().await;
         let _ = stop_brokers.send(true);
         for broker in running {
             let _ = broker.await;

@@ -51,11 +51,96 @@ pub struct SidecarConfig {
     /// One address per upstream broker name, so clients that name brokers by address reach them.
     #[serde(default)]
     pub broker_listeners: BrokerListenersConfig,
+    /// Static routes: the only ones without `xds`, the fallback with it.
+    #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    #[serde(default)]
     pub clusters: Vec<ClusterConfig>,
     /// Pull→POP conversion of consumer groups.
     #[serde(default)]
     pub consume: super::pullpop::ConsumeConfig,
+    /// Routes on demand from an xDS control plane.
+    #[serde(default)]
+    pub xds: Option<XdsConfig>,
+}
+
+/// The on-demand xDS client: a topic's route is asked for when a request first names the topic,
+/// and given up when the topic goes idle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct XdsConfig {
+    /// The control plane's delta ADS address (`host:port` or `http://host:port`).
+    pub address: String,
+    /// Sent as the node id; the control plane's harness logs streams by it.
+    pub node_id: String,
+    /// How long a request for an unseen topic waits for its route (topic route, then cluster
+    /// and endpoints) before it gets TOPIC_NOT_EXIST.
+    pub request_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    /// Reconnect delay: doubled on each failure (with jitter) from the first to the last.
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+    /// A topic no request named for this long is unsubscribed and its state freed (0: never).
+    pub idle_unsubscribe_after_s: u64,
+    /// Most topics (and most clusters) subscribed at once; requests for more get TOPIC_NOT_EXIST.
+    pub max_topics: usize,
+    /// Requests waiting for routes at once, all topics; beyond that they are refused at once.
+    pub max_pending: usize,
+    /// Largest xDS response accepted.
+    pub max_message_bytes: usize,
+}
+
+impl Default for XdsConfig {
+    fn default() -> Self {
+        Self {
+            address: "127.0.0.1:18000".to_owned(),
+            node_id: "rocketmesh-sidecar".to_owned(),
+            request_timeout_ms: 5_000,
+            connect_timeout_ms: 5_000,
+            backoff_initial_ms: 200,
+            backoff_max_ms: 15_000,
+            idle_unsubscribe_after_s: 600,
+            max_topics: 10_000,
+            max_pending: 10_000,
+            max_message_bytes: 4 << 20,
+        }
+    }
+}
+
+impl XdsConfig {
+    fn problems(&self) -> Option<(&'static str, String)> {
+        if self.address.trim().is_empty() {
+            return Some(("address", "must not be empty".into()));
+        }
+        for (field, value) in [
+            ("request_timeout_ms", self.request_timeout_ms),
+            ("connect_timeout_ms", self.connect_timeout_ms),
+            ("backoff_initial_ms", self.backoff_initial_ms),
+            ("max_topics", self.max_topics as u64),
+            ("max_pending", self.max_pending as u64),
+            ("max_message_bytes", self.max_message_bytes as u64),
+        ] {
+            if value == 0 {
+                return Some((field, "must be greater than 0".into()));
+            }
+        }
+        if self.backoff_max_ms < self.backoff_initial_ms {
+            return Some((
+                "backoff_max_ms",
+                "must be at least backoff_initial_ms".into(),
+            ));
+        }
+        None
+    }
+
+    /// The address as a URI for the gRPC client.
+    pub fn uri(&self) -> String {
+        if self.address.contains("://") {
+            self.address.clone()
+        } else {
+            format!("http://{}", self.address)
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -575,8 +660,14 @@ impl SidecarConfig {
             ));
         }
         let names = validate_clusters(&self.clusters)?;
-        if self.routes.is_empty() {
-            return Err(invalid("routes", "at least one route is needed"));
+        if let Some((field, reason)) = self.xds.as_ref().and_then(XdsConfig::problems) {
+            return Err(invalid(format!("xds.{field}"), reason));
+        }
+        if self.routes.is_empty() && self.xds.is_none() {
+            return Err(invalid(
+                "routes",
+                "at least one route is needed (or an xds section to get routes from)",
+            ));
         }
         if let Some(ports) = self.broker_listeners.ports()? {
             let brokers: HashSet<&str> = self

@@ -258,29 +258,63 @@ fn reply(opaque: i32, code: ResponseCode, remark: impl Into<String>) -> Remoting
 }
 
 fn no_route(opaque: i32, topic: &str) -> RemotingCommand {
-    reply(
-        opaque,
-        ResponseCode::TOPIC_NOT_EXIST,
-        format!("No topic route info in rocketmesh for the topic: {topic}"),
-    )
+    not_routed(opaque, no_route_remark(topic))
 }
 
-/// The route of (`topic`, `code`), waiting up to `route_wait_ms` for one to appear.
-async fn route(
-    proxy: &Proxy,
-    topic: &str,
-    code: i32,
-) -> Option<(Arc<RouteTable>, Arc<RouteAction>)> {
+fn not_routed(opaque: i32, remark: String) -> RemotingCommand {
+    reply(opaque, ResponseCode::TOPIC_NOT_EXIST, remark)
+}
+
+type Routed = (Arc<RouteTable>, Arc<RouteAction>);
+
+/// The route of (`topic`, `code`). With xDS, a topic the table does not hold yet is asked for
+/// and the request held until it arrives; a static route is the fallback (at once while the
+/// control plane is unreachable). Without xDS, a missing route is waited for up to
+/// `route_wait_ms`. `Err` is the remark for TOPIC_NOT_EXIST.
+async fn route(proxy: &Proxy, topic: &str, code: i32) -> Result<Routed, String> {
     let table = proxy.routes.snapshot();
-    if let Some(action) = table.lookup(topic, code) {
-        return Some((table, action));
+    let Some(ondemand) = proxy.ondemand() else {
+        if let Some(action) = table.lookup(topic, code) {
+            return Ok((table, action));
+        }
+        let wait = Duration::from_millis(proxy.current.load().route_wait_ms);
+        if wait.is_zero() {
+            return Err(no_route_remark(topic));
+        }
+        let _pending = proxy.stats.pending_request();
+        return proxy
+            .routes
+            .route_for(topic, code, wait)
+            .await
+            .ok_or_else(|| no_route_remark(topic));
+    };
+    if table.has_xds_topic(topic) {
+        return match table.lookup(topic, code) {
+            Some(action) => Ok((table, action)),
+            None => Err(no_route_remark(topic)),
+        };
     }
-    let wait = Duration::from_millis(proxy.current.load().route_wait_ms);
-    if wait.is_zero() {
-        return None;
+    if let Some(action) = table.lookup(topic, code)
+        && !ondemand.connected()
+    {
+        return Ok((table, action));
     }
-    let _pending = proxy.stats.pending_request();
-    proxy.routes.route_for(topic, code, wait).await
+    let resolved = {
+        let _pending = proxy.stats.pending_request();
+        ondemand.resolve(topic).await
+    };
+    let table = proxy.routes.snapshot();
+    match (table.lookup(topic, code), resolved) {
+        (Some(action), _) => Ok((table, action)),
+        (None, Err(why)) => Err(why.to_string()),
+        (None, Ok(())) => Err(format!(
+            "the control plane's route for topic {topic} does not cover request code {code}"
+        )),
+    }
+}
+
+fn no_route_remark(topic: &str) -> String {
+    format!("No topic route info in rocketmesh for the topic: {topic}")
 }
 
 /// Sends `request` to `endpoint`; the answer carries the client's opaque (`None` for oneway).
@@ -404,8 +438,9 @@ async fn route_info(
             );
         }
     };
-    let Some((table, action)) = route(proxy, &header.topic, request.code).await else {
-        return no_route(request.opaque, &header.topic);
+    let (table, action) = match route(proxy, &header.topic, request.code).await {
+        Ok(routed) => routed,
+        Err(why) => return not_routed(request.opaque, why),
     };
     let brokers = proxy.broker_listeners.advertised();
     let route = table.topic_route(&action, |name| {
@@ -469,7 +504,40 @@ fn heartbeat(
     proxy.pullpop.heartbeat(&heartbeat.client_id);
     let mut upstream = request.clone();
     upstream.set_oneway(false);
-    to_brokers_in_background(proxy, downstream.broker.as_deref(), &upstream);
+    let unseen: Vec<String> = match proxy.ondemand() {
+        Some(_) => {
+            let table = proxy.routes.snapshot();
+            let topics: BTreeSet<&str> = heartbeat
+                .consumer_data_set
+                .iter()
+                .flat_map(|consumer| &consumer.subscription_data_set)
+                .map(|subscription| subscription.topic.as_str())
+                .collect();
+            for topic in &topics {
+                table.touch(topic);
+            }
+            topics
+                .into_iter()
+                .filter(|topic| !table.has_xds_topic(topic))
+                .map(str::to_owned)
+                .collect()
+        }
+        None => Vec::new(),
+    };
+    if unseen.is_empty() {
+        to_brokers_in_background(proxy, downstream.broker.as_deref(), &upstream);
+    } else {
+        // A consumer's registration must reach the brokers of its topics: learn them first.
+        let proxy = proxy.clone();
+        let broker = downstream.broker.clone();
+        tokio::spawn(async move {
+            let lookups = unseen
+                .iter()
+                .map(|topic| route(&proxy, topic, RequestCode::HEART_BEAT.0));
+            futures::future::join_all(lookups).await;
+            to_brokers_in_background(&proxy, broker.as_deref(), &upstream);
+        });
+    }
     RemotingCommand::response_to(request, ResponseCode::SUCCESS)
 }
 
@@ -650,8 +718,9 @@ async fn send(
             ),
         ));
     }
-    let Some((table, action)) = route(proxy, &topic, request.code).await else {
-        return Some(no_route(request.opaque, &topic));
+    let (table, action) = match route(proxy, &topic, request.code).await {
+        Ok(routed) => routed,
+        Err(why) => return Some(not_routed(request.opaque, why)),
     };
     let Some(cluster) = proxy.cluster(&action.cluster.name) else {
         return Some(no_route(request.opaque, &topic));
@@ -673,9 +742,9 @@ async fn send(
         .flatten()
         .flatten()
         .filter(|endpoint| {
-            endpoint.metadata.writable()
+            action.writable(endpoint)
                 && serves(&action, endpoint)
-                && (0..endpoint.metadata.write_queue_num).contains(&requested_queue)
+                && (0..action.write_queues(endpoint)).contains(&requested_queue)
         });
     let messages = if request.request_code() == RequestCode::SEND_BATCH_MESSAGE {
         count_records(&request.body)
@@ -696,7 +765,7 @@ async fn send(
         let Some((endpoint, picked)) = cluster.pick(
             &action.cluster,
             &action,
-            |e| e.metadata.writable(),
+            |e| action.writable(e),
             |address| proxy.upstreams.connectable(address),
             &tried,
         ) else {
@@ -706,7 +775,7 @@ async fn send(
                 format!("no writable broker serves the topic {topic} in rocketmesh"),
             ));
         };
-        let queues = endpoint.metadata.write_queue_num.max(1);
+        let queues = action.write_queues(&endpoint).max(1);
         let queue = if action.ordered && requested_queue >= 0 {
             requested_queue % queues
         } else {
@@ -769,8 +838,9 @@ async fn pop(
         ));
     };
     let group = request.ext("consumerGroup").unwrap_or_default().to_owned();
-    let Some((table, action)) = route(proxy, &topic, request.code).await else {
-        return Some(no_route(request.opaque, &topic));
+    let (table, action) = match route(proxy, &topic, request.code).await {
+        Ok(routed) => routed,
+        Err(why) => return Some(not_routed(request.opaque, why)),
     };
     let queue_id = request
         .ext("queueId")
@@ -781,7 +851,7 @@ async fn pop(
         .then(|| addressed_broker(&table, downstream, request.ext(BNAME)).ok())
         .flatten()
         .flatten()
-        .filter(|endpoint| endpoint.metadata.readable() && serves(&action, endpoint));
+        .filter(|endpoint| action.readable(endpoint) && serves(&action, endpoint));
     let opaque = request.opaque;
     let result = match named {
         Some(endpoint) => {
@@ -795,7 +865,7 @@ async fn pop(
                 cluster.pick(
                     &action.cluster,
                     &action,
-                    |e| e.metadata.readable(),
+                    |e| action.readable(e),
                     |address| proxy.upstreams.connectable(address),
                     &[],
                 )
@@ -946,7 +1016,19 @@ async fn to_named_broker(
     downstream: &Downstream,
     request: RemotingCommand,
 ) -> Option<RemotingCommand> {
-    let table = proxy.routes.snapshot();
+    let mut table = proxy.routes.snapshot();
+    if let Some(topic) = request.ext("topic").filter(|topic| !topic.is_empty())
+        && proxy.ondemand().is_some()
+    {
+        if table.has_xds_topic(topic) {
+            table.touch(topic);
+        } else {
+            // A client that kept its route data across a sidecar restart (or an idle spell)
+            // names brokers this sidecar has not learned yet: learn them from the topic first.
+            let _ = route(proxy, topic, request.code).await;
+            table = proxy.routes.snapshot();
+        }
+    }
     let endpoint = match named_broker(proxy, &table, downstream, &request) {
         Ok(endpoint) => endpoint,
         Err(reason) => return Some(reply(request.opaque, ResponseCode::SYSTEM_ERROR, reason)),

@@ -11,12 +11,14 @@
 //! - [`server`]: listeners, downstream connections, graceful shutdown.
 //! - [`listeners`]: one listener per upstream broker name, following the route table.
 //! - [`pullpop`]: pull and push consumers served by POP/ACK.
+//! - [`ondemand`]: routes on demand from an xDS control plane, given up when idle.
 //! - [`stats`]: counters and histograms for the admin endpoint.
 
 pub mod config;
 pub mod dispatch;
 pub mod failover;
 pub mod listeners;
+pub mod ondemand;
 pub mod pullpop;
 pub mod relay;
 pub mod routes;
@@ -26,8 +28,8 @@ pub mod upstream;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
@@ -69,6 +71,8 @@ pub struct Proxy {
     pub broker_listeners: listeners::BrokerListeners,
     /// Pull→POP conversion of consumer groups.
     pub pullpop: pullpop::PullPop,
+    /// Routes on demand, when the config has an `xds` section.
+    pub ondemand: OnceLock<Arc<ondemand::OnDemand>>,
 }
 
 impl Proxy {
@@ -130,22 +134,49 @@ impl Proxy {
         self.upstreams.retain(&addresses);
     }
 
+    pub fn ondemand(&self) -> Option<&Arc<ondemand::OnDemand>> {
+        self.ondemand.get()
+    }
+
+    /// Rebuilds the route table from the configuration in force and what xDS holds now (called
+    /// by the xDS handler with its state locked, so rebuilds are serialised).
+    pub fn install_xds(
+        self: &Arc<Self>,
+        xds: &routes::XdsRoutes,
+    ) -> Result<(), config::ConfigError> {
+        let table = routes::RouteTable::build(&self.current.load(), xds)?;
+        self.install_routes(table);
+        Ok(())
+    }
+
     /// Applies a new configuration's routes and clusters (a SIGHUP reload). An invalid
-    /// configuration is refused whole and the one in force stays. Listeners, admin, limits and
-    /// broker listener placement are read only at start: changes to them are logged, not applied.
+    /// configuration is refused whole and the one in force stays. Listeners, admin, limits,
+    /// broker listener placement and the xDS client are read only at start: changes to them are
+    /// logged, not applied.
     pub fn reload(self: &Arc<Self>, config: SidecarConfig) -> Result<(), config::ConfigError> {
-        let table = routes::RouteTable::from_config(&config)?;
         let started = &self.config;
         if config.listeners != started.listeners
             || config.admin != started.admin
             || config.limits != started.limits
             || config.broker_listeners != started.broker_listeners
+            || config.xds != started.xds
         {
             warn!(
-                "listeners, admin, limits and broker_listeners changed: they take effect only at a restart"
+                "listeners, admin, limits, broker_listeners and xds changed: they take effect only at a restart"
             );
         }
-        self.install_routes(table);
+        match self.ondemand() {
+            Some(ondemand) => ondemand.with_routes(|xds| {
+                let table = routes::RouteTable::build(&config, xds)?;
+                self.current.store(Arc::new(config.clone()));
+                self.install_routes(table);
+                Ok::<_, config::ConfigError>(())
+            })?,
+            None => {
+                let table = routes::RouteTable::from_config(&config)?;
+                self.install_routes(table);
+            }
+        }
         info!(
             routes = config.routes.len(),
             clusters = config.clusters.len(),

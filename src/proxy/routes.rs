@@ -1,18 +1,26 @@
 //! The route table: topic → cluster → endpoints, as an immutable snapshot swapped whole at run time.
 //!
 //! Request paths load the current snapshot once (`ArcSwap`, no lock) and work on it; a new
-//! configuration (or, later, an xDS update) builds a new table and swaps it in, waking requests that
-//! wait for a route that was missing.
+//! configuration or an xDS update builds a new table and swaps it in, waking requests that wait for
+//! a route that was missing.
+//!
+//! Two sources meet here: the static routes of the config file (matchers, first match wins) and the
+//! per-topic routes received over xDS (exact names, a hash lookup). An xDS route wins; the static
+//! routes are the fallback.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
-use super::config::{BalancerSettings, ConfigError, EndpointMetadata, SidecarConfig, TopicMatcher};
+use super::config::{
+    BalancerSettings, ClusterConfig, ConfigError, EndpointMetadata, PERM_READ, PERM_WRITE,
+    RouteActionConfig, SidecarConfig, TopicMatcher,
+};
 use crate::remoting::body::{BrokerData, QueueData, TopicRouteData};
 
 /// One broker address and what the sidecar knows of it.
@@ -75,6 +83,32 @@ impl Matcher {
     }
 }
 
+/// A topic's queue counts and permission on one broker, as the topic's route data gives them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopicQueues {
+    pub perm: i32,
+    pub read_queue_num: i32,
+    pub write_queue_num: i32,
+}
+
+/// Whether an xDS topic was used since the idle sweeper last looked: one relaxed load per request,
+/// a store only on the first use in a sweep period.
+#[derive(Debug, Default)]
+pub struct TopicUsage(AtomicBool);
+
+impl TopicUsage {
+    pub fn touch(&self) {
+        if !self.0.load(Ordering::Relaxed) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the topic was used since the last call.
+    pub fn take(&self) -> bool {
+        self.0.swap(false, Ordering::Relaxed)
+    }
+}
+
 /// What a matched route says.
 #[derive(Debug)]
 pub struct RouteAction {
@@ -83,16 +117,89 @@ pub struct RouteAction {
     pub metadata_match: Vec<(String, String)>,
     pub ordered: bool,
     pub consume_mode: Option<super::pullpop::ConsumeMode>,
+    /// Broker name → the topic's queues there (an xDS route's queue data). When present, only
+    /// these brokers serve the topic; when empty, every endpoint does, with its own metadata.
+    pub queues: HashMap<String, TopicQueues>,
 }
 
 impl RouteAction {
-    /// The cluster's endpoints that pass the route's metadata match.
+    /// The cluster's endpoints that serve the topic and pass the route's metadata match.
     pub fn endpoints(&self) -> impl Iterator<Item = &Arc<Endpoint>> {
         self.cluster.endpoints.iter().filter(|endpoint| {
-            self.metadata_match
-                .iter()
-                .all(|(key, value)| endpoint.metadata.get(key).as_deref() == Some(value.as_str()))
+            (self.queues.is_empty() || self.queues.contains_key(&endpoint.metadata.broker_name))
+                && self.metadata_match.iter().all(|(key, value)| {
+                    endpoint.metadata.get(key).as_deref() == Some(value.as_str())
+                })
         })
+    }
+
+    /// The topic's queues on `endpoint`'s broker: the route's queue data, else the endpoint's own.
+    pub fn queues_on(&self, endpoint: &Endpoint) -> TopicQueues {
+        let metadata = &endpoint.metadata;
+        self.queues
+            .get(&metadata.broker_name)
+            .copied()
+            .unwrap_or(TopicQueues {
+                perm: metadata.perm,
+                read_queue_num: metadata.read_queue_num,
+                write_queue_num: metadata.write_queue_num,
+            })
+    }
+
+    /// Whether `endpoint` takes writes of the topic: the endpoint (a master) and the topic's
+    /// queues there both allow it.
+    pub fn writable(&self, endpoint: &Endpoint) -> bool {
+        endpoint.metadata.writable() && self.queues_on(endpoint).perm & PERM_WRITE != 0
+    }
+
+    pub fn readable(&self, endpoint: &Endpoint) -> bool {
+        endpoint.metadata.readable() && self.queues_on(endpoint).perm & PERM_READ != 0
+    }
+
+    pub fn write_queues(&self, endpoint: &Endpoint) -> i32 {
+        self.queues_on(endpoint).write_queue_num
+    }
+}
+
+/// One route of an xDS topic: for some request codes, or (`codes: None`) for every code.
+#[derive(Debug, Clone)]
+pub struct XdsTopicRoute {
+    pub codes: Option<Vec<i32>>,
+    pub action: RouteActionConfig,
+    pub queues: HashMap<String, TopicQueues>,
+}
+
+/// A topic received over xDS: its routes, code-specific ones first.
+#[derive(Debug, Clone)]
+pub struct XdsTopic {
+    pub routes: Vec<XdsTopicRoute>,
+    pub usage: Arc<TopicUsage>,
+}
+
+/// What xDS holds now, in the sidecar's vocabulary: the input of a table rebuild.
+#[derive(Debug, Clone, Default)]
+pub struct XdsRoutes {
+    /// Complete clusters (a Cluster and its endpoints both received). One named like a static
+    /// cluster replaces it.
+    pub clusters: BTreeMap<String, ClusterConfig>,
+    pub topics: HashMap<String, XdsTopic>,
+}
+
+/// An xDS topic's compiled routes.
+#[derive(Debug)]
+struct TopicRoutes {
+    by_code: Vec<(Vec<i32>, Arc<RouteAction>)>,
+    default: Option<Arc<RouteAction>>,
+    usage: Arc<TopicUsage>,
+}
+
+impl TopicRoutes {
+    fn for_code(&self, code: i32) -> Option<&Arc<RouteAction>> {
+        self.by_code
+            .iter()
+            .find(|(codes, _)| codes.contains(&code))
+            .map(|(_, action)| action)
+            .or(self.default.as_ref())
     }
 }
 
@@ -107,6 +214,8 @@ struct Route {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     routes: Vec<Route>,
+    /// Topic → its xDS routes.
+    topics: HashMap<String, TopicRoutes>,
     clusters: BTreeMap<String, Arc<Cluster>>,
     /// broker name → its endpoints, lowest broker id (the master) first.
     brokers: HashMap<String, Vec<Arc<Endpoint>>>,
@@ -115,9 +224,19 @@ pub struct RouteTable {
 
 impl RouteTable {
     pub fn from_config(config: &SidecarConfig) -> Result<Self, ConfigError> {
+        Self::build(config, &XdsRoutes::default())
+    }
+
+    /// The table of a configuration's static routes plus what xDS holds. xDS topics whose cluster
+    /// has not arrived yet are left out (not routable yet).
+    pub fn build(config: &SidecarConfig, xds: &XdsRoutes) -> Result<Self, ConfigError> {
         config.validate()?;
         let mut table = Self::default();
-        for cluster in &config.clusters {
+        let static_clusters = config
+            .clusters
+            .iter()
+            .filter(|cluster| !xds.clusters.contains_key(&cluster.name));
+        for cluster in static_clusters.chain(xds.clusters.values()) {
             let endpoints: Vec<Arc<Endpoint>> = cluster
                 .endpoints
                 .iter()
@@ -187,14 +306,53 @@ impl RouteTable {
                         .collect(),
                     ordered: route.route.ordered,
                     consume_mode: route.route.consume_mode,
+                    queues: HashMap::new(),
                 }),
             });
+        }
+        for (topic, routes) in &xds.topics {
+            let mut compiled = TopicRoutes {
+                by_code: Vec::new(),
+                default: None,
+                usage: routes.usage.clone(),
+            };
+            for route in &routes.routes {
+                let Some(cluster) = table.clusters.get(&route.action.cluster).cloned() else {
+                    continue;
+                };
+                let action = Arc::new(RouteAction {
+                    cluster,
+                    metadata_match: route
+                        .action
+                        .metadata_match
+                        .iter()
+                        .map(|(key, value)| (key.clone(), value.as_text()))
+                        .collect(),
+                    ordered: route.action.ordered,
+                    consume_mode: route.action.consume_mode,
+                    queues: route.queues.clone(),
+                });
+                match &route.codes {
+                    Some(codes) => compiled.by_code.push((codes.clone(), action)),
+                    None => compiled.default = Some(action),
+                }
+            }
+            if compiled.default.is_some() || !compiled.by_code.is_empty() {
+                table.topics.insert(topic.clone(), compiled);
+            }
         }
         Ok(table)
     }
 
-    /// The first route matching `topic` and request `code`.
+    /// The route for `topic` and request `code`: the topic's xDS route, else the first static
+    /// route that matches. Marks an xDS topic used.
     pub fn lookup(&self, topic: &str, code: i32) -> Option<Arc<RouteAction>> {
+        if let Some(routes) = self.topics.get(topic) {
+            routes.usage.touch();
+            if let Some(action) = routes.for_code(code) {
+                return Some(action.clone());
+            }
+        }
         self.routes
             .iter()
             .find(|route| {
@@ -205,6 +363,19 @@ impl RouteTable {
                     && route.topic.matches(topic)
             })
             .map(|route| route.action.clone())
+    }
+
+    /// Marks an xDS topic used (requests that reach a broker by name, such as pulls, keep their
+    /// topic subscribed too).
+    pub fn touch(&self, topic: &str) {
+        if let Some(routes) = self.topics.get(topic) {
+            routes.usage.touch();
+        }
+    }
+
+    /// Whether xDS gave a route for `topic` that this table holds.
+    pub fn has_xds_topic(&self, topic: &str) -> bool {
+        self.topics.contains_key(topic)
     }
 
     /// The endpoint that takes writes and offset updates for a broker name: its lowest id.
@@ -258,13 +429,14 @@ impl RouteTable {
                 .broker(&metadata.broker_name)
                 .is_some_and(|master| Arc::ptr_eq(&master, endpoint));
             if is_master || !queues.contains_key(metadata.broker_name.as_str()) {
+                let topic_queues = action.queues_on(endpoint);
                 queues.insert(
                     metadata.broker_name.as_str(),
                     QueueData {
                         broker_name: metadata.broker_name.clone(),
-                        perm: metadata.perm,
-                        read_queue_nums: metadata.read_queue_num,
-                        write_queue_nums: metadata.write_queue_num,
+                        perm: topic_queues.perm,
+                        read_queue_nums: topic_queues.read_queue_num,
+                        write_queue_nums: topic_queues.write_queue_num,
                         ..QueueData::default()
                     },
                 );

@@ -112,11 +112,17 @@ pub async fn start(config: SidecarConfig) -> Result<RunningSidecar, SidecarError
         pullpop: super::pullpop::PullPop::new(config.consume.clone()),
         shutdown,
         current: ArcSwap::from_pointee(config.clone()),
+        ondemand: std::sync::OnceLock::new(),
         config,
     });
     proxy.install_routes(table);
     let mut serving = JoinSet::new();
     let mut background = JoinSet::new();
+    if let Some(xds) = &proxy.config.xds {
+        let ondemand = super::ondemand::OnDemand::start(xds.clone(), &proxy);
+        let _ = proxy.ondemand.set(ondemand.clone());
+        background.spawn(ondemand.sweep_forever());
+    }
     let mut listeners = Vec::new();
     for (listener, local, advertised) in bound {
         info!(listen = %local, %advertised, "sidecar listening");
@@ -204,6 +210,9 @@ impl RunningSidecar {
         }
         self.serving.abort_all();
         self.background.abort_all();
+        if let Some(ondemand) = self.proxy.ondemand() {
+            ondemand.stop();
+        }
         while self.serving.join_next().await.is_some() {}
         while self.background.join_next().await.is_some() {}
         info!("sidecar stopped");

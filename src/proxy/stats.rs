@@ -164,6 +164,10 @@ impl SeriesLimit {
     fn added(&self) {
         self.series.fetch_add(1, Ordering::Relaxed);
     }
+
+    fn removed(&self, count: usize) {
+        self.series.fetch_sub(count, Ordering::Relaxed);
+    }
 }
 
 /// Values by topic with a capped number of topics. Lookups of known topics borrow the name;
@@ -197,6 +201,12 @@ impl<V: Default> ByTopic<V> {
                 V::default()
             })
             .downgrade()
+    }
+
+    fn forget(&self, topic: &str) {
+        if self.map.remove(topic).is_some() {
+            self.limit.removed(1);
+        }
     }
 
     fn read<R>(&self, value: impl Fn(&V) -> R) -> Vec<(String, R)> {
@@ -245,6 +255,12 @@ impl ByTopicAndGroup {
                 AtomicU64::new(0)
             })
             .fetch_add(by, Ordering::Relaxed);
+    }
+
+    fn forget(&self, topic: &str) {
+        if let Some((_, groups)) = self.topics.remove(topic) {
+            self.limit.removed(groups.len());
+        }
     }
 
     fn read(&self) -> Vec<((String, String), u64)> {
@@ -363,6 +379,13 @@ impl ProxyStats {
     /// A request waiting for a route or an upstream slot.
     pub fn pending_request(&self) -> GaugeGuard<'_> {
         raise(&self.requests_pending)
+    }
+
+    /// Drops a topic's series (its route was given up): stats follow the topics in use.
+    pub fn forget_topic(&self, topic: &str) {
+        self.messages_in.forget(topic);
+        self.messages_out.forget(topic);
+        self.send_cost.forget(topic);
     }
 
     pub fn messages_in(&self, topic: &str, count: u64) {

@@ -145,6 +145,8 @@ pub struct ClientSnapshot {
     pub address: String,
     pub node_id: String,
     pub connected: bool,
+    /// A stream was established at least once.
+    pub ever_connected: bool,
     /// The client's task is alive (false only if it died, which is a bug).
     pub running: bool,
     /// When the client last connected or disconnected (ms since the epoch); `None` before the
@@ -312,6 +314,7 @@ struct TypeState {
 
 struct Conn {
     connected: bool,
+    ever_connected: bool,
     since_ms: Option<u64>,
     last_error: Option<String>,
 }
@@ -370,6 +373,7 @@ impl XdsClient {
                 types: BTreeMap::new(),
                 conn: Conn {
                     connected: false,
+                    ever_connected: false,
                     since_ms: None,
                     last_error: None,
                 },
@@ -480,12 +484,18 @@ impl XdsClient {
             address: self.shared.config.address.clone(),
             node_id: self.shared.config.node_id.clone(),
             connected: state.conn.connected,
+            ever_connected: state.conn.ever_connected,
             running: !self.task.is_finished(),
             since_ms: state.conn.since_ms,
             last_error: state.conn.last_error.clone(),
             types,
             counters: self.shared.counters.snapshot(),
         }
+    }
+
+    /// Stops the client's task (and its stream); demands then fail with `Stopped`.
+    pub fn stop(&self) {
+        self.task.abort();
     }
 
     /// Watches whether a stream is up (to wait for the first connection, or for health).
@@ -783,6 +793,7 @@ impl Shared {
         {
             let mut state = self.lock();
             state.conn.connected = connected;
+            state.conn.ever_connected |= connected;
             state.conn.since_ms = Some(now_ms());
             if error.is_some() {
                 state.conn.last_error = error;
