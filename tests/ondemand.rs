@@ -116,6 +116,16 @@ fn free_address() -> SocketAddr {
 }
 
 async fn sidecar(ads: SocketAddr, request_timeout_ms: u64, idle_s: u64) -> RunningSidecar {
+    sidecar_with(ads, request_timeout_ms, idle_s, "").await
+}
+
+/// A sidecar with the xDS section and `extra` top-level YAML (static routes, say).
+async fn sidecar_with(
+    ads: SocketAddr,
+    request_timeout_ms: u64,
+    idle_s: u64,
+    extra: &str,
+) -> RunningSidecar {
     let yaml = format!(
         r#"listeners: [{{ address: "127.0.0.1:0" }}]
 admin: {{ address: "127.0.0.1:0" }}
@@ -126,7 +136,7 @@ xds:
   backoff_initial_ms: 100
   backoff_max_ms: 1000
   idle_unsubscribe_after_s: {idle_s}
-"#
+{extra}"#
     );
     let config = SidecarConfig::parse(&yaml).expect("sidecar config");
     proxy::start(config).await.expect("sidecar starts")
@@ -605,6 +615,63 @@ async fn a_broker_added_to_the_cluster_takes_sends_and_shows_in_route_data_withi
     assert!(in_route_data < Duration::from_secs(1), "{in_route_data:?}");
     assert!(first_on_b < Duration::from_secs(1), "{first_on_b:?}");
     producer.shutdown().await;
+    mesh.shutdown().await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_routes_are_the_fallback() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let a = RunningBroker::start(&data.path().join("a")).await;
+    let b = RunningBroker::start(&data.path().join("b")).await;
+    let path = write_config(
+        data.path(),
+        &control_plane_yaml(free_address(), &[("broker-a", a.addr)]),
+    );
+    let control_plane = ControlPlane::start(&path);
+    let fallback = format!(
+        r#"routes:
+  - match: {{ topic: {{ prefix: "" }} }}
+    route: {{ cluster: legacy }}
+clusters:
+  - name: legacy
+    endpoints:
+{}"#,
+        brokers_yaml(&[("broker-b", b.addr)])
+    );
+    let mesh = sidecar_with(control_plane.ads, 5_000, 0, &fallback).await;
+    let address = mesh.listeners[0];
+
+    // The control plane's topic goes where it says; one it does not have takes the static route.
+    let known = route_info(address, "known-x").await;
+    assert_eq!(broker_names(&known), vec!["broker-a".to_owned()]);
+    let legacy = route_info(address, "legacy-x").await;
+    assert_eq!(legacy.code, ResponseCode::SUCCESS.0, "{:?}", legacy.remark);
+    assert_eq!(broker_names(&legacy), vec!["broker-b".to_owned()]);
+    let mut producer = producer(address, "ondemand-fallback").await;
+    send(&mut producer, "legacy-y", "via the static route")
+        .await
+        .expect("send on the static route");
+    producer.shutdown().await;
+    assert_eq!(messages_on(b.addr, "legacy-y").await, 1);
+
+    // With the control plane unreachable, a topic the static routes cover does not wait for it.
+    let lonely = sidecar_with(free_address(), 5_000, 0, &fallback).await;
+    let (status, ready) = http(lonely.admin.expect("admin"), "GET", "/ready", "").await;
+    assert_eq!(status, 200, "static routes serve meanwhile: {ready}");
+    let started = Instant::now();
+    let answer = route_info(lonely.listeners[0], "legacy-z").await;
+    let waited = started.elapsed();
+    assert_eq!(answer.code, ResponseCode::SUCCESS.0, "{:?}", answer.remark);
+    assert!(
+        waited < Duration::from_secs(5),
+        "answered from the static route without waiting for the control plane: {waited:?}"
+    );
+    println!(
+        "fallback: known-x from the control plane (broker-a), legacy-x from the static route (broker-b); without a control plane legacy-z answered in {waited:?}"
+    );
+    lonely.shutdown().await;
     mesh.shutdown().await;
     a.stop().await;
     b.stop().await;

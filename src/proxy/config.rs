@@ -872,6 +872,22 @@ mod tests {
         assert!(config.routes.len() >= 2);
     }
 
+    #[test]
+    fn the_xds_example_config_loads_and_xds_settings_are_checked() {
+        let config = SidecarConfig::parse(include_str!("../../config/sidecar-xds.yaml"))
+            .expect("xds example");
+        let xds = config.xds.expect("an xds section");
+        assert_eq!(xds.uri(), "http://127.0.0.1:18000");
+        assert!(config.routes.is_empty());
+        let without_routes = "listeners: [{ address: \"127.0.0.1:0\" }]\n";
+        assert!(error_of(without_routes).contains("or an xds section"));
+        let zero = format!("{without_routes}xds: {{ address: \"x:1\", request_timeout_ms: 0 }}\n");
+        assert!(error_of(&zero).contains("xds.request_timeout_ms"), "{}", error_of(&zero));
+        let backwards =
+            format!("{without_routes}xds: {{ backoff_initial_ms: 500, backoff_max_ms: 100 }}\n");
+        assert!(error_of(&backwards).contains("xds.backoff_max_ms"));
+    }
+
     fn error_of(text: &str) -> String {
         SidecarConfig::parse(text)
             .expect_err("must be refused")
