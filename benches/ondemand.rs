@@ -251,10 +251,10 @@ impl SidecarProcess {
             _dir: dir,
         };
         let deadline = Instant::now() + WAIT;
-        while !sidecar
+        while sidecar
             .get("/ready")
             .await
-            .is_some_and(|(status, _)| status == 200)
+            .is_none_or(|(status, _)| status != 200)
         {
             assert!(Instant::now() < deadline, "the sidecar never got ready");
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -882,7 +882,11 @@ mod tests {
         let without_routes = "listeners: [{ address: \"127.0.0.1:0\" }]\n";
         assert!(error_of(without_routes).contains("or an xds section"));
         let zero = format!("{without_routes}xds: {{ address: \"x:1\", request_timeout_ms: 0 }}\n");
-        assert!(error_of(&zero).contains("xds.request_timeout_ms"), "{}", error_of(&zero));
+        assert!(
+            error_of(&zero).contains("xds.request_timeout_ms"),
+            "{}",
+            error_of(&zero)
+        );
         let backwards =
             format!("{without_routes}xds: {{ backoff_initial_ms: 500, backoff_max_ms: 100 }}\n");
         assert!(error_of(&backwards).contains("xds.backoff_max_ms"));

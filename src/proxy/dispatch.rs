@@ -295,7 +295,7 @@ async fn route(proxy: &Proxy, topic: &str, code: i32) -> Result<Routed, String> 
         };
     }
     if let Some(action) = table.lookup(topic, code)
-        && !ondemand.connected()
+        && ondemand.unreachable()
     {
         return Ok((table, action));
     }
@@ -1078,8 +1078,13 @@ fn topic_of(request: &RemotingCommand) -> Option<String> {
 /// found on more than one broker is refused as ambiguous; otherwise the first success is returned,
 /// or the last error when none succeeded.
 async fn to_every_broker(proxy: &Proxy, request: RemotingCommand) -> Option<RemotingCommand> {
-    let table = proxy.routes.snapshot();
     let topic = topic_of(&request).unwrap_or_default();
+    if !topic.is_empty() && proxy.ondemand().is_some() {
+        // The brokers of a topic not held yet are learned first (a POP consumer's assignment
+        // query may come before any route request through this sidecar).
+        let _ = route(proxy, &topic, request.code).await;
+    }
+    let table = proxy.routes.snapshot();
     let mut brokers: Vec<Arc<Endpoint>> = Vec::new();
     let mut seen = BTreeSet::new();
     let endpoints: Vec<Arc<Endpoint>> = match table.lookup(&topic, request.code) {

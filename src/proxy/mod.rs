@@ -144,7 +144,8 @@ impl Proxy {
         self: &Arc<Self>,
         xds: &routes::XdsRoutes,
     ) -> Result<(), config::ConfigError> {
-        let table = routes::RouteTable::build(&self.current.load(), xds)?;
+        let previous = self.routes.snapshot();
+        let table = routes::RouteTable::rebuild(&self.current.load(), xds, Some(&previous))?;
         self.install_routes(table);
         Ok(())
     }

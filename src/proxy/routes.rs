@@ -47,6 +47,41 @@ pub struct Cluster {
     pub max_in_flight_per_endpoint: usize,
     pub balancer: BalancerSettings,
     pub endpoints: Vec<Arc<Endpoint>>,
+    /// The config it was built from: a rebuild reuses it while that is unchanged.
+    source: Arc<ClusterConfig>,
+}
+
+impl Cluster {
+    fn new(source: Arc<ClusterConfig>) -> Self {
+        let config = &*source;
+        let endpoints = config
+            .endpoints
+            .iter()
+            .map(|endpoint| {
+                Arc::new(Endpoint {
+                    address: endpoint.address,
+                    cluster: config.name.clone(),
+                    metadata: endpoint.metadata.clone(),
+                    connect_timeout: Duration::from_millis(config.connect_timeout_ms),
+                    request_timeout: Duration::from_millis(config.request_timeout_ms),
+                    pool_size: config.pool_size,
+                    max_in_flight: config.max_in_flight_per_endpoint,
+                    broker_max_in_flight_per_connection: config.broker_max_in_flight_per_connection,
+                    max_parked: config.max_parked_per_endpoint,
+                })
+            })
+            .collect();
+        Self {
+            name: config.name.clone(),
+            connect_timeout: Duration::from_millis(config.connect_timeout_ms),
+            request_timeout: Duration::from_millis(config.request_timeout_ms),
+            pool_size: config.pool_size,
+            max_in_flight_per_endpoint: config.max_in_flight_per_endpoint,
+            balancer: config.balancer.clone(),
+            endpoints,
+            source: source.clone(),
+        }
+    }
 }
 
 /// A compiled topic matcher (`exact`, `prefix` or a whole-name `regex`).
@@ -176,13 +211,14 @@ pub struct XdsTopic {
     pub usage: Arc<TopicUsage>,
 }
 
-/// What xDS holds now, in the sidecar's vocabulary: the input of a table rebuild.
+/// What xDS holds now, in the sidecar's vocabulary: the input of a table rebuild. Entries are
+/// shared, so a rebuild can tell by pointer which ones changed and reuse the rest.
 #[derive(Debug, Clone, Default)]
 pub struct XdsRoutes {
     /// Complete clusters (a Cluster and its endpoints both received). One named like a static
     /// cluster replaces it.
-    pub clusters: BTreeMap<String, ClusterConfig>,
-    pub topics: HashMap<String, XdsTopic>,
+    pub clusters: BTreeMap<String, Arc<ClusterConfig>>,
+    pub topics: HashMap<Arc<str>, Arc<XdsTopic>>,
 }
 
 /// An xDS topic's compiled routes.
@@ -191,6 +227,59 @@ struct TopicRoutes {
     by_code: Vec<(Vec<i32>, Arc<RouteAction>)>,
     default: Option<Arc<RouteAction>>,
     usage: Arc<TopicUsage>,
+    source: Arc<XdsTopic>,
+}
+
+impl TopicRoutes {
+    fn compile(source: &Arc<XdsTopic>, clusters: &BTreeMap<String, Arc<Cluster>>) -> Self {
+        let mut compiled = Self {
+            by_code: Vec::new(),
+            default: None,
+            usage: source.usage.clone(),
+            source: source.clone(),
+        };
+        for route in &source.routes {
+            let Some(cluster) = clusters.get(&route.action.cluster).cloned() else {
+                continue;
+            };
+            let action = Arc::new(RouteAction {
+                cluster,
+                metadata_match: route
+                    .action
+                    .metadata_match
+                    .iter()
+                    .map(|(key, value)| (key.clone(), value.as_text()))
+                    .collect(),
+                ordered: route.action.ordered,
+                consume_mode: route.action.consume_mode,
+                queues: route.queues.clone(),
+            });
+            match &route.codes {
+                Some(codes) => compiled.by_code.push((codes.clone(), action)),
+                None => compiled.default = Some(action),
+            }
+        }
+        compiled
+    }
+
+    fn actions(&self) -> impl Iterator<Item = &Arc<RouteAction>> {
+        self.by_code
+            .iter()
+            .map(|(_, action)| action)
+            .chain(self.default.as_ref())
+    }
+
+    /// Still valid in a table with `clusters`: same source, and each action's cluster is the
+    /// one the table has (a missing cluster that arrived since needs a compile too).
+    fn reusable(&self, source: &Arc<XdsTopic>, clusters: &BTreeMap<String, Arc<Cluster>>) -> bool {
+        Arc::ptr_eq(&self.source, source)
+            && self.actions().count() == source.routes.len()
+            && self.actions().all(|action| {
+                clusters
+                    .get(&action.cluster.name)
+                    .is_some_and(|cluster| Arc::ptr_eq(cluster, &action.cluster))
+            })
+    }
 }
 
 impl TopicRoutes {
@@ -215,7 +304,7 @@ struct Route {
 pub struct RouteTable {
     routes: Vec<Route>,
     /// Topic → its xDS routes.
-    topics: HashMap<String, TopicRoutes>,
+    topics: HashMap<Arc<str>, Arc<TopicRoutes>>,
     clusters: BTreeMap<String, Arc<Cluster>>,
     /// broker name → its endpoints, lowest broker id (the master) first.
     brokers: HashMap<String, Vec<Arc<Endpoint>>>,
@@ -230,51 +319,29 @@ impl RouteTable {
     /// The table of a configuration's static routes plus what xDS holds. xDS topics whose cluster
     /// has not arrived yet are left out (not routable yet).
     pub fn build(config: &SidecarConfig, xds: &XdsRoutes) -> Result<Self, ConfigError> {
+        Self::rebuild(config, xds, None)
+    }
+
+    /// [`Self::build`], reusing what `previous` compiled from xDS entries that did not change,
+    /// so adding one topic to thousands costs little more than that topic.
+    pub fn rebuild(
+        config: &SidecarConfig,
+        xds: &XdsRoutes,
+        previous: Option<&RouteTable>,
+    ) -> Result<Self, ConfigError> {
         config.validate()?;
         let mut table = Self::default();
         let static_clusters = config
             .clusters
             .iter()
-            .filter(|cluster| !xds.clusters.contains_key(&cluster.name));
-        for cluster in static_clusters.chain(xds.clusters.values()) {
-            let endpoints: Vec<Arc<Endpoint>> = cluster
-                .endpoints
-                .iter()
-                .map(|endpoint| {
-                    Arc::new(Endpoint {
-                        address: endpoint.address,
-                        cluster: cluster.name.clone(),
-                        metadata: endpoint.metadata.clone(),
-                        connect_timeout: Duration::from_millis(cluster.connect_timeout_ms),
-                        request_timeout: Duration::from_millis(cluster.request_timeout_ms),
-                        pool_size: cluster.pool_size,
-                        max_in_flight: cluster.max_in_flight_per_endpoint,
-                        broker_max_in_flight_per_connection: cluster
-                            .broker_max_in_flight_per_connection,
-                        max_parked: cluster.max_parked_per_endpoint,
-                    })
-                })
-                .collect();
-            for endpoint in &endpoints {
-                table
-                    .brokers
-                    .entry(endpoint.metadata.broker_name.clone())
-                    .or_default()
-                    .push(endpoint.clone());
-                table.by_address.insert(endpoint.address, endpoint.clone());
-            }
-            table.clusters.insert(
-                cluster.name.clone(),
-                Arc::new(Cluster {
-                    name: cluster.name.clone(),
-                    connect_timeout: Duration::from_millis(cluster.connect_timeout_ms),
-                    request_timeout: Duration::from_millis(cluster.request_timeout_ms),
-                    pool_size: cluster.pool_size,
-                    max_in_flight_per_endpoint: cluster.max_in_flight_per_endpoint,
-                    balancer: cluster.balancer.clone(),
-                    endpoints,
-                }),
-            );
+            .filter(|cluster| !xds.clusters.contains_key(&cluster.name))
+            .map(|cluster| Arc::new(cluster.clone()));
+        for source in static_clusters.chain(xds.clusters.values().cloned()) {
+            let kept = previous
+                .and_then(|previous| previous.clusters.get(&source.name))
+                .filter(|kept| Arc::ptr_eq(&kept.source, &source) || kept.source == source)
+                .cloned();
+            table.add_cluster(kept.unwrap_or_else(|| Arc::new(Cluster::new(source))));
         }
         for endpoints in table.brokers.values_mut() {
             endpoints.sort_by_key(|endpoint| endpoint.metadata.broker_id);
@@ -310,35 +377,17 @@ impl RouteTable {
                 }),
             });
         }
-        for (topic, routes) in &xds.topics {
-            let mut compiled = TopicRoutes {
-                by_code: Vec::new(),
-                default: None,
-                usage: routes.usage.clone(),
+        for (topic, source) in &xds.topics {
+            let kept = previous
+                .and_then(|previous| previous.topics.get(topic))
+                .filter(|kept| kept.reusable(source, &table.clusters))
+                .cloned();
+            let routes = match kept {
+                Some(kept) => kept,
+                None => Arc::new(TopicRoutes::compile(source, &table.clusters)),
             };
-            for route in &routes.routes {
-                let Some(cluster) = table.clusters.get(&route.action.cluster).cloned() else {
-                    continue;
-                };
-                let action = Arc::new(RouteAction {
-                    cluster,
-                    metadata_match: route
-                        .action
-                        .metadata_match
-                        .iter()
-                        .map(|(key, value)| (key.clone(), value.as_text()))
-                        .collect(),
-                    ordered: route.action.ordered,
-                    consume_mode: route.action.consume_mode,
-                    queues: route.queues.clone(),
-                });
-                match &route.codes {
-                    Some(codes) => compiled.by_code.push((codes.clone(), action)),
-                    None => compiled.default = Some(action),
-                }
-            }
-            if compiled.default.is_some() || !compiled.by_code.is_empty() {
-                table.topics.insert(topic.clone(), compiled);
+            if routes.default.is_some() || !routes.by_code.is_empty() {
+                table.topics.insert(topic.clone(), routes);
             }
         }
         Ok(table)
@@ -385,6 +434,17 @@ impl RouteTable {
 
     pub fn endpoint_at(&self, address: SocketAddr) -> Option<Arc<Endpoint>> {
         self.by_address.get(&address).cloned()
+    }
+
+    fn add_cluster(&mut self, cluster: Arc<Cluster>) {
+        for endpoint in &cluster.endpoints {
+            self.brokers
+                .entry(endpoint.metadata.broker_name.clone())
+                .or_default()
+                .push(endpoint.clone());
+            self.by_address.insert(endpoint.address, endpoint.clone());
+        }
+        self.clusters.insert(cluster.name.clone(), cluster);
     }
 
     pub fn clusters(&self) -> impl Iterator<Item = &Arc<Cluster>> {
@@ -579,6 +639,66 @@ clusters:
             vec![("a", 6, 8), ("b", 6, 4)],
             "the master describes broker a"
         );
+    }
+
+    fn xds_topic(cluster: &str) -> Arc<XdsTopic> {
+        Arc::new(XdsTopic {
+            routes: vec![XdsTopicRoute {
+                codes: None,
+                action: RouteActionConfig {
+                    cluster: cluster.into(),
+                    metadata_match: BTreeMap::new(),
+                    ordered: false,
+                    consume_mode: None,
+                },
+                queues: HashMap::from([(
+                    "b".to_owned(),
+                    TopicQueues {
+                        perm: 6,
+                        read_queue_num: 2,
+                        write_queue_num: 2,
+                    },
+                )]),
+            }],
+            usage: Arc::default(),
+        })
+    }
+
+    #[test]
+    fn xds_topics_win_over_static_routes_and_unchanged_entries_are_reused() {
+        let config = SidecarConfig::parse(CONFIG).expect("config");
+        let mut xds = XdsRoutes::default();
+        xds.topics.insert(Arc::from("T"), xds_topic("c"));
+        xds.topics.insert(Arc::from("U"), xds_topic("missing"));
+        let first = RouteTable::build(&config, &xds).expect("table");
+        let action = first.lookup("T", 10).expect("the xDS route");
+        let ports: Vec<_> = action.endpoints().map(|e| e.address.port()).collect();
+        assert_eq!(ports, vec![3], "the topic's queues name broker b only");
+        assert_eq!(
+            action.write_queues(&action.endpoints().next().cloned().expect("b")),
+            2
+        );
+        assert!(first.has_xds_topic("T"));
+        assert!(
+            !first.has_xds_topic("U"),
+            "a topic whose cluster has not arrived is not routable yet"
+        );
+
+        xds.topics.insert(Arc::from("V"), xds_topic("c"));
+        let second = RouteTable::rebuild(&config, &xds, Some(&first)).expect("table");
+        assert!(Arc::ptr_eq(&first.topics["T"], &second.topics["T"]));
+        assert!(second.has_xds_topic("V"));
+
+        // A cluster from xDS replaces the static one of that name: topics naming it recompile.
+        let mut cluster: ClusterConfig = config.clusters[0].clone();
+        cluster.endpoints.truncate(1);
+        xds.clusters.insert("c".into(), Arc::new(cluster));
+        let third = RouteTable::rebuild(&config, &xds, Some(&second)).expect("table");
+        assert!(!Arc::ptr_eq(&second.topics["T"], &third.topics["T"]));
+        assert_eq!(third.all_endpoints().count(), 1);
+        let fourth = RouteTable::rebuild(&config, &xds, Some(&third)).expect("table");
+        assert!(Arc::ptr_eq(&third.clusters["c"], &fourth.clusters["c"]));
+        assert!(Arc::ptr_eq(&third.topics["T"], &fourth.topics["T"]));
     }
 
     #[tokio::test]

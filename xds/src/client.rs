@@ -493,6 +493,13 @@ impl XdsClient {
         }
     }
 
+    /// No stream is up, and the client knows the control plane is unreachable: a stream ended
+    /// or an attempt failed (as opposed to the first attempt still under way).
+    pub fn unreachable(&self) -> bool {
+        let state = self.shared.lock();
+        !state.conn.connected && (state.conn.ever_connected || state.conn.last_error.is_some())
+    }
+
     /// Stops the client's task (and its stream); demands then fail with `Stopped`.
     pub fn stop(&self) {
         self.task.abort();

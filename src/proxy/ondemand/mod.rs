@@ -140,6 +140,11 @@ impl OnDemand {
         *self.client.connection().borrow()
     }
 
+    /// The control plane is known to be unreachable (not merely still being connected to).
+    pub fn unreachable(&self) -> bool {
+        self.client.unreachable()
+    }
+
     /// Waits until the client is connected, at most `limit`.
     pub async fn wait_connected(&self, limit: Duration) -> bool {
         let mut connection = self.client.connection();
@@ -242,7 +247,7 @@ impl OnDemand {
             .routes
             .topics
             .iter()
-            .map(|(name, topic)| (name.clone(), topic.usage.clone()))
+            .map(|(name, topic)| (name.to_string(), topic.usage.clone()))
             .collect();
         let idle: Vec<String> = {
             let mut last_used = lock(&self.last_used);
@@ -335,7 +340,7 @@ impl OnDemand {
                     TopicView {
                         version: topic.version.clone(),
                         clusters: topic.clusters.iter().cloned().collect(),
-                        routable: held.routes.topics.contains_key(name)
+                        routable: held.routes.topics.contains_key(name.as_str())
                             && topic
                                 .clusters
                                 .iter()
@@ -513,11 +518,12 @@ fn apply_topics(
         let usage = held
             .routes
             .topics
-            .get(&resource.name)
+            .get(resource.name.as_str())
             .map_or_else(Default::default, |topic| topic.usage.clone());
-        held.routes
-            .topics
-            .insert(resource.name.clone(), XdsTopic { routes, usage });
+        held.routes.topics.insert(
+            Arc::from(resource.name.as_str()),
+            Arc::new(XdsTopic { routes, usage }),
+        );
         held.topics.insert(
             resource.name.clone(),
             HeldTopic {
@@ -527,7 +533,7 @@ fn apply_topics(
         );
     }
     for name in removed {
-        held.routes.topics.remove(name);
+        held.routes.topics.remove(name.as_str());
         held.topics.remove(name);
     }
     Ok(())
@@ -544,7 +550,7 @@ fn rebuild_clusters(
         match (held.clusters.get(name), held.assignments.get(name)) {
             (Some(cluster), Some(assignment)) => {
                 let config = convert::cluster_config(cluster, assignment)?;
-                held.routes.clusters.insert(name.clone(), config);
+                held.routes.clusters.insert(name.clone(), Arc::new(config));
             }
             _ => {
                 held.routes.clusters.remove(name);
