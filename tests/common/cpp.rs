@@ -377,7 +377,8 @@ pub async fn orderly_round(
         *expected = sequence + 1;
     }
     println!(
-        "{topic}: C++ send_orderly {total} ({keys} keys x {per_key}); key -> broker/queue {map:?}; orderly consumer: {deliveries} deliveries, {out_of_order} out of send order"
+        "{topic}: C++ send_orderly {total} ({keys} keys x {per_key}, {} retried by the test to the same queue); key -> broker/queue {map:?}; orderly consumer: {deliveries} deliveries, {out_of_order} out of send order",
+        sent["retried"]
     );
     assert_eq!(deliveries, keys * per_key);
     assert_eq!(out_of_order, 0, "each key's messages arrive in send order");
