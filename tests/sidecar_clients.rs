@@ -4,21 +4,21 @@
 //! garbage-sending client isolated, and the admin endpoint's counts.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use rocketmesh::broker::BrokerState;
 use rocketmesh::proxy::{self, RunningSidecar, SidecarConfig};
 use rocketmq_client_rust::{DefaultMQProducer, DefaultMQPushConsumer, MQPushConsumer};
 use rocketmq_model::common::consumer::consume_from_where::ConsumeFromWhere;
-use rocketmq_model::common::message::message_ext::MessageExt;
 use rocketmq_model::common::message::message_single::Message;
 use rocketmq_protocol::protocol::heartbeat::message_model::MessageModel;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 mod common;
-use common::{Collector, RunningBroker, STEP_TIMEOUT, client_config, harness, send_all};
+use common::{
+    Collector, CommitOnCheck, RunningBroker, STEP_TIMEOUT, client_config, harness, send_all,
+};
 
 /// Two brokers (weights 3:1) behind one sidecar; everything on ephemeral loopback ports.
 struct Mesh {
@@ -309,30 +309,6 @@ async fn a_topic_without_a_route_gets_topic_not_exist() {
         stats["responses_by_code"]["TOPIC_NOT_EXIST"]
     );
     mesh.stop().await;
-}
-
-/// Leaves every transaction undecided and commits when checked.
-#[derive(Clone, Default)]
-struct CommitOnCheck {
-    checks: Arc<AtomicUsize>,
-}
-
-impl rocketmq_client_rust::TransactionListener for CommitOnCheck {
-    fn execute_local_transaction(
-        &self,
-        _msg: &dyn rocketmq_model::common::message::MessageTrait,
-        _arg: Option<&(dyn std::any::Any + Send + Sync)>,
-    ) -> rocketmq_client_rust::LocalTransactionState {
-        rocketmq_client_rust::LocalTransactionState::Unknown
-    }
-
-    fn check_local_transaction(
-        &self,
-        _msg: &MessageExt,
-    ) -> rocketmq_client_rust::LocalTransactionState {
-        self.checks.fetch_add(1, Ordering::SeqCst);
-        rocketmq_client_rust::LocalTransactionState::CommitMessage
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

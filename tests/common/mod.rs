@@ -7,6 +7,7 @@ pub mod raw;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -170,6 +171,30 @@ impl Collector {
             );
             let _ = tokio::time::timeout(left, self.arrived.notified()).await;
         }
+    }
+}
+
+/// Leaves every transaction undecided and commits when checked.
+#[derive(Clone, Default)]
+pub struct CommitOnCheck {
+    pub checks: Arc<AtomicUsize>,
+}
+
+impl rocketmq_client_rust::TransactionListener for CommitOnCheck {
+    fn execute_local_transaction(
+        &self,
+        _msg: &dyn rocketmq_model::common::message::MessageTrait,
+        _arg: Option<&(dyn std::any::Any + Send + Sync)>,
+    ) -> rocketmq_client_rust::LocalTransactionState {
+        rocketmq_client_rust::LocalTransactionState::Unknown
+    }
+
+    fn check_local_transaction(
+        &self,
+        _msg: &MessageExt,
+    ) -> rocketmq_client_rust::LocalTransactionState {
+        self.checks.fetch_add(1, Ordering::SeqCst);
+        rocketmq_client_rust::LocalTransactionState::CommitMessage
     }
 }
 

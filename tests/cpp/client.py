@@ -10,9 +10,17 @@ times>" for each delivery as it happens and answering "reconsume later" for bodi
 --fail-prefix; the other commands print one JSON object on its last line of standard output and exits 0 when it did
 what it was asked. Every wait is bounded by --timeout-secs. Message bodies are "<prefix>-<i>";
 orderly sends use key i % K and the body "<prefix>-<key>-<seq>".
+
+An orderly send is tried once by the C++ client (retry_times=0) and retried here, up to
+ORDERLY_ATTEMPTS times in all, to the same queue: the C++ client's own retry of a failed orderly send
+picks another queue (its sendAutoRetrySelectImpl), which breaks the key's order. An early send can
+fail without reaching a broker: the client's first heartbeat holds its connection table while it
+connects, a send waits only 3 ms for it ("GetTransport of:... get timed_mutex timeout" in its log),
+and the send fails with the misleading "No route info of this topic".
 """
 
 import argparse
+import ctypes
 import json
 import os
 import sys
@@ -20,7 +28,10 @@ import threading
 import time
 
 from rocketmq.client import Message, MessageModel, Producer, PullConsumer, PushConsumer, RecvMessage
-from rocketmq.ffi import _CConsumeStatus, dll
+from rocketmq.exceptions import ffi_check
+from rocketmq.ffi import _CConsumeStatus, _CMessageQueue, _CPullStatus, dll
+
+ORDERLY_ATTEMPTS = 3
 
 
 def shut_down(consumer, limit_secs=5.0):
@@ -36,64 +47,80 @@ def produce(args):
     producer.set_namesrv_addr(args.namesrv)
     producer.set_timeout(10000)
     producer.start()
-    sent, failed, errors = 0, 0, []
+    sent, failed, errors, retried = 0, 0, [], 0
     done = threading.Semaphore(0)
     lock = threading.Lock()
     counts = {"ok": 0, "failed": 0}
-    try:
-        for i in range(args.count):
-            msg = Message(args.topic)
-            if args.mode == "orderly":
-                key = i % args.keys
-                seq = i // args.keys
-                msg.set_keys("key-%d" % key)
-                msg.set_body("%s-%d-%d" % (args.prefix, key, seq))
-            else:
-                msg.set_keys("%s-%d" % (args.prefix, i))
-                msg.set_body("%s-%d" % (args.prefix, i))
-            try:
-                if args.mode == "sync":
-                    result = producer.send_sync(msg)
-                    if int(result.status) == 0:
-                        sent += 1
-                    else:
-                        failed += 1
-                elif args.mode == "orderly":
-                    result = producer.send_orderly(msg, key)
-                    if int(result.status) == 0:
-                        sent += 1
-                    else:
-                        failed += 1
-                elif args.mode == "oneway":
-                    producer.send_oneway(msg)
+    for i in range(args.count):
+        msg = Message(args.topic)
+        if args.mode == "orderly":
+            key = i % args.keys
+            seq = i // args.keys
+            msg.set_keys("key-%d" % key)
+            msg.set_body("%s-%d-%d" % (args.prefix, key, seq))
+        else:
+            msg.set_keys("%s-%d" % (args.prefix, i))
+            msg.set_body("%s-%d" % (args.prefix, i))
+        try:
+            if args.mode == "sync":
+                result = producer.send_sync(msg)
+                if int(result.status) == 0:
                     sent += 1
                 else:
+                    failed += 1
+            elif args.mode == "orderly":
+                for attempt in range(ORDERLY_ATTEMPTS):
+                    try:
+                        result = producer.send_orderly(msg, key, retry_times=0)
+                        break
+                    except Exception as error:  # noqa: BLE001 - retried, then reported
+                        if attempt + 1 == ORDERLY_ATTEMPTS:
+                            raise
+                        retried += 1
+                        errors.append("retried: %s" % error)
+                if int(result.status) == 0:
+                    sent += 1
+                else:
+                    failed += 1
+            elif args.mode == "oneway":
+                producer.send_oneway(msg)
+                sent += 1
+            else:
 
-                    def on_success(_result):
-                        with lock:
-                            counts["ok"] += 1
-                        done.release()
+                def on_success(_result):
+                    with lock:
+                        counts["ok"] += 1
+                    done.release()
 
-                    def on_exception(error):
-                        with lock:
-                            counts["failed"] += 1
-                            errors.append(str(error))
-                        done.release()
+                def on_exception(error):
+                    with lock:
+                        counts["failed"] += 1
+                        errors.append(str(error))
+                    done.release()
 
-                    producer.send_async(msg, on_success, on_exception)
-            except Exception as error:  # noqa: BLE001 - every failure is reported, not raised
-                failed += 1
-                errors.append(str(error))
-        if args.mode == "async":
-            deadline = time.time() + args.timeout_secs
-            for _ in range(args.count - failed):
-                if not done.acquire(timeout=max(0.0, deadline - time.time())):
-                    break
-            with lock:
-                sent, failed = counts["ok"], failed + counts["failed"]
-    finally:
+                producer.send_async(msg, on_success, on_exception)
+        except Exception as error:  # noqa: BLE001 - every failure is reported, not raised
+            failed += 1
+            errors.append(str(error))
+    if args.mode == "async":
+        deadline = time.time() + args.timeout_secs
+        for _ in range(args.count - failed):
+            if not done.acquire(timeout=max(0.0, deadline - time.time())):
+                break
+        with lock:
+            sent, failed = counts["ok"], failed + counts["failed"]
+    # The C++ client 2.x can abort (boost::thread_interrupted) when shut down while its scheduled
+    # route update runs (first about 3 s after start), losing the result. Every sync, orderly and
+    # async send was answered, so the process just exits (os._exit) with its connections; oneway
+    # sends are answered by nothing, and the shutdown's unregister requests, which follow them on
+    # the same connections, show they left.
+    if args.mode == "oneway":
         producer.shutdown()
-    print(json.dumps({"mode": args.mode, "sent": sent, "failed": failed, "errors": errors[:5]}))
+    print(
+        json.dumps(
+            {"mode": args.mode, "sent": sent, "failed": failed, "retried": retried, "errors": errors[:5]}
+        )
+    )
     return 0 if sent == args.count else 1
 
 
@@ -188,18 +215,67 @@ def stream(args):
     return 0
 
 
+def pull_once(consumer, topic, offsets, max_num=32):
+    """One pass over every queue of `topic` from the offsets in `offsets`, to each queue's end:
+    the (body, queue id) of each message. As the binding's PullConsumer.pull, except that offsets
+    are kept by broker and queue: the binding keeps them by topic and queue id alone, so queue 0 of
+    broker-a and queue 0 of broker-b would share one."""
+    found = []
+    queues = ctypes.POINTER(_CMessageQueue)()
+    size = ctypes.c_int()
+    ffi_check(
+        dll.FetchSubscriptionMessageQueues(
+            consumer._handle, topic.encode("utf-8"), ctypes.pointer(queues), ctypes.pointer(size)
+        )
+    )
+    try:
+        for i in range(int(size.value)):
+            queue = queues[i]
+            key = (queue.brokerName, queue.queueId)
+            while True:
+                before = offsets.get(key, 0)
+                result = dll.Pull(
+                    consumer._handle,
+                    ctypes.pointer(queue),
+                    b"*",
+                    ctypes.c_longlong(before),
+                    max_num,
+                )
+                try:
+                    status = result.pullStatus
+                    if status != _CPullStatus.BROKER_TIMEOUT:
+                        offsets[key] = result.nextBeginOffset
+                    if status == _CPullStatus.FOUND:
+                        for j in range(int(result.size)):
+                            msg = RecvMessage(result.msgFoundList[j])
+                            found.append((msg.body.decode("utf-8"), msg.queue_id))
+                finally:
+                    dll.ReleasePullResult(result)
+                # On to the next queue at this one's end, or when the broker did not answer or the
+                # offset did not move: the caller makes another pass until its deadline.
+                if (
+                    status in (_CPullStatus.NO_NEW_MSG, _CPullStatus.BROKER_TIMEOUT)
+                    or offsets.get(key, 0) == before
+                ):
+                    break
+    finally:
+        ffi_check(dll.ReleaseSubscriptionMessageQueue(queues))
+    return found
+
+
 def pull(args):
     consumer = PullConsumer(args.group)
     consumer.set_namesrv_addr(args.namesrv)
     consumer.start()
     bodies = []
     queues = set()
+    offsets = {}
     deadline = time.time() + args.timeout_secs
     try:
         while time.time() < deadline and len(set(bodies)) < args.expect:
-            for msg in consumer.pull(args.topic):
-                bodies.append(msg.body.decode("utf-8"))
-                queues.add(msg.queue_id)
+            for body, queue_id in pull_once(consumer, args.topic, offsets):
+                bodies.append(body)
+                queues.add(queue_id)
     finally:
         print(
             json.dumps(
