@@ -82,8 +82,8 @@ pub fn sidecar_config(
     }
 }
 
-/// The control plane `up` generates for brokers at `brokers`: their cluster, a catch-all route to
-/// it, and the brokers themselves as nameservers for topics' real queues.
+/// The control plane `up` generates for brokers at `brokers`: their cluster, an ordered catch-all
+/// route to it, and the brokers themselves as nameservers for topics' real queues.
 pub fn control_plane_config(
     listen: SocketAddr,
     admin: SocketAddr,
@@ -104,7 +104,9 @@ pub fn control_plane_config(
             route: RouteActionConfig {
                 cluster: CLUSTER.into(),
                 metadata_match: Default::default(),
-                ordered: false,
+                // Sends keep the broker and queue the client chose: apps that pick queues
+                // (orderly producers, selectors) see their choice kept, as with a plain broker.
+                ordered: true,
                 consume_mode: None,
             },
         }],
