@@ -330,7 +330,11 @@ impl RouteTable {
         previous: Option<&RouteTable>,
     ) -> Result<Self, ConfigError> {
         config.validate()?;
-        let mut table = Self::default();
+        let mut table = Self {
+            // Sized once: a rebuild per new topic must not regrow a table of thousands.
+            topics: HashMap::with_capacity(xds.topics.len()),
+            ..Self::default()
+        };
         let static_clusters = config
             .clusters
             .iter()
