@@ -293,14 +293,40 @@ impl SidecarProcess {
             .sum()
     }
 
-    fn rss_kib(&self) -> u64 {
+    fn memory(&self) -> Memory {
+        Memory {
+            rss_kib: self.status_kib("VmRSS:"),
+            anon_kib: self.status_kib("RssAnon:"),
+        }
+    }
+
+    fn status_kib(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .expect("/proc status");
         status
             .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .find_map(|line| line.strip_prefix(field))
             .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-            .expect("VmRSS")
+            .expect("status field")
+    }
+}
+
+/// A process's resident memory. Anonymous memory is what it allocated; the rest of RSS is
+/// mostly pages of its executable it has touched (page cache: shared, evictable, and kept once
+/// a code path has run).
+#[derive(Clone, Copy)]
+struct Memory {
+    rss_kib: u64,
+    anon_kib: u64,
+}
+
+impl std::fmt::Display for Memory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "RSS {:>6} KiB (anonymous {:>6} KiB)",
+            self.rss_kib, self.anon_kib
+        )
     }
 }
 
@@ -340,6 +366,9 @@ fn fill(control_plane: &RunningControlPlane, count: usize) {
     }
 }
 
+/// How long RSS is watched after the last idle topic went.
+const RSS_WATCH: Duration = Duration::from_secs(5);
+
 async fn memory_follows_use(sizes: &Sizes) {
     let data = tempfile::tempdir().expect("tempdir");
     let broker = RunningBroker::start(data.path()).await;
@@ -355,31 +384,31 @@ async fn memory_follows_use(sizes: &Sizes) {
 
     let many = SidecarProcess::start(control_plane.ads_address, 0).await;
     let one = SidecarProcess::start(control_plane.ads_address, 0).await;
-    let (many_before, one_before) = (many.rss_kib(), one.rss_kib());
+    let (many_before, one_before) = (many.memory(), one.memory());
     use_topics(&many, "held", sizes.many).await;
     use_topics(&one, "held", 1).await;
     println!(
-        "memory follows use: the control plane holds {held} topics; two sidecar processes (RSS at start {many_before} and {one_before} KiB):"
+        "memory follows use: the control plane holds {held} topics; two sidecar processes (at start: {many_before}; {one_before}):"
     );
     println!(
-        "  sidecar whose app uses {:>5} topics: {:>5} subscribed, RSS {:>6} KiB",
+        "  sidecar whose app uses {:>5} topics: {:>5} subscribed, {}",
         sizes.many,
         many.topics().await,
-        many.rss_kib()
+        many.memory()
     );
     println!(
-        "  sidecar whose app uses {:>5} topic:  {:>5} subscribed, RSS {:>6} KiB",
+        "  sidecar whose app uses {:>5} topic:  {:>5} subscribed, {}",
         1,
         one.topics().await,
-        one.rss_kib()
+        one.memory()
     );
     drop(many);
     drop(one);
 
     let idle = SidecarProcess::start(control_plane.ads_address, 2).await;
-    let before = idle.rss_kib();
+    let before = idle.memory();
     use_topics(&idle, "held", sizes.idle_topics).await;
-    let (peak_topics, peak) = (idle.topics().await, idle.rss_kib());
+    let (peak_topics, peak) = (idle.topics().await, idle.memory());
     let stopped_using = Instant::now();
     while idle.topics().await > 0 {
         assert!(
@@ -389,13 +418,26 @@ async fn memory_follows_use(sizes: &Sizes) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let gone_after = stopped_using.elapsed();
-    // The allocator gives freed pages back after a short delay.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let after = idle.rss_kib();
+    let at_unsubscribe = idle.memory();
+    // The allocator gives freed pages back on its own schedule: watch for a while.
+    let watching = Instant::now();
+    let mut after = at_unsubscribe;
+    while watching.elapsed() < RSS_WATCH {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = idle.memory();
+        if now.anon_kib < after.anon_kib {
+            after = now;
+        }
+    }
+    println!("idle topics go (idle_unsubscribe_after_s: 2):");
+    println!("  at start:                          {before}");
+    println!("  {peak_topics:>4} topics subscribed:            {peak}");
+    println!("  all unsubscribed {gone_after:>5.1?} after last use: {at_unsubscribe}");
+    println!("  lowest in the next {RSS_WATCH:?}:            {after}");
     println!(
-        "idle topics go (idle_unsubscribe_after_s: 2): RSS {before} KiB at start; {peak_topics} topics subscribed, RSS {peak} KiB; all unsubscribed {gone_after:.1?} after the last use, RSS {after} KiB ({} KiB given back of {} KiB grown)",
-        peak.saturating_sub(after),
-        peak.saturating_sub(before)
+        "  anonymous memory given back: {} of the {} KiB grown",
+        peak.anon_kib.saturating_sub(after.anon_kib),
+        peak.anon_kib.saturating_sub(before.anon_kib)
     );
     drop(idle);
     control_plane.shutdown().await;
@@ -424,8 +466,19 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    // `cargo bench --bench ondemand -- memory` (or `first`) runs one part.
+    let only = |part: &str| {
+        let named: Vec<String> = std::env::args()
+            .filter(|arg| arg == "memory" || arg == "first")
+            .collect();
+        named.is_empty() || named.iter().any(|arg| arg == part)
+    };
     runtime.block_on(async {
-        first_request_cost(&sizes).await;
-        memory_follows_use(&sizes).await;
+        if only("first") {
+            first_request_cost(&sizes).await;
+        }
+        if only("memory") {
+            memory_follows_use(&sizes).await;
+        }
     });
 }
