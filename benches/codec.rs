@@ -1,8 +1,12 @@
-//! Encode and decode of a SEND_MESSAGE_V2 request with a 1 KiB body, JSON and binary headers.
+//! Encode and decode of a SEND_MESSAGE_V2 request with a 1 KiB body, JSON and binary headers; and
+//! the sidecar's relay of it: the old way (decode, set queue id, `bname` and opaque, encode) next
+//! to the new (scan the header bytes, splice the changed fields, write).
 
 use bytes::{Bytes, BytesMut};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use rocketmesh::remoting::frame::{FrameLimits, decode_frame, encode_frame};
 use rocketmesh::remoting::header::SendMessageRequestHeaderV2;
+use rocketmesh::remoting::raw::RawCommand;
 use rocketmesh::remoting::{RemotingCodec, RemotingCommand, RequestCode, SerializeType};
 use std::hint::black_box;
 use tokio_util::codec::{Decoder, Encoder};
@@ -73,6 +77,73 @@ fn codec(c: &mut Criterion) {
                             .decode_header::<SendMessageRequestHeaderV2>()
                             .expect("header"),
                     )
+                })
+            },
+        );
+        // The relay of one send: request in, routed copy out, with queue id, bname and opaque set.
+        let frame = encoded.slice(4..);
+        let limits = FrameLimits::default();
+        group.bench_with_input(
+            BenchmarkId::new("relay_decode_encode", name),
+            &frame,
+            |b, frame| {
+                let mut out = BytesMut::with_capacity(4096);
+                b.iter(|| {
+                    out.clear();
+                    let mut command =
+                        decode_frame(black_box(frame).clone(), &limits).expect("decode");
+                    command.ext_fields.insert("e".into(), "1".into());
+                    command.ext_fields.insert("n".into(), "broker-b".into());
+                    command.opaque = 77;
+                    encode_frame(&command, &limits, &mut out).expect("encode");
+                    black_box(out.len())
+                })
+            },
+        );
+        group.bench_with_input(
+            BenchmarkId::new("relay_scan_splice", name),
+            &frame,
+            |b, frame| {
+                let mut out = BytesMut::with_capacity(4096);
+                b.iter(|| {
+                    out.clear();
+                    let raw = RawCommand::scan(black_box(frame), &limits).expect("scan");
+                    let topic = raw.ext("b").expect("plain").expect("topic");
+                    black_box(topic);
+                    let routed = raw.rewritten(77, &[("e", "1"), ("n", "broker-b")]);
+                    routed.encode(&limits, &mut out).expect("encode");
+                    black_box(out.len())
+                })
+            },
+        );
+        // And its response: restore the client's opaque.
+        group.bench_with_input(
+            BenchmarkId::new("response_opaque_decode_encode", name),
+            &frame,
+            |b, frame| {
+                let mut out = BytesMut::with_capacity(4096);
+                b.iter(|| {
+                    out.clear();
+                    let mut command =
+                        decode_frame(black_box(frame).clone(), &limits).expect("decode");
+                    command.opaque = 77;
+                    encode_frame(&command, &limits, &mut out).expect("encode");
+                    black_box(out.len())
+                })
+            },
+        );
+        group.bench_with_input(
+            BenchmarkId::new("response_opaque_scan_splice", name),
+            &frame,
+            |b, frame| {
+                let mut out = BytesMut::with_capacity(4096);
+                b.iter(|| {
+                    out.clear();
+                    let raw = RawCommand::scan(black_box(frame), &limits).expect("scan");
+                    raw.with_opaque(77)
+                        .encode(&limits, &mut out)
+                        .expect("encode");
+                    black_box(out.len())
                 })
             },
         );

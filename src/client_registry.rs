@@ -22,7 +22,7 @@ use crate::remoting::{RemotingCommand, RequestCode, ResponseCode};
 pub type ConnectionId = u64;
 
 /// A way to send a command down one client connection.
-pub type Outbound = mpsc::Sender<RemotingCommand>;
+pub type Outbound = mpsc::Sender<crate::remoting::raw::Outgoing>;
 
 /// What one client registered over one connection.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -454,7 +454,7 @@ impl ClientRegistry {
                     .with_header(&header);
             request.set_oneway(true);
             // A full queue means a slow client; it will rebalance on its own timer anyway.
-            let _ = target.try_send(request);
+            let _ = target.try_send(request.into());
         }
     }
 }

@@ -17,6 +17,7 @@ use super::handlers;
 use super::state::BrokerState;
 use crate::inbound::{BufferBudget, ConnectionGate, FrameReader, ReadError};
 use crate::log_throttle::LogThrottle;
+use crate::remoting::raw::Outgoing;
 use crate::remoting::{RemotingCodec, RemotingCommand};
 
 /// Lines a peer can provoke at will are logged at most once a second (`skipped` counts the rest).
@@ -100,7 +101,7 @@ async fn serve_connection(
     sink.set_backpressure_boundary(WRITE_BATCH_BYTES);
     let mut stream = FrameReader::new(reader, read_limits, budget);
     let (outbound, mut responses) =
-        mpsc::channel::<RemotingCommand>(state.config.max_in_flight_per_connection);
+        mpsc::channel::<Outgoing>(state.config.max_in_flight_per_connection);
     state.clients.connected(connection, outbound.clone(), None);
     debug!(%peer, connection, "connected");
 
@@ -114,7 +115,7 @@ async fn serve_connection(
                     Err(_) => break,
                 }
             }
-            if let Err(error) = written.and(SinkExt::<RemotingCommand>::flush(&mut sink).await) {
+            if let Err(error) = written.and(SinkExt::<Outgoing>::flush(&mut sink).await) {
                 debug!(%error, "write failed");
                 break;
             }
@@ -182,11 +183,11 @@ async fn handle_request(
     connection: u64,
     peer: SocketAddr,
     request: RemotingCommand,
-    outbound: mpsc::Sender<RemotingCommand>,
+    outbound: mpsc::Sender<Outgoing>,
     permit: OwnedSemaphorePermit,
 ) {
     if let Some(response) = handlers::handle(&state, connection, peer, request).await {
-        let _ = outbound.send(response).await;
+        let _ = outbound.send(response.into()).await;
     }
     drop(permit);
 }
@@ -325,7 +326,7 @@ async fn check_transactions(state: Arc<BrokerState>) {
             .with_header(&header)
             .with_body(check.body);
             request.set_oneway(true);
-            let _ = producer.try_send(request);
+            let _ = producer.try_send(request.into());
         }
     }
 }

@@ -87,14 +87,26 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         &mut self,
         busy: impl Fn() -> bool,
     ) -> Option<Result<RemotingCommand, ReadError>> {
+        let frame = self.next_frame(busy).await?;
+        Some(
+            frame.and_then(|bytes| {
+                frame::decode_frame(bytes, &self.limits.frame).map_err(Into::into)
+            }),
+        )
+    }
+
+    /// The next frame's bytes (without the length prefix), undecoded: for a relay that reads
+    /// only what it needs.
+    pub async fn next_frame(
+        &mut self,
+        busy: impl Fn() -> bool,
+    ) -> Option<Result<bytes::Bytes, ReadError>> {
         loop {
             match frame::split_frame(&mut self.buffer, &self.limits.frame) {
                 Ok(Some(bytes)) => {
                     self.settle_charge();
                     self.frame_started = (!self.buffer.is_empty()).then(Instant::now);
-                    return Some(
-                        frame::decode_frame(bytes, &self.limits.frame).map_err(Into::into),
-                    );
+                    return Some(Ok(bytes));
                 }
                 Ok(None) => {}
                 Err(error) => return Some(Err(error.into())),

@@ -25,7 +25,7 @@ use super::Proxy;
 use super::failover;
 use super::pullpop::{Intercept, PullPop};
 use super::routes::{Endpoint, RouteAction, RouteTable};
-use super::upstream::UpstreamError;
+use super::upstream::{UpstreamError, UpstreamRequest};
 use crate::balance::Outcome;
 use crate::client_registry::ConnectionId;
 use crate::names::{self, NameError};
@@ -39,6 +39,7 @@ use crate::remoting::header::{
     GetConsumerListByGroupRequestHeader, GetRouteInfoRequestHeader, UnregisterClientRequestHeader,
 };
 use crate::remoting::message::{OffsetMessageId, sys_flag};
+use crate::remoting::raw::{Outgoing, RawCommand};
 use crate::remoting::{RemotingCommand, RequestCode, ResponseCode};
 
 /// The client connection a request came from.
@@ -57,27 +58,26 @@ pub async fn handle(
     proxy: &Arc<Proxy>,
     downstream: &Downstream,
     request: RemotingCommand,
-) -> Option<RemotingCommand> {
+) -> Option<Outgoing> {
     proxy.stats.request(request.code);
     let _active = proxy.stats.active_request();
     let oneway = request.is_oneway();
     if let Err(error) = check_names(&request) {
-        let refused = refuse_name(request.opaque, &error);
-        if oneway {
-            warn!(code = refused.code, remark = ?refused.remark, "oneway request refused");
-            return None;
-        }
-        proxy.stats.response(refused.code);
-        return Some(refused);
+        return finish(
+            proxy,
+            oneway,
+            Some(refuse_name(request.opaque, &error).into()),
+        );
+    }
+    if is_send(request.request_code()) {
+        let response = send(proxy, downstream, Relayed::Decoded(request)).await;
+        return finish(proxy, oneway, response);
     }
     let response = match request.request_code() {
         RequestCode::GET_ROUTEINFO_BY_TOPIC => Some(route_info(proxy, downstream, &request).await),
         RequestCode::HEART_BEAT => Some(heartbeat(proxy, downstream, &request)),
         RequestCode::UNREGISTER_CLIENT => Some(unregister(proxy, downstream, &request)),
         RequestCode::GET_CONSUMER_LIST_BY_GROUP => Some(consumer_list(proxy, downstream, &request)),
-        RequestCode::SEND_MESSAGE
-        | RequestCode::SEND_MESSAGE_V2
-        | RequestCode::SEND_BATCH_MESSAGE => send(proxy, downstream, request).await,
         RequestCode::POP_MESSAGE => {
             if let Some(group) = request.ext("consumerGroup") {
                 proxy.pullpop.pops_itself(proxy, group);
@@ -125,18 +125,156 @@ pub async fn handle(
             ),
         )),
     };
+    finish(proxy, oneway, response.map(Outgoing::from))
+}
+
+/// Sends carried as bytes: the relay reads the few fields it routes on and rewrites only those.
+/// `None` when a send's fields are not all plain (the caller decodes it in full instead).
+pub fn relayable(raw: &RawCommand) -> bool {
+    if !is_send(RequestCode(raw.code)) || raw.is_response() {
+        return false;
+    }
+    let keys = SendKeys::of(&Relayed::Raw(raw.clone()));
+    [keys.topic, keys.queue, keys.sys_flag, keys.bname]
+        .into_iter()
+        .all(|key| raw.ext(key).is_ok())
+}
+
+/// Handles a send carried as bytes (see [`relayable`]).
+pub async fn handle_relayed(
+    proxy: &Arc<Proxy>,
+    downstream: &Downstream,
+    request: RawCommand,
+) -> Option<Outgoing> {
+    proxy.stats.request(request.code);
+    let _active = proxy.stats.active_request();
+    let oneway = request.flag & crate::remoting::FLAG_ONEWAY != 0;
+    let request = Relayed::Raw(request);
+    let topic_key = SendKeys::of(&request).topic;
+    if let Some(Err(error)) = request.ext(topic_key).map(names::validate_client_topic) {
+        return finish(
+            proxy,
+            oneway,
+            Some(refuse_name(request.opaque(), &error).into()),
+        );
+    }
+    let response = send(proxy, downstream, request).await;
+    finish(proxy, oneway, response)
+}
+
+fn is_send(code: RequestCode) -> bool {
+    matches!(
+        code,
+        RequestCode::SEND_MESSAGE | RequestCode::SEND_MESSAGE_V2 | RequestCode::SEND_BATCH_MESSAGE
+    )
+}
+
+/// Counts the response, or for a oneway request logs a failure nobody else will hear of.
+fn finish(proxy: &Proxy, oneway: bool, response: Option<Outgoing>) -> Option<Outgoing> {
     if oneway {
-        if let Some(response) = response.filter(|response| response.code != ResponseCode::SUCCESS.0)
+        if let Some(response) =
+            response.filter(|response| response.code() != ResponseCode::SUCCESS.0)
         {
             // A oneway request has no one to tell; the log is the only trace.
-            warn!(code = response.code, remark = ?response.remark, "oneway request not delivered");
+            match &response {
+                Outgoing::Command(command) => {
+                    warn!(code = command.code, remark = ?command.remark, "oneway request not delivered")
+                }
+                Outgoing::Raw(raw) => warn!(code = raw.code, "oneway request not delivered"),
+            }
         }
         return None;
     }
     if let Some(response) = &response {
-        proxy.stats.response(response.code);
+        proxy.stats.response(response.code());
     }
     response
+}
+
+/// A send as it arrived: decoded, or bytes with its routing fields located.
+enum Relayed {
+    Decoded(RemotingCommand),
+    Raw(RawCommand),
+}
+
+impl Relayed {
+    fn ext(&self, key: &str) -> Option<&str> {
+        match self {
+            Relayed::Decoded(command) => command.ext(key),
+            Relayed::Raw(raw) => raw.ext(key).ok().flatten(),
+        }
+    }
+
+    fn opaque(&self) -> i32 {
+        match self {
+            Relayed::Decoded(command) => command.opaque,
+            Relayed::Raw(raw) => raw.opaque,
+        }
+    }
+
+    fn code(&self) -> i32 {
+        match self {
+            Relayed::Decoded(command) => command.code,
+            Relayed::Raw(raw) => raw.code,
+        }
+    }
+
+    fn body(&self) -> &Bytes {
+        match self {
+            Relayed::Decoded(command) => &command.body,
+            Relayed::Raw(raw) => &raw.body,
+        }
+    }
+
+    fn is_oneway(&self) -> bool {
+        match self {
+            Relayed::Decoded(command) => command.is_oneway(),
+            Relayed::Raw(raw) => raw.flag & crate::remoting::FLAG_ONEWAY != 0,
+        }
+    }
+
+    /// The upstream request with `changes` applied to its ext fields.
+    fn upstream(&self, changes: Vec<(&'static str, String)>) -> UpstreamRequest {
+        match self {
+            Relayed::Decoded(command) => {
+                let mut attempt = command.clone();
+                for (key, value) in changes {
+                    attempt.ext_fields.insert(key.to_owned(), value);
+                }
+                UpstreamRequest::Command(attempt)
+            }
+            Relayed::Raw(raw) => UpstreamRequest::Raw(raw.clone(), changes),
+        }
+    }
+}
+
+/// The ext keys of a send: V2 headers (SEND_MESSAGE_V2, and batches from current clients) use
+/// one-letter keys.
+struct SendKeys {
+    topic: &'static str,
+    queue: &'static str,
+    sys_flag: &'static str,
+    bname: &'static str,
+}
+
+impl SendKeys {
+    fn of(request: &Relayed) -> Self {
+        if request.ext("b").is_some() {
+            Self {
+                topic: "b",
+                queue: "e",
+                sys_flag: "f",
+                bname: "n",
+            }
+        } else {
+            Self {
+                topic: "topic",
+                queue: "queueId",
+                sys_flag: "sysFlag",
+                bname: BNAME,
+            }
+        }
+    }
 }
 
 const BNAME: &str = "bname";
@@ -689,56 +827,47 @@ fn addressed_broker(
 /// `sysFlag` bits that give a message's transaction type.
 const TRANSACTION_TYPE_MASK: i32 = 0xC;
 
-async fn send(
-    proxy: &Proxy,
-    downstream: &Downstream,
-    request: RemotingCommand,
-) -> Option<RemotingCommand> {
-    // V2 headers (SEND_MESSAGE_V2, and batches from current clients) use one-letter keys.
-    let (topic_key, queue_key, sys_flag_key, bname_key) = if request.ext("b").is_some() {
-        ("b", "e", "f", "n")
-    } else {
-        ("topic", "queueId", "sysFlag", BNAME)
-    };
-    let Some(topic) = request.ext(topic_key).map(str::to_owned) else {
-        return Some(reply(
-            request.opaque,
+async fn send(proxy: &Proxy, downstream: &Downstream, request: Relayed) -> Option<Outgoing> {
+    let opaque = request.opaque();
+    let refuse = |code: ResponseCode, remark: String| Some(reply(opaque, code, remark).into());
+    let keys = SendKeys::of(&request);
+    let Some(topic) = request.ext(keys.topic).map(str::to_owned) else {
+        return refuse(
             ResponseCode::INVALID_PARAMETER,
-            "the send request names no topic",
-        ));
+            "the send request names no topic".into(),
+        );
     };
     let max_message_size = proxy.config.limits.max_message_size;
-    let body_size = request.body.len();
+    let body_size = request.body().len();
     if max_message_size > 0 && body_size > max_message_size {
-        return Some(reply(
-            request.opaque,
+        return refuse(
             ResponseCode::MESSAGE_ILLEGAL,
             format!(
                 "the message body is {body_size} bytes, more than the sidecar's limit of {max_message_size} (limits.max_message_size)"
             ),
-        ));
+        );
     }
-    let (table, action) = match route(proxy, &topic, request.code).await {
+    let (table, action) = match route(proxy, &topic, request.code()).await {
         Ok(routed) => routed,
-        Err(why) => return Some(not_routed(request.opaque, why)),
+        Err(why) => return Some(not_routed(opaque, why).into()),
     };
     let Some(cluster) = proxy.cluster(&action.cluster.name) else {
-        return Some(no_route(request.opaque, &topic));
+        return Some(no_route(opaque, &topic).into());
     };
     cluster.record_send();
     let requested_queue = request
-        .ext(queue_key)
+        .ext(keys.queue)
         .and_then(|queue| queue.parse::<i32>().ok())
         .unwrap_or(-1);
     // An ordered route keeps the broker and queue the client chose: its order depends on them.
     // A transaction's half message stays there too, since the client sends the END_TRANSACTION
     // that decides it to the broker it chose.
     let half_message = request
-        .ext(sys_flag_key)
+        .ext(keys.sys_flag)
         .and_then(|flag| flag.parse::<i32>().ok())
         .is_some_and(|flag| flag & TRANSACTION_TYPE_MASK == sys_flag::TRANSACTION_PREPARED);
     let kept = (action.ordered || half_message)
-        .then(|| addressed_broker(&table, downstream, request.ext(bname_key)).ok())
+        .then(|| addressed_broker(&table, downstream, request.ext(keys.bname)).ok())
         .flatten()
         .flatten()
         .filter(|endpoint| {
@@ -746,17 +875,16 @@ async fn send(
                 && serves(&action, endpoint)
                 && (0..action.write_queues(endpoint)).contains(&requested_queue)
         });
-    let messages = if request.request_code() == RequestCode::SEND_BATCH_MESSAGE {
-        count_records(&request.body)
+    let messages = if request.code() == RequestCode::SEND_BATCH_MESSAGE.0 {
+        count_records(request.body())
     } else {
         1
     };
-    let opaque = request.opaque;
     let started = Instant::now();
     if let Some(endpoint) = kept {
-        let result = forward_raw(proxy, &endpoint, request).await;
+        let result = relay(proxy, &endpoint, &request, Vec::new()).await;
         count_send(proxy, &topic, messages, started, &result);
-        return answer(result, opaque, &endpoint);
+        return relay_answer(result, opaque, &endpoint);
     }
     // Otherwise the balancer picks, and a failed send is retried on another writable broker
     // within the retry budget and the request's deadline.
@@ -769,11 +897,10 @@ async fn send(
             |address| proxy.upstreams.connectable(address),
             &tried,
         ) else {
-            return Some(reply(
-                opaque,
+            return refuse(
                 ResponseCode::TOPIC_NOT_EXIST,
                 format!("no writable broker serves the topic {topic} in rocketmesh"),
-            ));
+            );
         };
         let queues = action.write_queues(&endpoint).max(1);
         let queue = if action.ordered && requested_queue >= 0 {
@@ -781,14 +908,11 @@ async fn send(
         } else {
             (proxy.next_queue.fetch_add(1, Ordering::Relaxed) % queues as usize) as i32
         };
-        let mut attempt = request.clone();
-        attempt
-            .ext_fields
-            .insert(queue_key.to_owned(), queue.to_string());
-        attempt
-            .ext_fields
-            .insert(bname_key.to_owned(), endpoint.metadata.broker_name.clone());
-        let result = forward_raw(proxy, &endpoint, attempt).await;
+        let changes = vec![
+            (keys.queue, queue.to_string()),
+            (keys.bname, endpoint.metadata.broker_name.clone()),
+        ];
+        let result = relay(proxy, &endpoint, &request, changes).await;
         let outcome = failover::outcome_of(&result);
         cluster.balancer.report(picked, outcome);
         let in_time = started.elapsed() < endpoint.request_timeout;
@@ -802,7 +926,48 @@ async fn send(
             continue;
         }
         count_send(proxy, &topic, messages, started, &result);
-        return answer(result, opaque, &endpoint);
+        return relay_answer(result, opaque, &endpoint);
+    }
+}
+
+/// Sends a send to `endpoint` with `changes` made to its ext fields; the answer carries the
+/// client's opaque (`None` for oneway), in the form the request came in.
+async fn relay(
+    proxy: &Proxy,
+    endpoint: &Endpoint,
+    request: &Relayed,
+    changes: Vec<(&'static str, String)>,
+) -> Result<Option<Outgoing>, UpstreamError> {
+    let upstream = request.upstream(changes);
+    let pool = proxy.pool(endpoint);
+    if request.is_oneway() {
+        return pool.relay_oneway(upstream).await.map(|()| None);
+    }
+    let response = pool.relay(upstream, endpoint.request_timeout).await?;
+    let opaque = request.opaque();
+    Ok(Some(match request {
+        Relayed::Raw(_) => Outgoing::Raw(response.with_opaque(opaque)),
+        Relayed::Decoded(_) => {
+            let mut response = response
+                .decode()
+                .map_err(|error| UpstreamError::Malformed {
+                    address: endpoint.address,
+                    reason: error.to_string(),
+                })?;
+            response.opaque = opaque;
+            Outgoing::Command(response)
+        }
+    }))
+}
+
+fn relay_answer(
+    result: Result<Option<Outgoing>, UpstreamError>,
+    opaque: i32,
+    endpoint: &Endpoint,
+) -> Option<Outgoing> {
+    match result {
+        Ok(response) => response,
+        Err(error) => answer(Err(error), opaque, endpoint).map(Outgoing::from),
     }
 }
 
@@ -812,10 +977,10 @@ fn count_send(
     topic: &str,
     messages: u64,
     started: Instant,
-    result: &Result<Option<RemotingCommand>, UpstreamError>,
+    result: &Result<Option<Outgoing>, UpstreamError>,
 ) {
     let delivered = match result {
-        Ok(Some(response)) => response.code == ResponseCode::SUCCESS.0,
+        Ok(Some(response)) => response.code() == ResponseCode::SUCCESS.0,
         Ok(None) => true,
         Err(_) => false,
     };

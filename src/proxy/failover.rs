@@ -145,14 +145,31 @@ impl ClusterRuntime {
     }
 }
 
+/// A response in either form, for its code.
+pub trait Coded {
+    fn code(&self) -> i32;
+}
+
+impl Coded for RemotingCommand {
+    fn code(&self) -> i32 {
+        self.code
+    }
+}
+
+impl Coded for crate::remoting::raw::Outgoing {
+    fn code(&self) -> i32 {
+        crate::remoting::raw::Outgoing::code(self)
+    }
+}
+
 /// How an attempt counts for the balancer: no answer, SYSTEM_BUSY and SERVICE_NOT_AVAILABLE are
 /// failures; any other answer means the broker is alive and serving.
-pub fn outcome_of(result: &Result<Option<RemotingCommand>, UpstreamError>) -> Outcome {
+pub fn outcome_of<R: Coded>(result: &Result<Option<R>, UpstreamError>) -> Outcome {
     match result {
         Err(_) => Outcome::Failure,
         Ok(Some(response))
-            if response.code == ResponseCode::SYSTEM_BUSY.0
-                || response.code == ResponseCode::SERVICE_NOT_AVAILABLE.0 =>
+            if response.code() == ResponseCode::SYSTEM_BUSY.0
+                || response.code() == ResponseCode::SERVICE_NOT_AVAILABLE.0 =>
         {
             Outcome::Failure
         }

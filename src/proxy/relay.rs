@@ -89,7 +89,7 @@ pub async fn run(proxy: Arc<Proxy>, mut inbound: mpsc::Receiver<Inbound>) {
                 }
                 let mut relayed = request;
                 relayed.opaque = next_opaque.fetch_add(1, Ordering::Relaxed);
-                if producer.try_send(relayed).is_err() {
+                if producer.try_send(relayed.into()).is_err() {
                     debug!(%group, "transaction check dropped: the producer's connection is busy");
                 }
             }

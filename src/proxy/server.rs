@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use futures::SinkExt;
+use futures::stream::FuturesUnordered;
+use futures::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
@@ -24,6 +25,8 @@ use super::upstream::Upstreams;
 use super::{Proxy, relay};
 use crate::inbound::{ConnectionGate, FrameReader, ReadError};
 use crate::log_throttle::LogThrottle;
+use crate::remoting::frame;
+use crate::remoting::raw::{Outgoing, RawCommand};
 use crate::remoting::{RemotingCodec, RemotingCommand};
 
 #[derive(Debug, thiserror::Error)]
@@ -286,7 +289,7 @@ async fn serve_connection(
     sink.set_backpressure_boundary(WRITE_BATCH_BYTES);
     let mut stream = FrameReader::new(reader, read_limits, proxy.read_budget.clone());
     let in_flight = proxy.config.limits.max_in_flight_per_connection;
-    let (outbound, mut responses) = mpsc::channel::<RemotingCommand>(in_flight);
+    let (outbound, mut responses) = mpsc::channel::<Outgoing>(in_flight);
     proxy.clients.connected(
         downstream.connection,
         outbound.clone(),
@@ -296,15 +299,15 @@ async fn serve_connection(
     debug!(%peer, connection = downstream.connection, "client connected");
 
     let writer = tokio::spawn(async move {
-        while let Some(command) = responses.recv().await {
-            let mut written = sink.feed(command).await;
+        while let Some(response) = responses.recv().await {
+            let mut written = sink.feed(response).await;
             while written.is_ok() {
                 match responses.try_recv() {
-                    Ok(command) => written = sink.feed(command).await,
+                    Ok(response) => written = sink.feed(response).await,
                     Err(_) => break,
                 }
             }
-            if let Err(error) = written.and(SinkExt::<RemotingCommand>::flush(&mut sink).await) {
+            if let Err(error) = written.and(SinkExt::<Outgoing>::flush(&mut sink).await) {
                 debug!(%peer, %error, "write to client failed");
                 break;
             }
@@ -312,55 +315,73 @@ async fn serve_connection(
     });
     let downstream = Arc::new(downstream);
     let permits = Arc::new(Semaphore::new(in_flight));
-    let mut handlers = JoinSet::new();
+    // Requests waiting on a broker run inside this task (no task per request); long polls get
+    // tasks of their own, so a client that leaves can have them aborted.
+    let mut handlers: FuturesUnordered<HandlerFuture> = FuturesUnordered::new();
     let mut polls = JoinSet::new();
     let mut stopping = false;
     loop {
         let busy = || permits.available_permits() < in_flight;
+        // Back-pressure: stop reading while this connection has too many requests in flight.
+        let room = permits.available_permits() > 0;
         let frame = tokio::select! {
-            frame = stream.next(busy) => frame,
+            biased;
+            Some(()) = handlers.next(), if !handlers.is_empty() => continue,
+            Some(_) = polls.join_next(), if !polls.is_empty() => continue,
+            frame = stream.next_frame(busy), if room => frame,
             () = stop.wait() => {
                 stopping = true;
                 break;
             }
         };
-        let request = match frame {
-            Some(Ok(command)) if command.is_response() => {
-                // Clients answer broker requests (e.g. a transaction check) with END_TRANSACTION,
-                // not with responses; a stray response has nowhere to go.
-                debug!(%peer, opaque = command.opaque, "response from a client dropped");
-                continue;
-            }
-            Some(Ok(command)) => command,
+        let frame = match frame {
+            Some(Ok(frame)) => frame,
             Some(Err(error)) => {
                 log_read_error(&proxy, peer, &error);
                 break;
             }
             None => break,
         };
-        // Back-pressure: stop reading while this connection has too many requests in flight.
-        let Ok(permit) = permits.clone().acquire_owned().await else {
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
             break;
         };
-        let parks = dispatch::may_park(&request);
-        let mut handled = Box::pin(handle_request(
+        // Sends travel as bytes: only their routing fields are read and rewritten.
+        if let Some(raw) = RawCommand::scan(&frame, &read_limits.frame).filter(dispatch::relayable)
+        {
+            handlers.push(relay_request(
+                proxy.clone(),
+                downstream.clone(),
+                raw,
+                outbound.clone(),
+                permit,
+            ));
+            continue;
+        }
+        let request = match frame::decode_frame(frame, &read_limits.frame) {
+            Ok(command) if command.is_response() => {
+                // Clients answer broker requests (e.g. a transaction check) with END_TRANSACTION,
+                // not with responses; a stray response has nowhere to go.
+                debug!(%peer, opaque = command.opaque, "response from a client dropped");
+                continue;
+            }
+            Ok(command) => command,
+            Err(error) => {
+                log_read_error(&proxy, peer, &error.into());
+                break;
+            }
+        };
+        let handled = handle_request(
             proxy.clone(),
             downstream.clone(),
             request,
             outbound.clone(),
             permit,
-        ));
-        // Requests that finish without waiting (route answers, heartbeats) run here; the rest
-        // become tasks so a slow broker never holds up the requests behind them.
-        if futures::poll!(handled.as_mut()).is_pending() {
-            if parks {
-                polls.spawn(handled);
-            } else {
-                handlers.spawn(handled);
-            }
+        );
+        if dispatch::may_park(handled.request()) {
+            polls.spawn(handled.run());
+        } else {
+            handlers.push(Box::pin(handled.run()));
         }
-        while handlers.try_join_next().is_some() {}
-        while polls.try_join_next().is_some() {}
     }
     if !stopping {
         // The client is gone: nobody can take a parked poll's messages, so give its slot back
@@ -368,7 +389,7 @@ async fn serve_connection(
         polls.abort_all();
     }
     // Answer what is in flight (graceful shutdown aborts this task at its deadline).
-    while handlers.join_next().await.is_some() {}
+    while handlers.next().await.is_some() {}
     while polls.join_next().await.is_some() {}
     dispatch::client_disconnected(&proxy, &downstream);
     drop(outbound);
@@ -396,15 +417,58 @@ fn log_read_error(proxy: &Proxy, peer: SocketAddr, error: &ReadError) {
     }
 }
 
-async fn handle_request(
+/// One decoded request, ready to run.
+struct Handled {
     proxy: Arc<Proxy>,
     downstream: Arc<Downstream>,
     request: RemotingCommand,
-    outbound: mpsc::Sender<RemotingCommand>,
+    outbound: mpsc::Sender<Outgoing>,
     permit: OwnedSemaphorePermit,
-) {
-    if let Some(response) = dispatch::handle(&proxy, &downstream, request).await {
-        let _ = outbound.send(response).await;
+}
+
+fn handle_request(
+    proxy: Arc<Proxy>,
+    downstream: Arc<Downstream>,
+    request: RemotingCommand,
+    outbound: mpsc::Sender<Outgoing>,
+    permit: OwnedSemaphorePermit,
+) -> Handled {
+    Handled {
+        proxy,
+        downstream,
+        request,
+        outbound,
+        permit,
     }
-    drop(permit);
+}
+
+impl Handled {
+    fn request(&self) -> &RemotingCommand {
+        &self.request
+    }
+
+    async fn run(self) {
+        if let Some(response) = dispatch::handle(&self.proxy, &self.downstream, self.request).await
+        {
+            let _ = self.outbound.send(response).await;
+        }
+        drop(self.permit);
+    }
+}
+
+type HandlerFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+fn relay_request(
+    proxy: Arc<Proxy>,
+    downstream: Arc<Downstream>,
+    request: RawCommand,
+    outbound: mpsc::Sender<Outgoing>,
+    permit: OwnedSemaphorePermit,
+) -> HandlerFuture {
+    Box::pin(async move {
+        if let Some(response) = dispatch::handle_relayed(&proxy, &downstream, request).await {
+            let _ = outbound.send(response).await;
+        }
+        drop(permit);
+    })
 }

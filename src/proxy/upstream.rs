@@ -27,7 +27,8 @@ use tokio_util::codec::Framed;
 use tracing::{debug, warn};
 
 use super::stats::HostStats;
-use crate::remoting::frame::FrameLimits;
+use crate::remoting::frame::{self, CodecError, FrameLimits};
+use crate::remoting::raw::{Outgoing, RawCommand};
 use crate::remoting::{RemotingCodec, RemotingCommand};
 
 /// Why an upstream call produced no response.
@@ -50,6 +51,8 @@ pub enum UpstreamError {
     Busy { address: SocketAddr, limit: usize },
     #[error("the connection to {address} closed before the response")]
     Closed { address: SocketAddr },
+    #[error("{address} answered with a malformed header: {reason}")]
+    Malformed { address: SocketAddr, reason: String },
 }
 
 impl UpstreamError {
@@ -106,9 +109,42 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const WRITE_QUEUE: usize = 1024;
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
 
+/// A request on its way to a broker; the connection stamps its opaque.
+pub enum UpstreamRequest {
+    Command(RemotingCommand),
+    /// Relayed bytes, with the ext fields to set on the way.
+    Raw(RawCommand, Vec<(&'static str, String)>),
+}
+
+impl UpstreamRequest {
+    fn stamped(self, opaque: i32) -> Outgoing {
+        match self {
+            UpstreamRequest::Command(mut command) => {
+                command.opaque = opaque;
+                Outgoing::Command(command)
+            }
+            UpstreamRequest::Raw(raw, changes) => {
+                let changes: Vec<(&str, &str)> = changes
+                    .iter()
+                    .map(|(key, value)| (*key, value.as_str()))
+                    .collect();
+                Outgoing::Raw(raw.rewritten(opaque, &changes))
+            }
+        }
+    }
+
+    fn set_oneway(&mut self) {
+        match self {
+            UpstreamRequest::Command(command) => command.set_oneway(true),
+            // A relayed oneway request already carries the flag.
+            UpstreamRequest::Raw(..) => {}
+        }
+    }
+}
+
 struct Connection {
-    outbound: mpsc::Sender<RemotingCommand>,
-    waiting: Mutex<HashMap<i32, oneshot::Sender<RemotingCommand>>>,
+    outbound: mpsc::Sender<Outgoing>,
+    waiting: Mutex<HashMap<i32, oneshot::Sender<RawCommand>>>,
     /// Polls whose callers went away, with when the broker must have answered them by.
     abandoned: Mutex<HashMap<i32, Instant>>,
     next_opaque: AtomicI32,
@@ -250,7 +286,26 @@ impl Pool {
         request: RemotingCommand,
         timeout: Duration,
     ) -> Result<RemotingCommand, UpstreamError> {
+        let response = self
+            .call_on(Lane::Ordinary, UpstreamRequest::Command(request), timeout)
+            .await?;
+        self.decoded(&response)
+    }
+
+    /// Relays a request as bytes; the response comes back as bytes too (upstream opaque).
+    pub async fn relay(
+        &self,
+        request: UpstreamRequest,
+        timeout: Duration,
+    ) -> Result<RawCommand, UpstreamError> {
         self.call_on(Lane::Ordinary, request, timeout).await
+    }
+
+    fn decoded(&self, response: &RawCommand) -> Result<RemotingCommand, UpstreamError> {
+        response.decode().map_err(|error| UpstreamError::Malformed {
+            address: self.address,
+            reason: error.to_string(),
+        })
     }
 
     /// As [`Pool::call`], for a request the broker may park (a long-polling pull or pop): it
@@ -260,15 +315,18 @@ impl Pool {
         request: RemotingCommand,
         timeout: Duration,
     ) -> Result<RemotingCommand, UpstreamError> {
-        self.call_on(Lane::Parked, request, timeout).await
+        let response = self
+            .call_on(Lane::Parked, UpstreamRequest::Command(request), timeout)
+            .await?;
+        self.decoded(&response)
     }
 
     async fn call_on(
         &self,
         lane: Lane,
-        request: RemotingCommand,
+        request: UpstreamRequest,
         timeout: Duration,
-    ) -> Result<RemotingCommand, UpstreamError> {
+    ) -> Result<RawCommand, UpstreamError> {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + timeout;
         let (slots, limit) = match lane {
@@ -300,21 +358,21 @@ impl Pool {
     async fn exchange(
         &self,
         lane: Lane,
-        mut request: RemotingCommand,
+        request: UpstreamRequest,
         deadline: tokio::time::Instant,
-    ) -> Result<RemotingCommand, UpstreamError> {
+    ) -> Result<RawCommand, UpstreamError> {
         let connection = match lane {
             Lane::Ordinary => self.connection().await?,
             Lane::Parked => self.parked_connection().await?,
         };
-        request.opaque = connection.next_opaque.fetch_add(1, Ordering::Relaxed);
+        let opaque = connection.next_opaque.fetch_add(1, Ordering::Relaxed);
+        let request = request.stamped(opaque);
         let (sender, receiver) = oneshot::channel();
         connection
             .waiting
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(request.opaque, sender);
-        let opaque = request.opaque;
+            .insert(opaque, sender);
         let closed = UpstreamError::Closed {
             address: self.address,
         };
@@ -334,10 +392,15 @@ impl Pool {
     }
 
     /// Sends a oneway request: no response is expected or waited for.
-    pub async fn send_oneway(&self, mut request: RemotingCommand) -> Result<(), UpstreamError> {
+    pub async fn send_oneway(&self, request: RemotingCommand) -> Result<(), UpstreamError> {
+        self.relay_oneway(UpstreamRequest::Command(request)).await
+    }
+
+    /// As [`Pool::send_oneway`], for any request form.
+    pub async fn relay_oneway(&self, mut request: UpstreamRequest) -> Result<(), UpstreamError> {
         let connection = self.connection().await?;
-        request.opaque = connection.next_opaque.fetch_add(1, Ordering::Relaxed);
-        request.set_oneway(true);
+        request.set_oneway();
+        let request = request.stamped(connection.next_opaque.fetch_add(1, Ordering::Relaxed));
         connection
             .outbound
             .send(request)
@@ -442,10 +505,10 @@ impl Pool {
             max_frame: self.settings.max_frame,
             ..FrameLimits::default()
         };
-        let mut framed = Framed::new(socket, RemotingCodec::new(limits));
+        let mut framed = Framed::new(socket, RelayCodec(RemotingCodec::new(limits)));
         framed.set_backpressure_boundary(WRITE_BATCH_BYTES);
         let (mut sink, mut stream) = framed.split();
-        let (outbound, mut queue) = mpsc::channel::<RemotingCommand>(WRITE_QUEUE);
+        let (outbound, mut queue) = mpsc::channel::<Outgoing>(WRITE_QUEUE);
         let (alive, mut dropped) = oneshot::channel::<()>();
         let connection = Arc::new(Connection {
             outbound,
@@ -483,7 +546,7 @@ impl Pool {
                     }
                 };
                 match frame {
-                    Some(Ok(command)) if command.is_response() => {
+                    Some(Ok(Incoming::Response(command))) => {
                         let Some(connection) = reader.upgrade() else {
                             break;
                         };
@@ -506,7 +569,7 @@ impl Pool {
                             }
                         }
                     }
-                    Some(Ok(request)) => {
+                    Some(Ok(Incoming::Request(request))) => {
                         if inbound
                             .try_send(Inbound {
                                 from: address,
@@ -536,6 +599,55 @@ impl Pool {
             }
         });
         Ok(connection)
+    }
+}
+
+/// What a broker sends: responses stay bytes for the relay; requests (transaction checks,
+/// consumer notices) are decoded for the sidecar to handle.
+enum Incoming {
+    Response(RawCommand),
+    Request(RemotingCommand),
+}
+
+/// The upstream codec: writes either form, reads frames as [`Incoming`].
+struct RelayCodec(RemotingCodec);
+
+impl tokio_util::codec::Decoder for RelayCodec {
+    type Item = Incoming;
+    type Error = CodecError;
+
+    fn decode(&mut self, src: &mut bytes::BytesMut) -> Result<Option<Incoming>, CodecError> {
+        let limits = self.0.limits();
+        let Some(bytes) = frame::split_frame(src, &limits)? else {
+            return Ok(None);
+        };
+        if let Some(raw) = RawCommand::scan(&bytes, &limits) {
+            return Ok(Some(if raw.is_response() {
+                Incoming::Response(raw)
+            } else {
+                Incoming::Request(raw.decode()?)
+            }));
+        }
+        // A header the scanner declines: decode it in full, and re-encode a response so the
+        // relay gets bytes it can vouch for.
+        let command = frame::decode_frame(bytes, &limits)?;
+        if !command.is_response() {
+            return Ok(Some(Incoming::Request(command)));
+        }
+        RawCommand::from_command(&command, &limits)
+            .map(|raw| Some(Incoming::Response(raw)))
+            .ok_or(CodecError::HeaderTooLarge {
+                size: limits.max_header,
+                max: limits.max_header,
+            })
+    }
+}
+
+impl tokio_util::codec::Encoder<Outgoing> for RelayCodec {
+    type Error = CodecError;
+
+    fn encode(&mut self, item: Outgoing, dst: &mut bytes::BytesMut) -> Result<(), CodecError> {
+        self.0.encode(item, dst)
     }
 }
 

@@ -34,6 +34,7 @@ pub mod header;
 pub mod header_binary;
 pub mod header_json;
 pub mod message;
+pub mod raw;
 
 pub use code::{LanguageCode, RequestCode, ResponseCode};
 pub use command::{ExtFields, FLAG_ONEWAY, FLAG_RESPONSE, RemotingCommand, SerializeType};

@@ -1,0 +1,725 @@
+//! A command kept as its wire bytes: the relay form of the sidecar's hot path.
+//!
+//! A proxy needs only the code, opaque, flag and a few ext fields (topic, queue id, `bname`) of a
+//! send and of its response. [`RawCommand::scan`] reads those from the header bytes without
+//! building a map, and [`RawCommand::rewritten`] changes the opaque and chosen ext fields by
+//! splicing: every other byte of the header, and the body, pass through untouched. Anything the
+//! scanner does not handle with certainty (a header that is not plain JSON or binary, a duplicated
+//! key, a number where a string is expected) makes it decline, and the caller decodes the frame in
+//! full instead, so the fast path never has to be lenient.
+
+use std::ops::Range;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::command::{FLAG_RESPONSE, RemotingCommand, SerializeType};
+use super::frame::{self, CodecError, FrameLimits, MAX_HEADER_FIELD};
+use super::header_json::push_json_string;
+use super::{header_binary, header_json};
+
+const HEADER_WORD: usize = 4;
+/// Binary layout: code i16, language u8, version i16, opaque i32, flag i32, remark length i32.
+const BINARY_OPAQUE: Range<usize> = 5..9;
+const BINARY_FLAG: Range<usize> = 9..13;
+const BINARY_FIXED: usize = 17;
+
+/// One ext field: where its key and value sit in the header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Field {
+    key: Range<usize>,
+    /// JSON: the whole value token (quotes included); binary: the value bytes.
+    value: Range<usize>,
+    /// Binary only: where the value's length prefix sits.
+    value_len_at: usize,
+    kind: ValueKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ValueKind {
+    /// A string whose bytes are its text (no escapes).
+    Plain,
+    /// A string with escapes, a number, a boolean or a nested value: passed through, never read.
+    Opaque,
+    /// JSON null, or an empty binary string: the field is absent once decoded.
+    Absent,
+}
+
+/// A request or response as bytes, with the positions of the fields a relay reads or changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawCommand {
+    pub serialize_type: SerializeType,
+    pub code: i32,
+    pub opaque: i32,
+    pub flag: i32,
+    header: Bytes,
+    pub body: Bytes,
+    /// JSON: the opaque's number token.
+    opaque_at: Range<usize>,
+    fields: Vec<Field>,
+    /// Where new ext fields go.
+    ext: ExtPlace,
+}
+
+/// Where a new ext field is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ExtPlace {
+    /// Before the closing brace (at this index) of an ext object with members: after a comma.
+    JsonMembers(usize),
+    /// Before the closing brace of an empty ext object.
+    JsonEmpty(usize),
+    /// No ext object: a whole `"extFields":{…},` member right after the header's opening brace.
+    JsonMissing(usize),
+    /// At the end of the header; the ext length word sits at the index, if there is one.
+    Binary(Option<usize>),
+}
+
+impl RawCommand {
+    /// Reads a frame (without its length prefix). `None` when the header is malformed or is
+    /// anything the relay does not handle with certainty: decode it in full instead.
+    pub fn scan(frame: &Bytes, limits: &FrameLimits) -> Option<Self> {
+        let word = frame.get(..HEADER_WORD)?;
+        let word = u32::from_be_bytes([word[0], word[1], word[2], word[3]]);
+        let header_len = (word & MAX_HEADER_FIELD as u32) as usize;
+        if header_len > limits.max_header {
+            return None;
+        }
+        let header_end = HEADER_WORD.checked_add(header_len)?;
+        if header_end > frame.len() {
+            return None;
+        }
+        let header = frame.slice(HEADER_WORD..header_end);
+        let body = frame.slice(header_end..);
+        match SerializeType::from_byte((word >> 24) as u8)? {
+            SerializeType::Json => scan_json(header, body),
+            SerializeType::Binary => scan_binary(header, body),
+        }
+    }
+
+    /// The raw form of a decoded command (encoded first). `None` only if it cannot be encoded.
+    pub fn from_command(command: &RemotingCommand, limits: &FrameLimits) -> Option<Self> {
+        let mut buffer = BytesMut::new();
+        frame::encode_frame(command, limits, &mut buffer).ok()?;
+        let frame = buffer.freeze().slice(4..);
+        Self::scan(&frame, limits)
+    }
+
+    pub fn is_response(&self) -> bool {
+        self.flag & FLAG_RESPONSE != 0
+    }
+
+    /// The header bytes as they will be written.
+    pub fn header(&self) -> &[u8] {
+        &self.header
+    }
+
+    /// An ext field's text: `Ok(None)` when absent, `Err(())` when present but not a plain string
+    /// (escaped, or not a string): such a field must be read from a full decode.
+    #[allow(clippy::result_unit_err)]
+    pub fn ext(&self, key: &str) -> Result<Option<&str>, ()> {
+        let Some(field) = self
+            .fields
+            .iter()
+            .rev()
+            .find(|field| self.header.get(field.key.clone()) == Some(key.as_bytes()))
+        else {
+            return Ok(None);
+        };
+        match field.kind {
+            ValueKind::Absent => Ok(None),
+            ValueKind::Opaque => Err(()),
+            ValueKind::Plain => {
+                let value = match self.serialize_type {
+                    // Inside the quotes.
+                    SerializeType::Json => field.value.start + 1..field.value.end - 1,
+                    SerializeType::Binary => field.value.clone(),
+                };
+                self.header
+                    .get(value)
+                    .and_then(|bytes| std::str::from_utf8(bytes).ok())
+                    .map(Some)
+                    .ok_or(())
+            }
+        }
+    }
+
+    /// The same command with `opaque` and the given ext fields set (added when missing, every
+    /// occurrence replaced when present); every other header byte and the body are kept.
+    pub fn rewritten(&self, opaque: i32, changes: &[(&str, &str)]) -> Self {
+        let header = match self.serialize_type {
+            SerializeType::Json => self.rewrite_json(opaque, changes),
+            SerializeType::Binary => self.rewrite_binary(opaque, changes),
+        };
+        let header = Bytes::from(header);
+        let scanned = match self.serialize_type {
+            SerializeType::Json => scan_json(header, self.body.clone()),
+            SerializeType::Binary => scan_binary(header, self.body.clone()),
+        };
+        // A rewrite of a scanned header always scans; should it not, the original stands
+        // rather than a frame the relay cannot vouch for.
+        debug_assert!(scanned.is_some(), "a rewritten header scans");
+        scanned.unwrap_or_else(|| self.clone())
+    }
+
+    /// Just the opaque changed: what relaying a response to its client needs. Positions after
+    /// the opaque shift by the change in its length; nothing is scanned again.
+    pub fn with_opaque(&self, opaque: i32) -> Self {
+        let mut text = itoa::Buffer::new();
+        let digits: &[u8] = match self.serialize_type {
+            SerializeType::Json => text.format(opaque).as_bytes(),
+            SerializeType::Binary => &opaque.to_be_bytes(),
+        };
+        let old = &self.opaque_at;
+        let mut header = Vec::with_capacity(self.header.len() + 8);
+        header.extend_from_slice(&self.header[..old.start]);
+        header.extend_from_slice(digits);
+        header.extend_from_slice(&self.header[old.end..]);
+        let shift = |at: usize| {
+            if at >= old.end {
+                at + digits.len() - old.len()
+            } else {
+                at
+            }
+        };
+        let shift_range = |range: &Range<usize>| shift(range.start)..shift(range.end);
+        Self {
+            serialize_type: self.serialize_type,
+            code: self.code,
+            opaque,
+            flag: self.flag,
+            header: Bytes::from(header),
+            body: self.body.clone(),
+            opaque_at: old.start..old.start + digits.len(),
+            fields: self
+                .fields
+                .iter()
+                .map(|field| Field {
+                    key: shift_range(&field.key),
+                    value: shift_range(&field.value),
+                    value_len_at: shift(field.value_len_at),
+                    kind: field.kind,
+                })
+                .collect(),
+            ext: match self.ext {
+                ExtPlace::JsonMembers(at) => ExtPlace::JsonMembers(shift(at)),
+                ExtPlace::JsonEmpty(at) => ExtPlace::JsonEmpty(shift(at)),
+                ExtPlace::JsonMissing(at) => ExtPlace::JsonMissing(shift(at)),
+                binary @ ExtPlace::Binary(_) => binary,
+            },
+        }
+    }
+
+    fn rewrite_json(&self, opaque: i32, changes: &[(&str, &str)]) -> Vec<u8> {
+        let old = &self.header[..];
+        // (position in the old header, bytes to drop there, bytes to put there)
+        let mut edits: Vec<(Range<usize>, Vec<u8>)> = Vec::with_capacity(changes.len() + 1);
+        edits.push((
+            self.opaque_at.clone(),
+            itoa::Buffer::new().format(opaque).as_bytes().to_vec(),
+        ));
+        let mut added = Vec::new();
+        for (key, value) in changes {
+            let mut found = false;
+            for field in &self.fields {
+                if old.get(field.key.clone()) == Some(key.as_bytes()) {
+                    let mut text = Vec::with_capacity(value.len() + 2);
+                    push_json_string(&mut text, value);
+                    edits.push((field.value.clone(), text));
+                    found = true;
+                }
+            }
+            if !found {
+                if matches!(self.ext, ExtPlace::JsonMembers(_)) || !added.is_empty() {
+                    added.push(b',');
+                }
+                push_json_string(&mut added, key);
+                added.push(b':');
+                push_json_string(&mut added, value);
+            }
+        }
+        if !added.is_empty() {
+            match self.ext {
+                ExtPlace::JsonMembers(at) | ExtPlace::JsonEmpty(at) => edits.push((at..at, added)),
+                ExtPlace::JsonMissing(at) => {
+                    let mut member = b"\"extFields\":{".to_vec();
+                    member.extend_from_slice(&added);
+                    member.extend_from_slice(b"},");
+                    edits.push((at..at, member));
+                }
+                ExtPlace::Binary(_) => {}
+            }
+        }
+        edits.sort_by_key(|(range, _)| (range.start, range.end));
+        let mut out = Vec::with_capacity(old.len() + 64);
+        let mut at = 0;
+        for (range, bytes) in edits {
+            out.extend_from_slice(&old[at..range.start]);
+            out.extend_from_slice(&bytes);
+            at = range.end;
+        }
+        out.extend_from_slice(&old[at..]);
+        out
+    }
+
+    fn rewrite_binary(&self, opaque: i32, changes: &[(&str, &str)]) -> Vec<u8> {
+        let old = &self.header[..];
+        let mut out = Vec::with_capacity(old.len() + 64);
+        let mut at = 0;
+        let mut replaced = vec![false; changes.len()];
+        for field in &self.fields {
+            let change = changes
+                .iter()
+                .position(|(key, _)| old.get(field.key.clone()) == Some(key.as_bytes()));
+            if let Some(index) = change {
+                out.extend_from_slice(&old[at..field.value_len_at]);
+                let value = changes[index].1.as_bytes();
+                out.put_i32(i32::try_from(value.len()).unwrap_or(i32::MAX));
+                out.extend_from_slice(value);
+                at = field.value.end;
+                replaced[index] = true;
+            }
+        }
+        out.extend_from_slice(&old[at..]);
+        let old_ext_len_at = match self.ext {
+            ExtPlace::Binary(at) => at,
+            _ => None,
+        };
+        let had_ext = old_ext_len_at.is_some();
+        if !had_ext && changes.iter().zip(&replaced).any(|(_, done)| !done) {
+            out.put_i32(0);
+        }
+        for ((key, value), _) in changes.iter().zip(&replaced).filter(|(_, done)| !**done) {
+            out.put_i16(i16::try_from(key.len()).unwrap_or(i16::MAX));
+            out.extend_from_slice(key.as_bytes());
+            out.put_i32(i32::try_from(value.len()).unwrap_or(i32::MAX));
+            out.extend_from_slice(value.as_bytes());
+        }
+        if let Some(opaque_bytes) = out.get_mut(BINARY_OPAQUE) {
+            opaque_bytes.copy_from_slice(&opaque.to_be_bytes());
+        }
+        // The ext length: where it was, else where it was just appended.
+        let ext_len_at = old_ext_len_at.unwrap_or(old.len());
+        if out.len() >= ext_len_at + 4 {
+            let ext_len = out.len() - ext_len_at - 4;
+            out[ext_len_at..ext_len_at + 4]
+                .copy_from_slice(&i32::try_from(ext_len).unwrap_or(i32::MAX).to_be_bytes());
+        }
+        out
+    }
+
+    /// The whole frame, length prefix included, appended to `dst`.
+    pub fn encode(&self, limits: &FrameLimits, dst: &mut BytesMut) -> Result<(), CodecError> {
+        let size = 4 + HEADER_WORD + self.header.len() + self.body.len();
+        if size > limits.max_frame || size - 4 > i32::MAX as usize {
+            return Err(CodecError::FrameTooLarge {
+                size,
+                max: limits.max_frame,
+            });
+        }
+        dst.reserve(size);
+        dst.put_u32((size - 4) as u32);
+        dst.put_u32((u32::from(self.serialize_type.to_byte()) << 24) | self.header.len() as u32);
+        dst.extend_from_slice(&self.header);
+        dst.extend_from_slice(&self.body);
+        Ok(())
+    }
+
+    /// The decoded command, for code that needs every field.
+    pub fn decode(&self) -> Result<RemotingCommand, CodecError> {
+        let mut command = match self.serialize_type {
+            SerializeType::Json => header_json::decode(&self.header)?,
+            SerializeType::Binary => header_binary::decode(&self.header)?,
+        };
+        command.body = self.body.clone();
+        Ok(command)
+    }
+}
+
+fn scan_binary(header: Bytes, body: Bytes) -> Option<RawCommand> {
+    let bytes = &header[..];
+    let fixed = bytes.get(..BINARY_FIXED)?;
+    let code = i32::from(i16::from_be_bytes([fixed[0], fixed[1]]));
+    let opaque = i32::from_be_bytes(fixed.get(BINARY_OPAQUE)?.try_into().ok()?);
+    let flag = i32::from_be_bytes(fixed.get(BINARY_FLAG)?.try_into().ok()?);
+    let remark_len = usize::try_from(i32::from_be_bytes(fixed[13..17].try_into().ok()?)).ok()?;
+    let mut at = BINARY_FIXED.checked_add(remark_len)?;
+    if at > bytes.len() {
+        return None;
+    }
+    let mut fields = Vec::new();
+    let mut ext_len_at = None;
+    if at < bytes.len() {
+        let ext_len =
+            usize::try_from(i32::from_be_bytes(bytes.get(at..at + 4)?.try_into().ok()?)).ok()?;
+        ext_len_at = Some(at);
+        at += 4;
+        if at.checked_add(ext_len)? != bytes.len() {
+            return None;
+        }
+        while at < bytes.len() {
+            let key_len =
+                usize::try_from(i16::from_be_bytes(bytes.get(at..at + 2)?.try_into().ok()?))
+                    .ok()?;
+            let key = at + 2..at + 2 + key_len;
+            let value_len_at = key.end;
+            let value_len = usize::try_from(i32::from_be_bytes(
+                bytes.get(value_len_at..value_len_at + 4)?.try_into().ok()?,
+            ))
+            .ok()?;
+            let value = value_len_at + 4..value_len_at.checked_add(4 + value_len)?;
+            let key_text = std::str::from_utf8(bytes.get(key.clone())?).ok()?;
+            let value_text = std::str::from_utf8(bytes.get(value.clone())?).ok()?;
+            let kind = if key_text.is_empty() || value_text.is_empty() {
+                ValueKind::Absent
+            } else {
+                ValueKind::Plain
+            };
+            at = value.end;
+            fields.push(Field {
+                key,
+                value,
+                value_len_at,
+                kind,
+            });
+        }
+    }
+    Some(RawCommand {
+        serialize_type: SerializeType::Binary,
+        code,
+        opaque,
+        flag,
+        header,
+        body,
+        opaque_at: BINARY_OPAQUE,
+        fields,
+        ext: ExtPlace::Binary(ext_len_at),
+    })
+}
+
+fn scan_json(header: Bytes, body: Bytes) -> Option<RawCommand> {
+    // JSON text is UTF-8: checked once here, so string slices need no check of their own.
+    std::str::from_utf8(&header).ok()?;
+    let mut scanner = Json {
+        bytes: &header,
+        at: 0,
+    };
+    scanner.skip_space();
+    scanner.expect(b'{')?;
+    let object_start = scanner.at;
+    let (mut code, mut opaque, mut flag) = (None, None, None);
+    let mut fields = Vec::new();
+    let mut ext = None;
+    let mut seen: Vec<Range<usize>> = Vec::new();
+    scanner.skip_space();
+    if scanner.peek()? == b'}' {
+        return None;
+    }
+    loop {
+        scanner.skip_space();
+        let key = scanner.plain_string()?;
+        let key_text = &header[key.clone()];
+        // A key given twice decodes as its last value: not worth following here.
+        if seen.iter().any(|other| header[other.clone()] == *key_text) {
+            return None;
+        }
+        seen.push(key.clone());
+        scanner.skip_space();
+        scanner.expect(b':')?;
+        scanner.skip_space();
+        match key_text {
+            b"code" => code = Some(scanner.integer()?.1),
+            b"opaque" => opaque = Some(scanner.integer()?),
+            b"flag" => flag = Some(scanner.integer()?.1),
+            b"extFields" => ext = Some(scanner.ext_object(&mut fields)?),
+            // A remark or language the relay never reads, but must be well formed to skip.
+            _ => {
+                scanner.value()?;
+            }
+        }
+        scanner.skip_space();
+        match scanner.next()? {
+            b',' => continue,
+            b'}' => break,
+            _ => return None,
+        }
+    }
+    scanner.skip_space();
+    if scanner.at != header.len() {
+        return None;
+    }
+    let (opaque_at, opaque) = opaque?;
+    let code = code?;
+    // Keys given twice inside extFields: same reason as above.
+    for (index, field) in fields.iter().enumerate() {
+        if fields[..index]
+            .iter()
+            .any(|other| header[other.key.clone()] == header[field.key.clone()])
+        {
+            return None;
+        }
+    }
+    let ext = match ext {
+        Some(ExtObject {
+            close,
+            members: true,
+        }) => ExtPlace::JsonMembers(close),
+        Some(ExtObject { close, .. }) => ExtPlace::JsonEmpty(close),
+        None => ExtPlace::JsonMissing(object_start),
+    };
+    Some(RawCommand {
+        serialize_type: SerializeType::Json,
+        code,
+        opaque,
+        flag: flag.unwrap_or(0),
+        header,
+        body,
+        opaque_at,
+        fields,
+        ext,
+    })
+}
+
+struct ExtObject {
+    /// Where its closing brace sits.
+    close: usize,
+    members: bool,
+}
+
+/// A strict JSON reader over a header: only what a value needs to be skipped or located.
+struct Json<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Json<'_> {
+    fn peek(&self) -> Option<u8> {
+        self.bytes.get(self.at).copied()
+    }
+
+    fn next(&mut self) -> Option<u8> {
+        let byte = self.peek()?;
+        self.at += 1;
+        Some(byte)
+    }
+
+    fn expect(&mut self, byte: u8) -> Option<()> {
+        (self.next()? == byte).then_some(())
+    }
+
+    fn skip_space(&mut self) {
+        while self.peek().is_some_and(|byte| byte.is_ascii_whitespace()) {
+            self.at += 1;
+        }
+    }
+
+    /// A string token; the range covers the quotes; `true` when it holds escapes. The header was
+    /// checked to be UTF-8 as a whole.
+    fn string(&mut self) -> Option<(Range<usize>, bool)> {
+        let start = self.at;
+        self.expect(b'"')?;
+        let mut escaped = false;
+        loop {
+            let rest = self.bytes.get(self.at..)?;
+            // Plain runs are skipped in one tight loop.
+            let stop = rest
+                .iter()
+                .position(|&byte| byte == b'"' || byte == b'\\' || byte < 0x20)?;
+            self.at += stop;
+            match self.next()? {
+                b'"' => break,
+                b'\\' => {
+                    escaped = true;
+                    match self.next()? {
+                        b'u' => {
+                            for _ in 0..4 {
+                                if !self.next()?.is_ascii_hexdigit() {
+                                    return None;
+                                }
+                            }
+                        }
+                        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {}
+                        _ => return None,
+                    }
+                }
+                _ => return None,
+            }
+        }
+        Some((start..self.at, escaped))
+    }
+
+    /// A key: a string without escapes, its range inside the quotes.
+    fn plain_string(&mut self) -> Option<Range<usize>> {
+        let (range, escaped) = self.string()?;
+        (!escaped).then_some(range.start + 1..range.end - 1)
+    }
+
+    /// An i32 number token (no fraction or exponent) and its range.
+    fn integer(&mut self) -> Option<(Range<usize>, i32)> {
+        let start = self.at;
+        if self.peek()? == b'-' {
+            self.at += 1;
+        }
+        while self.peek().is_some_and(|byte| byte.is_ascii_digit()) {
+            self.at += 1;
+        }
+        let text = std::str::from_utf8(self.bytes.get(start..self.at)?).ok()?;
+        let digits = text.strip_prefix('-').unwrap_or(text);
+        // JSON allows neither a fraction here (an i32 field) nor leading zeros.
+        if matches!(self.peek(), Some(b'.' | b'e' | b'E'))
+            || (digits.len() > 1 && digits.starts_with('0'))
+        {
+            return None;
+        }
+        Some((start..self.at, text.parse().ok()?))
+    }
+
+    /// Any value, skipped; returns its kind as an ext value.
+    fn value(&mut self) -> Option<ValueKind> {
+        match self.peek()? {
+            b'"' => {
+                let (_, escaped) = self.string()?;
+                Some(if escaped {
+                    ValueKind::Opaque
+                } else {
+                    ValueKind::Plain
+                })
+            }
+            b'{' | b'[' => {
+                self.nested()?;
+                Some(ValueKind::Opaque)
+            }
+            b'n' => {
+                self.literal(b"null")?;
+                Some(ValueKind::Absent)
+            }
+            b't' => self.literal(b"true").map(|()| ValueKind::Opaque),
+            b'f' => self.literal(b"false").map(|()| ValueKind::Opaque),
+            b'-' | b'0'..=b'9' => {
+                self.at += 1;
+                while self
+                    .peek()
+                    .is_some_and(|byte| byte.is_ascii_digit() || b".eE+-".contains(&byte))
+                {
+                    self.at += 1;
+                }
+                Some(ValueKind::Opaque)
+            }
+            _ => None,
+        }
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Option<()> {
+        let end = self.at.checked_add(word.len())?;
+        (self.bytes.get(self.at..end)? == word).then(|| self.at = end)
+    }
+
+    /// An object or array, skipped with strings honoured.
+    fn nested(&mut self) -> Option<()> {
+        let mut depth = 0usize;
+        loop {
+            match self.peek()? {
+                b'"' => {
+                    self.string()?;
+                    continue;
+                }
+                b'{' | b'[' => depth += 1,
+                b'}' | b']' => {
+                    depth = depth.checked_sub(1)?;
+                    if depth == 0 {
+                        self.at += 1;
+                        return Some(());
+                    }
+                }
+                _ => {}
+            }
+            self.at += 1;
+        }
+    }
+
+    fn ext_object(&mut self, fields: &mut Vec<Field>) -> Option<ExtObject> {
+        if self.peek()? == b'n' {
+            // `"extFields":null` would need a member replaced, not extended: decode in full.
+            return None;
+        }
+        self.expect(b'{')?;
+        self.skip_space();
+        if self.peek()? == b'}' {
+            let close = self.at;
+            self.at += 1;
+            return Some(ExtObject {
+                close,
+                members: false,
+            });
+        }
+        loop {
+            self.skip_space();
+            let key = self.plain_string()?;
+            self.skip_space();
+            self.expect(b':')?;
+            self.skip_space();
+            let start = self.at;
+            let kind = self.value()?;
+            fields.push(Field {
+                key,
+                value: start..self.at,
+                value_len_at: 0,
+                kind,
+            });
+            self.skip_space();
+            match self.peek()? {
+                b',' => self.at += 1,
+                b'}' => {
+                    let close = self.at;
+                    self.at += 1;
+                    return Some(ExtObject {
+                        close,
+                        members: true,
+                    });
+                }
+                _ => return None,
+            }
+        }
+    }
+}
+
+/// What a writer sends: a decoded command to encode, or a relayed one as bytes.
+#[derive(Debug, Clone)]
+pub enum Outgoing {
+    Command(RemotingCommand),
+    Raw(RawCommand),
+}
+
+impl Outgoing {
+    /// The request or response code.
+    pub fn code(&self) -> i32 {
+        match self {
+            Outgoing::Command(command) => command.code,
+            Outgoing::Raw(raw) => raw.code,
+        }
+    }
+}
+
+impl From<RemotingCommand> for Outgoing {
+    fn from(command: RemotingCommand) -> Self {
+        Outgoing::Command(command)
+    }
+}
+
+impl From<RawCommand> for Outgoing {
+    fn from(raw: RawCommand) -> Self {
+        Outgoing::Raw(raw)
+    }
+}
+
+impl tokio_util::codec::Encoder<Outgoing> for frame::RemotingCodec {
+    type Error = CodecError;
+
+    fn encode(&mut self, item: Outgoing, dst: &mut BytesMut) -> Result<(), CodecError> {
+        match item {
+            Outgoing::Command(command) => frame::encode_frame(&command, &self.limits(), dst),
+            Outgoing::Raw(raw) => raw.encode(&self.limits(), dst),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,208 @@
+use bytes::{Bytes, BytesMut};
+use proptest::prelude::*;
+
+use super::*;
+use crate::remoting::{ExtFields, LanguageCode};
+
+fn limits() -> FrameLimits {
+    FrameLimits::default()
+}
+
+/// A frame without its length prefix, as the readers hand it over.
+fn frame_of(command: &RemotingCommand) -> Bytes {
+    let mut buffer = BytesMut::new();
+    frame::encode_frame(command, &limits(), &mut buffer).expect("encode");
+    buffer.freeze().slice(4..)
+}
+
+fn json_frame(header: &str, body: &[u8]) -> Bytes {
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&(header.len() as u32).to_be_bytes());
+    frame.extend_from_slice(header.as_bytes());
+    frame.extend_from_slice(body);
+    Bytes::from(frame)
+}
+
+fn written(raw: &RawCommand) -> Bytes {
+    let mut buffer = BytesMut::new();
+    raw.encode(&limits(), &mut buffer).expect("encode");
+    buffer.freeze().slice(4..)
+}
+
+/// What a Java 4.x producer writes for SEND_MESSAGE_V2: unsorted keys, control characters
+/// escaped in the properties.
+const SEND_V2: &str = r#"{"code":310,"extFields":{"a":"PG","b":"TopicTest","c":"TBW102","d":"4","e":"3","f":"0","g":"1733462400000","h":"0","i":"KEYS\u0001k1\u0002WAIT\u0001true\u0002","j":"0","k":"false","m":"false"},"flag":0,"language":"JAVA","opaque":4711,"serializeTypeCurrentRPC":"JSON","version":399}"#;
+
+#[test]
+fn routing_fields_read_without_decoding() {
+    let raw = RawCommand::scan(&json_frame(SEND_V2, b"hello"), &limits()).expect("scans");
+    assert_eq!((raw.code, raw.opaque, raw.flag), (310, 4711, 0));
+    assert_eq!(raw.ext("b"), Ok(Some("TopicTest")));
+    assert_eq!(raw.ext("e"), Ok(Some("3")));
+    assert_eq!(raw.ext("n"), Ok(None));
+    assert_eq!(raw.ext("i"), Err(()), "escaped values are never read raw");
+    assert_eq!(&raw.body[..], b"hello");
+}
+
+#[test]
+fn a_relayed_send_changes_only_the_fields_meant() {
+    let input = json_frame(SEND_V2, b"hello");
+    let raw = RawCommand::scan(&input, &limits()).expect("scans");
+    let relayed = written(&raw.rewritten(9, &[("e", "1"), ("n", "broker-b")]));
+    let expected = SEND_V2
+        .replace(r#""e":"3""#, r#""e":"1""#)
+        .replace(r#""m":"false"}"#, r#""m":"false","n":"broker-b"}"#)
+        .replace(r#""opaque":4711"#, r#""opaque":9"#);
+    assert_eq!(relayed, json_frame(&expected, b"hello"));
+    // And back: the original bytes exactly.
+    let back = RawCommand::scan(&relayed, &limits()).expect("scans");
+    let restored = back.with_opaque(4711);
+    assert_eq!(restored.ext("n"), Ok(Some("broker-b")));
+    assert_eq!(restored.ext("b"), Ok(Some("TopicTest")));
+}
+
+#[test]
+fn odd_but_valid_json_is_kept_byte_for_byte() {
+    let header = r#" { "version" : 317 , "opaque":-5,"remark":null,"extFields" : { "topic" : "T" , "queueId":"2", "n": 7 } ,"code": 10 } "#;
+    let raw = RawCommand::scan(&json_frame(header, b""), &limits()).expect("scans");
+    assert_eq!(raw.ext("topic"), Ok(Some("T")));
+    assert_eq!(raw.ext("n"), Err(()), "a number where a string is expected");
+    let relayed = written(&raw.rewritten(12345, &[("queueId", "0")]));
+    let expected = header
+        .replace(r#""queueId":"2""#, r#""queueId":"0""#)
+        .replace(r#""opaque":-5"#, r#""opaque":12345"#);
+    assert_eq!(relayed, json_frame(&expected, b""));
+}
+
+#[test]
+fn fields_are_added_where_no_ext_object_or_an_empty_one_exists() {
+    for header in [
+        r#"{"code":10,"flag":0,"opaque":1}"#,
+        r#"{"code":10,"extFields":{},"flag":0,"opaque":1}"#,
+    ] {
+        let raw = RawCommand::scan(&json_frame(header, b"x"), &limits()).expect("scans");
+        let changed = raw.rewritten(2, &[("bname", "b"), ("queueId", "3")]);
+        let decoded = changed.decode().expect("decodes");
+        assert_eq!(decoded.opaque, 2);
+        assert_eq!(decoded.ext("bname"), Some("b"), "{header}");
+        assert_eq!(decoded.ext("queueId"), Some("3"), "{header}");
+        assert_eq!(&decoded.body[..], b"x");
+    }
+}
+
+#[test]
+fn what_the_scanner_does_not_vouch_for_is_declined() {
+    for header in [
+        r#"{"code":10,"opaque":1,"opaque":2}"#,
+        r#"{"code":10,"opaque":"1"}"#,
+        r#"{"code":10,"opaque":01}"#,
+        r#"{"code":10,"opaque":1.5}"#,
+        r#"{"code":10}"#,
+        r#"{"code":10,"opaque":1,"extFields":{"a":"1","a":"2"}}"#,
+        r#"{"code":10,"opaque":1,"extFields":null}"#,
+        r#"{"code":10,"opaque":1,"extFields":{"a\"b":"1"}}"#,
+        r#"{"code":10,"opaque":1} x"#,
+        r#"{"code":10,"opaque":1"#,
+        r#"[{"code":10,"opaque":1}]"#,
+        "{}",
+    ] {
+        assert!(
+            RawCommand::scan(&json_frame(header, b""), &limits()).is_none(),
+            "{header}"
+        );
+    }
+}
+
+fn text() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "[a-zA-Z0-9_%|-]{1,12}",
+        any::<String>().prop_filter("not empty", |text| !text.is_empty()),
+    ]
+}
+
+prop_compose! {
+    fn command()(
+        code in -300i32..300,
+        opaque in any::<i32>(),
+        flag in 0i32..4,
+        language in 0u8..13,
+        remark in proptest::option::of(text()),
+        ext in proptest::collection::btree_map("[a-zA-Z]{1,8}", text(), 0..8),
+        body in proptest::collection::vec(any::<u8>(), 0..64),
+        binary in any::<bool>(),
+    ) -> RemotingCommand {
+        RemotingCommand {
+            code,
+            language: LanguageCode(language),
+            version: 399,
+            opaque,
+            flag,
+            remark,
+            ext_fields: ext.into_iter().collect::<ExtFields>(),
+            body: Bytes::from(body),
+            serialize_type: if binary { SerializeType::Binary } else { SerializeType::Json },
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, rng_seed: proptest::test_runner::RngSeed::Fixed(20261206), ..ProptestConfig::default() })]
+
+    /// Whatever our encoder writes scans, and the fields read raw are the decoded ones.
+    #[test]
+    fn encoded_commands_scan_to_their_fields(command in command()) {
+        let raw = RawCommand::scan(&frame_of(&command), &limits()).expect("an encoded command scans");
+        prop_assert_eq!((raw.code, raw.opaque, raw.flag), (command.code, command.opaque, command.flag));
+        for (key, value) in &command.ext_fields {
+            match raw.ext(key) {
+                Ok(Some(read)) => prop_assert_eq!(read, value.as_str()),
+                Ok(None) => prop_assert!(value.is_empty()),
+                Err(()) => prop_assert!(raw.serialize_type == SerializeType::Json),
+            }
+        }
+        prop_assert_eq!(raw.decode().expect("decodes"), frame::decode_frame(frame_of(&command), &limits()).expect("decodes"));
+    }
+
+    /// A rewrite decodes to the original with exactly the changes applied, and writing the old
+    /// values back gives the original bytes.
+    #[test]
+    fn rewrites_change_only_the_fields_meant(
+        command in command(),
+        opaque in any::<i32>(),
+        changes in proptest::collection::btree_map(prop_oneof!["[a-zA-Z]{1,8}", Just("queueId".to_owned())], "[a-zA-Z0-9-]{1,10}", 0..3),
+    ) {
+        let input = frame_of(&command);
+        let raw = RawCommand::scan(&input, &limits()).expect("scans");
+        let list: Vec<(&str, &str)> = changes.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let changed = raw.rewritten(opaque, &list);
+        let mut expected = frame::decode_frame(input.clone(), &limits()).expect("decodes");
+        expected.opaque = opaque;
+        for (key, value) in &changes {
+            expected.ext_fields.insert(key.clone(), value.clone());
+        }
+        prop_assert_eq!(changed.decode().expect("decodes"), expected.clone());
+        prop_assert_eq!(frame::decode_frame(written(&changed), &limits()).expect("decodes"), expected);
+        // Opaque only: byte-identical round trip.
+        prop_assert_eq!(written(&raw.with_opaque(opaque).with_opaque(command.opaque)), input.clone());
+        // Same values written back where they exist: byte-identical.
+        let same: Vec<(&str, &str)> = command.ext_fields.iter()
+            .filter(|(_, value)| raw.serialize_type == SerializeType::Binary || !value.chars().any(|c| c < ' ' || c == '"' || c == '\\'))
+            .map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        prop_assert_eq!(written(&raw.rewritten(command.opaque, &same)), input);
+    }
+
+    /// Arbitrary bytes never panic the scanner; what it accepts agrees with the full decoder.
+    #[test]
+    fn arbitrary_headers_scan_safely(bytes in proptest::collection::vec(any::<u8>(), 0..96), json in any::<bool>()) {
+        let mut frame = vec![u8::from(!json), 0, 0, bytes.len() as u8];
+        frame.extend_from_slice(&bytes);
+        let frame = Bytes::from(frame);
+        if let Some(raw) = RawCommand::scan(&frame, &limits()) {
+            let _ = raw.ext("topic");
+            let _ = raw.rewritten(1, &[("topic", "t")]);
+            if let Ok(decoded) = frame::decode_frame(frame, &limits()) {
+                prop_assert_eq!((raw.code, raw.opaque, raw.flag), (decoded.code, decoded.opaque, decoded.flag));
+            }
+        }
+    }
+}
