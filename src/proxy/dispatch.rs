@@ -134,7 +134,7 @@ pub fn relayable(raw: &RawCommand) -> bool {
     if !is_send(RequestCode(raw.code)) || raw.is_response() {
         return false;
     }
-    let keys = SendKeys::of(&Relayed::Raw(raw.clone()));
+    let keys = SendKeys::choose(matches!(raw.ext("b"), Ok(Some(_))));
     [keys.topic, keys.queue, keys.sys_flag, keys.bname]
         .into_iter()
         .all(|key| raw.ext(key).is_ok())
@@ -180,7 +180,7 @@ fn finish(proxy: &Proxy, oneway: bool, response: Option<Outgoing>) -> Option<Out
                 Outgoing::Command(command) => {
                     warn!(code = command.code, remark = ?command.remark, "oneway request not delivered")
                 }
-                Outgoing::Raw(raw) => warn!(code = raw.code, "oneway request not delivered"),
+                other => warn!(code = other.code(), "oneway request not delivered"),
             }
         }
         return None;
@@ -259,7 +259,11 @@ struct SendKeys {
 
 impl SendKeys {
     fn of(request: &Relayed) -> Self {
-        if request.ext("b").is_some() {
+        Self::choose(request.ext("b").is_some())
+    }
+
+    fn choose(v2: bool) -> Self {
+        if v2 {
             Self {
                 topic: "b",
                 queue: "e",

@@ -19,6 +19,7 @@ pub mod dispatch;
 pub mod failover;
 pub mod listeners;
 pub mod ondemand;
+pub mod output;
 pub mod pullpop;
 pub mod relay;
 pub mod routes;

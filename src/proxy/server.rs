@@ -9,25 +9,25 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 use futures::stream::FuturesUnordered;
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
-use tokio_util::codec::FramedWrite;
 use tracing::{debug, info, warn};
 
 use super::config::{ConfigError, SidecarConfig};
 use super::dispatch::{self, Downstream};
 use super::listeners::BrokerListeners;
+use super::output::Output;
 use super::routes::{RouteTable, Routes};
 use super::stats::ProxyStats;
 use super::upstream::Upstreams;
 use super::{Proxy, relay};
 use crate::inbound::{ConnectionGate, FrameReader, ReadError};
 use crate::log_throttle::LogThrottle;
+use crate::remoting::RemotingCommand;
 use crate::remoting::frame;
 use crate::remoting::raw::{Outgoing, RawCommand};
-use crate::remoting::{RemotingCodec, RemotingCommand};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SidecarError {
@@ -42,7 +42,6 @@ pub enum SidecarError {
 
 /// Broker requests waiting to be relayed before new ones are dropped.
 const RELAY_QUEUE: usize = 1024;
-const WRITE_BATCH_BYTES: usize = 64 * 1024;
 
 /// Lines a peer can provoke at will are logged at most once a second (`skipped` counts the rest).
 static MALFORMED_LOG: LogThrottle = LogThrottle::new(Duration::from_secs(1));
@@ -285,8 +284,7 @@ async fn serve_connection(
     let _ = socket.set_nodelay(true);
     let read_limits = proxy.config.limits.read_limits();
     let (reader, writer) = socket.into_split();
-    let mut sink = FramedWrite::new(writer, RemotingCodec::new(read_limits.frame));
-    sink.set_backpressure_boundary(WRITE_BATCH_BYTES);
+    let mut output = Output::new(writer, read_limits.frame);
     let mut stream = FrameReader::new(reader, read_limits, proxy.read_budget.clone());
     let in_flight = proxy.config.limits.max_in_flight_per_connection;
     let (outbound, mut responses) = mpsc::channel::<Outgoing>(in_flight);
@@ -298,21 +296,6 @@ async fn serve_connection(
     let peer = downstream.peer;
     debug!(%peer, connection = downstream.connection, "client connected");
 
-    let writer = tokio::spawn(async move {
-        while let Some(response) = responses.recv().await {
-            let mut written = sink.feed(response).await;
-            while written.is_ok() {
-                match responses.try_recv() {
-                    Ok(response) => written = sink.feed(response).await,
-                    Err(_) => break,
-                }
-            }
-            if let Err(error) = written.and(SinkExt::<Outgoing>::flush(&mut sink).await) {
-                debug!(%peer, %error, "write to client failed");
-                break;
-            }
-        }
-    });
     let downstream = Arc::new(downstream);
     let permits = Arc::new(Semaphore::new(in_flight));
     // Requests waiting on a broker run inside this task (no task per request); long polls get
@@ -321,12 +304,31 @@ async fn serve_connection(
     let mut polls = JoinSet::new();
     let mut stopping = false;
     loop {
+        // Everything answered so far goes out in one write, once nothing else is ready: settle
+        // the handlers that can finish now first. (Polling them here with a no-op waker is
+        // safe: the select below polls them again with this task's.)
+        while let Some(Some(())) = handlers.next().now_or_never() {}
+        while output.has_room()
+            && let Ok(response) = responses.try_recv()
+        {
+            output.push(response);
+        }
+        output.write_now();
+        if output.failed() {
+            break;
+        }
         let busy = || permits.available_permits() < in_flight;
-        // Back-pressure: stop reading while this connection has too many requests in flight.
-        let room = permits.available_permits() > 0;
+        // Back-pressure: stop reading while this connection has too many requests in flight, or
+        // while the client does not read its answers.
+        let room = permits.available_permits() > 0 && output.has_room();
         let frame = tokio::select! {
             biased;
             Some(()) = handlers.next(), if !handlers.is_empty() => continue,
+            Some(response) = responses.recv(), if output.has_room() => {
+                output.push(response);
+                continue;
+            }
+            () = output.writable(), if output.has_pending() => continue,
             Some(_) = polls.join_next(), if !polls.is_empty() => continue,
             frame = stream.next_frame(busy), if room => frame,
             () = stop.wait() => {
@@ -370,14 +372,14 @@ async fn serve_connection(
                 break;
             }
         };
-        let handled = handle_request(
-            proxy.clone(),
-            downstream.clone(),
+        let handled = Handled {
+            proxy: proxy.clone(),
+            downstream: downstream.clone(),
             request,
-            outbound.clone(),
+            outbound: outbound.clone(),
             permit,
-        );
-        if dispatch::may_park(handled.request()) {
+        };
+        if dispatch::may_park(&handled.request) {
             polls.spawn(handled.run());
         } else {
             handlers.push(Box::pin(handled.run()));
@@ -389,11 +391,19 @@ async fn serve_connection(
         polls.abort_all();
     }
     // Answer what is in flight (graceful shutdown aborts this task at its deadline).
-    while handlers.next().await.is_some() {}
-    while polls.join_next().await.is_some() {}
+    while !handlers.is_empty() || !polls.is_empty() {
+        tokio::select! {
+            Some(()) = handlers.next(), if !handlers.is_empty() => {}
+            Some(_) = polls.join_next(), if !polls.is_empty() => {}
+            Some(response) = responses.recv() => output.push(response),
+        }
+    }
     dispatch::client_disconnected(&proxy, &downstream);
     drop(outbound);
-    let _ = writer.await;
+    while let Ok(response) = responses.try_recv() {
+        output.push(response);
+    }
+    output.finish().await;
     debug!(%peer, connection = downstream.connection, "client disconnected");
 }
 
@@ -426,27 +436,7 @@ struct Handled {
     permit: OwnedSemaphorePermit,
 }
 
-fn handle_request(
-    proxy: Arc<Proxy>,
-    downstream: Arc<Downstream>,
-    request: RemotingCommand,
-    outbound: mpsc::Sender<Outgoing>,
-    permit: OwnedSemaphorePermit,
-) -> Handled {
-    Handled {
-        proxy,
-        downstream,
-        request,
-        outbound,
-        permit,
-    }
-}
-
 impl Handled {
-    fn request(&self) -> &RemotingCommand {
-        &self.request
-    }
-
     async fn run(self) {
         if let Some(response) = dispatch::handle(&self.proxy, &self.downstream, self.request).await
         {

@@ -287,8 +287,8 @@ impl ByTopicAndGroup {
 
 /// Everything the sidecar counts.
 pub struct ProxyStats {
-    requests: DashMap<i32, AtomicU64>,
-    responses: DashMap<i32, AtomicU64>,
+    requests: ByCode,
+    responses: ByCode,
     decode_errors: AtomicU64,
     connections_total: AtomicU64,
     connections_active: AtomicI64,
@@ -303,6 +303,54 @@ pub struct ProxyStats {
 impl Default for ProxyStats {
     fn default() -> Self {
         Self::new(crate::proxy::config::Limits::default().max_topic_series)
+    }
+}
+
+/// Counters by request or response code: the common codes (below [`DIRECT_CODES`]) in a plain
+/// array of atomics, so the hot path takes no lock; the rest (the POP family's 200000s, unknown
+/// codes) in a map.
+struct ByCode {
+    direct: Box<[AtomicU64]>,
+    others: DashMap<i32, AtomicU64>,
+}
+
+const DIRECT_CODES: usize = 512;
+
+impl Default for ByCode {
+    fn default() -> Self {
+        Self {
+            direct: (0..DIRECT_CODES).map(|_| AtomicU64::new(0)).collect(),
+            others: DashMap::new(),
+        }
+    }
+}
+
+impl ByCode {
+    fn bump(&self, code: i32) {
+        match usize::try_from(code)
+            .ok()
+            .and_then(|index| self.direct.get(index))
+        {
+            Some(counter) => {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            None => bump(&self.others, code, 1),
+        }
+    }
+
+    fn read(&self) -> Vec<(i32, u64)> {
+        let mut values: Vec<(i32, u64)> = self
+            .direct
+            .iter()
+            .enumerate()
+            .filter_map(|(code, counter)| {
+                let count = counter.load(Ordering::Relaxed);
+                (count > 0).then(|| (i32::try_from(code).unwrap_or(i32::MAX), count))
+            })
+            .collect();
+        values.extend(read(&self.others));
+        values.sort_unstable();
+        values
     }
 }
 
@@ -341,8 +389,8 @@ impl ProxyStats {
     /// Counts at most `max_topic_series` topics (or topic and group pairs) per family.
     pub fn new(max_topic_series: usize) -> Self {
         Self {
-            requests: DashMap::new(),
-            responses: DashMap::new(),
+            requests: ByCode::default(),
+            responses: ByCode::default(),
             decode_errors: AtomicU64::new(0),
             connections_total: AtomicU64::new(0),
             connections_active: AtomicI64::new(0),
@@ -356,11 +404,11 @@ impl ProxyStats {
     }
 
     pub fn request(&self, code: i32) {
-        bump(&self.requests, code, 1);
+        self.requests.bump(code);
     }
 
     pub fn response(&self, code: i32) {
-        bump(&self.responses, code, 1);
+        self.responses.bump(code);
     }
 
     pub fn decode_error(&self) {
@@ -411,11 +459,11 @@ impl ProxyStats {
     }
 
     pub fn requests_by_code(&self) -> Vec<(i32, u64)> {
-        read(&self.requests)
+        self.requests.read()
     }
 
     pub fn responses_by_code(&self) -> Vec<(i32, u64)> {
-        read(&self.responses)
+        self.responses.read()
     }
 
     pub fn decode_errors(&self) -> u64 {

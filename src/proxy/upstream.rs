@@ -128,7 +128,7 @@ impl UpstreamRequest {
                     .iter()
                     .map(|(key, value)| (*key, value.as_str()))
                     .collect();
-                Outgoing::Raw(raw.rewritten(opaque, &changes))
+                raw.relayed(opaque, &changes)
             }
         }
     }
@@ -333,8 +333,13 @@ impl Pool {
             Lane::Ordinary => (&self.in_flight, self.settings.ordinary_limit()),
             Lane::Parked => (&self.parked, self.settings.max_parked),
         };
-        // Back-pressure: wait for an in-flight slot within the deadline, else SYSTEM_BUSY.
-        let result = match tokio::time::timeout_at(deadline, slots.clone().acquire_owned()).await {
+        // Back-pressure: wait for an in-flight slot within the deadline, else SYSTEM_BUSY. A free
+        // slot is taken without arming a timer.
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(permit) => Ok(Ok(permit)),
+            Err(_) => tokio::time::timeout_at(deadline, slots.clone().acquire_owned()).await,
+        };
+        let result = match permit {
             Ok(Ok(permit)) => {
                 let outcome =
                     tokio::time::timeout_at(deadline, self.exchange(lane, request, deadline))
@@ -418,7 +423,11 @@ impl Pool {
                 address: self.address,
             });
         };
-        let mut slot = slot.lock().await;
+        // Uncontended, the slot is taken without a trip through the async lock's queue.
+        let mut slot = match slot.try_lock() {
+            Ok(slot) => slot,
+            Err(_) => slot.lock().await,
+        };
         if let Some(connection) = slot.as_ref().filter(|connection| connection.is_open()) {
             return Ok(connection.clone());
         }
@@ -520,18 +529,8 @@ impl Pool {
         });
         let address = self.address;
         tokio::spawn(async move {
-            while let Some(command) = queue.recv().await {
-                let mut written = sink.feed(command).await;
-                while written.is_ok() {
-                    match queue.try_recv() {
-                        Ok(command) => written = sink.feed(command).await,
-                        Err(_) => break,
-                    }
-                }
-                if let Err(error) = written.and(sink.flush().await) {
-                    debug!(%address, %error, "upstream write failed");
-                    break;
-                }
+            if let Err(error) = write_batches(&mut queue, &mut sink).await {
+                debug!(%address, %error, "upstream write failed");
             }
         });
         let reader = Arc::downgrade(&connection);
@@ -649,6 +648,34 @@ impl tokio_util::codec::Encoder<Outgoing> for RelayCodec {
     fn encode(&mut self, item: Outgoing, dst: &mut bytes::BytesMut) -> Result<(), CodecError> {
         self.0.encode(item, dst)
     }
+}
+
+/// Writes what `queue` yields, as few writes as it takes. Requests that arrive together (the
+/// sends of one client read) get a turn to join the batch: when a drain found more than one, the
+/// writer yields once before writing, so a burst costs one write; a lone request goes at once.
+async fn write_batches<S>(
+    queue: &mut mpsc::Receiver<Outgoing>,
+    sink: &mut S,
+) -> Result<(), S::Error>
+where
+    S: futures::Sink<Outgoing> + Unpin,
+{
+    while let Some(first) = queue.recv().await {
+        sink.feed(first).await?;
+        let mut drained = 1;
+        while let Ok(next) = queue.try_recv() {
+            sink.feed(next).await?;
+            drained += 1;
+        }
+        if drained > 1 {
+            tokio::task::yield_now().await;
+            while let Ok(next) = queue.try_recv() {
+                sink.feed(next).await?;
+            }
+        }
+        sink.flush().await?;
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -145,11 +145,7 @@ impl RawCommand {
     /// The same command with `opaque` and the given ext fields set (added when missing, every
     /// occurrence replaced when present); every other header byte and the body are kept.
     pub fn rewritten(&self, opaque: i32, changes: &[(&str, &str)]) -> Self {
-        let header = match self.serialize_type {
-            SerializeType::Json => self.rewrite_json(opaque, changes),
-            SerializeType::Binary => self.rewrite_binary(opaque, changes),
-        };
-        let header = Bytes::from(header);
+        let header = self.rewritten_header(opaque, changes);
         let scanned = match self.serialize_type {
             SerializeType::Json => scan_json(header, self.body.clone()),
             SerializeType::Binary => scan_binary(header, self.body.clone()),
@@ -158,6 +154,23 @@ impl RawCommand {
         // rather than a frame the relay cannot vouch for.
         debug_assert!(scanned.is_some(), "a rewritten header scans");
         scanned.unwrap_or_else(|| self.clone())
+    }
+
+    /// As [`RawCommand::rewritten`], ready to write and not indexed again: what a relay sends on.
+    pub fn relayed(&self, opaque: i32, changes: &[(&str, &str)]) -> Outgoing {
+        Outgoing::Spliced {
+            serialize_type: self.serialize_type,
+            code: self.code,
+            header: self.rewritten_header(opaque, changes),
+            body: self.body.clone(),
+        }
+    }
+
+    fn rewritten_header(&self, opaque: i32, changes: &[(&str, &str)]) -> Bytes {
+        Bytes::from(match self.serialize_type {
+            SerializeType::Json => self.rewrite_json(opaque, changes),
+            SerializeType::Binary => self.rewrite_binary(opaque, changes),
+        })
     }
 
     /// Just the opaque changed: what relaying a response to its client needs. Positions after
@@ -308,19 +321,7 @@ impl RawCommand {
 
     /// The whole frame, length prefix included, appended to `dst`.
     pub fn encode(&self, limits: &FrameLimits, dst: &mut BytesMut) -> Result<(), CodecError> {
-        let size = 4 + HEADER_WORD + self.header.len() + self.body.len();
-        if size > limits.max_frame || size - 4 > i32::MAX as usize {
-            return Err(CodecError::FrameTooLarge {
-                size,
-                max: limits.max_frame,
-            });
-        }
-        dst.reserve(size);
-        dst.put_u32((size - 4) as u32);
-        dst.put_u32((u32::from(self.serialize_type.to_byte()) << 24) | self.header.len() as u32);
-        dst.extend_from_slice(&self.header);
-        dst.extend_from_slice(&self.body);
-        Ok(())
+        write_frame(self.serialize_type, &self.header, &self.body, limits, dst)
     }
 
     /// The decoded command, for code that needs every field.
@@ -332,6 +333,34 @@ impl RawCommand {
         command.body = self.body.clone();
         Ok(command)
     }
+}
+
+fn write_frame(
+    serialize_type: SerializeType,
+    header: &[u8],
+    body: &[u8],
+    limits: &FrameLimits,
+    dst: &mut BytesMut,
+) -> Result<(), CodecError> {
+    let size = 4 + HEADER_WORD + header.len() + body.len();
+    if size > limits.max_frame || size - 4 > i32::MAX as usize {
+        return Err(CodecError::FrameTooLarge {
+            size,
+            max: limits.max_frame,
+        });
+    }
+    if header.len() > limits.max_header.min(MAX_HEADER_FIELD) {
+        return Err(CodecError::HeaderTooLarge {
+            size: header.len(),
+            max: limits.max_header.min(MAX_HEADER_FIELD),
+        });
+    }
+    dst.reserve(size);
+    dst.put_u32((size - 4) as u32);
+    dst.put_u32((u32::from(serialize_type.to_byte()) << 24) | header.len() as u32);
+    dst.extend_from_slice(header);
+    dst.extend_from_slice(body);
+    Ok(())
 }
 
 fn scan_binary(header: Bytes, body: Bytes) -> Option<RawCommand> {
@@ -686,6 +715,13 @@ impl Json<'_> {
 pub enum Outgoing {
     Command(RemotingCommand),
     Raw(RawCommand),
+    /// A rewritten header and the original body: a relayed request on its way.
+    Spliced {
+        serialize_type: SerializeType,
+        code: i32,
+        header: Bytes,
+        body: Bytes,
+    },
 }
 
 impl Outgoing {
@@ -694,6 +730,7 @@ impl Outgoing {
         match self {
             Outgoing::Command(command) => command.code,
             Outgoing::Raw(raw) => raw.code,
+            Outgoing::Spliced { code, .. } => *code,
         }
     }
 }
@@ -717,6 +754,12 @@ impl tokio_util::codec::Encoder<Outgoing> for frame::RemotingCodec {
         match item {
             Outgoing::Command(command) => frame::encode_frame(&command, &self.limits(), dst),
             Outgoing::Raw(raw) => raw.encode(&self.limits(), dst),
+            Outgoing::Spliced {
+                serialize_type,
+                header,
+                body,
+                ..
+            } => write_frame(serialize_type, &header, &body, &self.limits(), dst),
         }
     }
 }
