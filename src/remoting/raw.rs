@@ -167,9 +167,16 @@ impl RawCommand {
     }
 
     fn rewritten_header(&self, opaque: i32, changes: &[(&str, &str)]) -> Bytes {
+        // A key named twice: its first value stands, present or added.
+        let mut distinct: Vec<(&str, &str)> = Vec::with_capacity(changes.len());
+        for &(key, value) in changes {
+            if distinct.iter().all(|(seen, _)| *seen != key) {
+                distinct.push((key, value));
+            }
+        }
         Bytes::from(match self.serialize_type {
-            SerializeType::Json => self.rewrite_json(opaque, changes),
-            SerializeType::Binary => self.rewrite_binary(opaque, changes),
+            SerializeType::Json => self.rewrite_json(opaque, &distinct),
+            SerializeType::Binary => self.rewrite_binary(opaque, &distinct),
         })
     }
 
@@ -265,11 +272,15 @@ impl RawCommand {
         let mut out = Vec::with_capacity(old.len() + 64);
         let mut at = 0;
         for (range, bytes) in edits {
-            out.extend_from_slice(&old[at..range.start]);
+            // A key named twice in `changes` edits the same span twice: the first one stands.
+            let Some(kept) = old.get(at..range.start) else {
+                continue;
+            };
+            out.extend_from_slice(kept);
             out.extend_from_slice(&bytes);
             at = range.end;
         }
-        out.extend_from_slice(&old[at..]);
+        out.extend_from_slice(old.get(at..).unwrap_or_default());
         out
     }
 
@@ -279,19 +290,28 @@ impl RawCommand {
         let mut at = 0;
         let mut replaced = vec![false; changes.len()];
         for field in &self.fields {
-            let change = changes
+            let key = old.get(field.key.clone());
+            // The first change naming the key sets it; any later one naming it again is spent.
+            let mut naming = changes
                 .iter()
-                .position(|(key, _)| old.get(field.key.clone()) == Some(key.as_bytes()));
-            if let Some(index) = change {
-                out.extend_from_slice(&old[at..field.value_len_at]);
-                let value = changes[index].1.as_bytes();
-                out.put_i32(i32::try_from(value.len()).unwrap_or(i32::MAX));
-                out.extend_from_slice(value);
-                at = field.value.end;
-                replaced[index] = true;
+                .enumerate()
+                .filter(|(_, (name, _))| key == Some(name.as_bytes()));
+            let Some((index, (_, value))) = naming.next() else {
+                continue;
+            };
+            let Some(kept) = old.get(at..field.value_len_at) else {
+                continue;
+            };
+            out.extend_from_slice(kept);
+            out.put_i32(i32::try_from(value.len()).unwrap_or(i32::MAX));
+            out.extend_from_slice(value.as_bytes());
+            at = field.value.end;
+            replaced[index] = true;
+            for (again, _) in naming {
+                replaced[again] = true;
             }
         }
-        out.extend_from_slice(&old[at..]);
+        out.extend_from_slice(old.get(at..).unwrap_or_default());
         let old_ext_len_at = match self.ext {
             ExtPlace::Binary(at) => at,
             _ => None,

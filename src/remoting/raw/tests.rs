@@ -91,6 +91,25 @@ fn fields_are_added_where_no_ext_object_or_an_empty_one_exists() {
 }
 
 #[test]
+fn a_key_changed_twice_keeps_its_first_value() {
+    for binary in [false, true] {
+        let mut command = RemotingCommand::request(crate::remoting::RequestCode::SEND_MESSAGE, 1);
+        command.ext_fields.insert("queueId".into(), "3".into());
+        if binary {
+            command.serialize_type = SerializeType::Binary;
+        }
+        let raw = RawCommand::scan(&frame_of(&command), &limits()).expect("scans");
+        let changed = raw.rewritten(
+            2,
+            &[("queueId", "1"), ("queueId", "2"), ("n", "a"), ("n", "b")],
+        );
+        let decoded = changed.decode().expect("decodes");
+        assert_eq!(decoded.ext("queueId"), Some("1"), "binary: {binary}");
+        assert_eq!(decoded.ext("n"), Some("a"), "binary: {binary}");
+    }
+}
+
+#[test]
 fn what_the_scanner_does_not_vouch_for_is_declined() {
     for header in [
         r#"{"code":10,"opaque":1,"opaque":2}"#,
