@@ -5,6 +5,7 @@ pub mod client_registry;
 pub mod control_plane;
 pub mod inbound;
 pub mod log_throttle;
+pub mod memory;
 pub mod names;
 pub mod proxy;
 pub mod remoting;

@@ -10,6 +10,16 @@ mod cli;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Hands this thread's free heap pages back to the OS; runs on a worker as it parks, after the
+/// sidecar freed state in bulk (`rocketmesh::memory`).
+fn release_free_memory() {
+    // SAFETY: `mi_collect` takes no pointers; it walks the calling thread's own heap.
+    #[cfg(not(feature = "system-allocator"))]
+    unsafe {
+        libmimalloc_sys::mi_collect(true)
+    }
+}
+
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]

@@ -62,7 +62,7 @@ impl BrokerArgs {
 
 pub fn run(args: &BrokerArgs) -> anyhow::Result<()> {
     let mut config = args.to_config()?;
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let runtime = super::runtime()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await

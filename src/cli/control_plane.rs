@@ -69,7 +69,7 @@ pub fn run(args: &ControlPlaneArgs) -> anyhow::Result<()> {
             ),
         };
     }
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let runtime = super::runtime()?;
     runtime.block_on(async move {
         let mut hangups = signal(SignalKind::hangup()).context("cannot watch for SIGHUP")?;
         let reload_every = Duration::from_millis(config.reload_interval_ms);

@@ -7,3 +7,14 @@ pub mod decode;
 pub mod sidecar;
 pub mod signal;
 pub mod up;
+
+/// The multi-threaded runtime every long-running subcommand uses. Its workers release their free
+/// memory when they park after the sidecar asked for it (`rocketmesh::memory`).
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_park(|| rocketmesh::memory::release_if_requested(crate::release_free_memory))
+        .build()
+        .context("cannot start the async runtime")
+}

@@ -17,7 +17,7 @@ pub struct SidecarArgs {
 
 pub fn run(args: &SidecarArgs) -> anyhow::Result<()> {
     let config = SidecarConfig::load(&args.config)?;
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let runtime = super::runtime()?;
     runtime.block_on(async move {
         let mut reloads = signal(SignalKind::hangup()).context("cannot watch for SIGHUP")?;
         let sidecar = proxy::start(config).await?;

@@ -152,7 +152,7 @@ pub fn control_plane_config(
 }
 
 pub fn run(args: &UpArgs) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let runtime = super::runtime()?;
     runtime.block_on(async move {
         let (stop_brokers, stopped) = watch::channel(false);
         let mut brokers = Vec::new();

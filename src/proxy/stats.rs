@@ -170,6 +170,11 @@ impl SeriesLimit {
     }
 }
 
+/// Whether a table that shrank to `len` entries holds much more room than it needs.
+pub(crate) fn is_sparse(len: usize, capacity: usize) -> bool {
+    capacity > 64 && capacity > len.saturating_mul(4)
+}
+
 /// Values by topic with a capped number of topics. Lookups of known topics borrow the name;
 /// only a new topic allocates.
 struct ByTopic<V> {
@@ -206,6 +211,12 @@ impl<V: Default> ByTopic<V> {
     fn forget(&self, topic: &str) {
         if self.map.remove(topic).is_some() {
             self.limit.removed(1);
+        }
+    }
+
+    fn shrink(&self) {
+        if is_sparse(self.map.len(), self.map.capacity()) {
+            self.map.shrink_to_fit();
         }
     }
 
@@ -260,6 +271,12 @@ impl ByTopicAndGroup {
     fn forget(&self, topic: &str) {
         if let Some((_, groups)) = self.topics.remove(topic) {
             self.limit.removed(groups.len());
+        }
+    }
+
+    fn shrink(&self) {
+        if is_sparse(self.topics.len(), self.topics.capacity()) {
+            self.topics.shrink_to_fit();
         }
     }
 
@@ -427,6 +444,13 @@ impl ProxyStats {
     /// A request waiting for a route or an upstream slot.
     pub fn pending_request(&self) -> GaugeGuard<'_> {
         raise(&self.requests_pending)
+    }
+
+    /// Hands back table space left by forgotten topics (hash tables keep their peak size).
+    pub fn shrink(&self) {
+        self.messages_in.shrink();
+        self.send_cost.shrink();
+        self.messages_out.shrink();
     }
 
     /// Drops a topic's series (its route was given up): stats follow the topics in use.

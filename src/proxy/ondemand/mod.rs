@@ -264,6 +264,7 @@ impl OnDemand {
             for name in &idle {
                 last_used.remove(name);
             }
+            shrink_if_sparse(&mut last_used);
             idle
         };
         if !idle.is_empty() {
@@ -280,6 +281,7 @@ impl OnDemand {
                 for topic in &idle {
                     proxy.stats.forget_topic(topic);
                 }
+                proxy.stats.shrink();
             }
         }
         let named: BTreeSet<String> = lock(&self.held)
@@ -316,9 +318,15 @@ impl OnDemand {
             .max(Duration::from_millis(100));
         let mut ticks = tokio::time::interval(period);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Freed state reaches the allocator over the next moments (watchers drop balancers and
+        // listeners), so its pages are handed back one tick after a sweep that dropped topics.
+        let mut release_next_tick = false;
         loop {
             ticks.tick().await;
-            self.sweep(Instant::now());
+            if std::mem::take(&mut release_next_tick) {
+                crate::memory::release_on_all_workers().await;
+            }
+            release_next_tick = self.sweep(Instant::now()) > 0;
         }
     }
 
@@ -501,6 +509,16 @@ fn check_name(resource: &str, inner: &str) -> Result<(), String> {
     }
 }
 
+/// Hands back table space after many entries went: hash maps keep their peak capacity, and the
+/// sidecar's memory should follow the topics in use.
+fn shrink_if_sparse<K: Eq + std::hash::Hash, V, S: std::hash::BuildHasher>(
+    map: &mut HashMap<K, V, S>,
+) {
+    if crate::proxy::stats::is_sparse(map.len(), map.capacity()) {
+        map.shrink_to_fit();
+    }
+}
+
 fn apply_topics(
     held: &mut Held,
     added: &[VersionedResource],
@@ -535,6 +553,10 @@ fn apply_topics(
     for name in removed {
         held.routes.topics.remove(name.as_str());
         held.topics.remove(name);
+    }
+    if !removed.is_empty() {
+        shrink_if_sparse(&mut held.routes.topics);
+        shrink_if_sparse(&mut held.topics);
     }
     Ok(())
 }
