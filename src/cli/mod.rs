@@ -12,9 +12,10 @@ pub mod up;
 /// memory when they park after the sidecar asked for it (`rocketmesh::memory`).
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     use anyhow::Context;
+    rocketmesh::memory::install_release(crate::release_free_memory);
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .on_thread_park(|| rocketmesh::memory::release_if_requested(crate::release_free_memory))
+        .on_thread_park(rocketmesh::memory::on_park)
         .build()
         .context("cannot start the async runtime")
 }

@@ -79,6 +79,7 @@ pub fn sidecar_config(
             idle_unsubscribe_after_s,
             ..XdsConfig::default()
         }),
+        workers: 0,
     }
 }
 

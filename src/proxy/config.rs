@@ -62,6 +62,10 @@ pub struct SidecarConfig {
     /// Routes on demand from an xDS control plane.
     #[serde(default)]
     pub xds: Option<XdsConfig>,
+    /// Threads that serve client connections, each with the upstream connections it uses
+    /// (0: one per core).
+    #[serde(default)]
+    pub workers: usize,
 }
 
 /// The on-demand xDS client: a topic's route is asked for when a request first names the topic,

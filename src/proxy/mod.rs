@@ -26,6 +26,7 @@ pub mod routes;
 pub mod server;
 pub mod stats;
 pub mod upstream;
+pub mod workers;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -74,6 +75,8 @@ pub struct Proxy {
     pub pullpop: pullpop::PullPop,
     /// Routes on demand, when the config has an `xds` section.
     pub ondemand: OnceLock<Arc<ondemand::OnDemand>>,
+    /// The threads client connections run on.
+    pub workers: workers::Workers,
 }
 
 impl Proxy {

@@ -38,6 +38,8 @@ pub enum SidecarError {
         address: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot start the serving threads: {0}")]
+    Workers(std::io::Error),
 }
 
 /// Broker requests waiting to be relayed before new ones are dropped.
@@ -92,10 +94,15 @@ pub async fn start(config: SidecarConfig) -> Result<RunningSidecar, SidecarError
     };
     let broker_listeners = BrokerListeners::new(&config, *main_local, main_advertised)?;
     let (inbound_sender, inbound) = mpsc::channel(RELAY_QUEUE);
+    let workers = super::workers::Workers::start(config.workers).map_err(SidecarError::Workers)?;
     let (shutdown, _) = watch::channel(false);
     let proxy = Arc::new(Proxy {
         routes: Routes::new(RouteTable::default()),
-        upstreams: Upstreams::new(inbound_sender, config.limits.max_frame_size),
+        upstreams: Upstreams::new(
+            inbound_sender,
+            config.limits.max_frame_size,
+            workers.handles(),
+        ),
         clients: Default::default(),
         stats: ProxyStats::new(config.limits.max_topic_series),
         clusters: Default::default(),
@@ -115,6 +122,7 @@ pub async fn start(config: SidecarConfig) -> Result<RunningSidecar, SidecarError
         shutdown,
         current: ArcSwap::from_pointee(config.clone()),
         ondemand: std::sync::OnceLock::new(),
+        workers,
         config,
     });
     proxy.install_routes(table);
@@ -260,11 +268,34 @@ pub(super) async fn accept(
             advertised: advertised.clone(),
             broker: broker.clone(),
         };
-        let serving = serve_connection(proxy.clone(), downstream, socket, stop.clone());
-        connections.spawn(async move {
-            serving.await;
-            drop(admission);
-        });
+        // The socket moves to a serving thread's reactor: registered with this accept loop's,
+        // each of its events would wake this runtime first and then the serving thread.
+        let socket = match socket.into_std() {
+            Ok(socket) => socket,
+            Err(error) => {
+                debug!(%peer, %error, "cannot hand the connection to a serving thread");
+                continue;
+            }
+        };
+        let (proxy_for_connection, stop_for_connection) = (proxy.clone(), stop.clone());
+        connections.spawn_on(
+            async move {
+                match TcpStream::from_std(socket) {
+                    Ok(socket) => {
+                        serve_connection(
+                            proxy_for_connection,
+                            downstream,
+                            socket,
+                            stop_for_connection,
+                        )
+                        .await
+                    }
+                    Err(error) => debug!(%peer, %error, "cannot serve the connection"),
+                }
+                drop(admission);
+            },
+            proxy.workers.next(),
+        );
         // Reap finished connections so the set does not grow with churn.
         while connections.try_join_next().is_some() {}
     }

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
+use tokio::runtime::Handle;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::codec::Framed;
 use tracing::{debug, warn};
@@ -205,6 +206,9 @@ pub struct Pool {
     parked: Arc<Semaphore>,
     backoff: Mutex<Backoff>,
     inbound: mpsc::Sender<Inbound>,
+    /// The serving threads' runtimes: slot `i`'s connection runs on runtime `i % len` (on the
+    /// caller's runtime when empty).
+    runtimes: Arc<[Handle]>,
     pub stats: Arc<HostStats>,
     connects: AtomicU64,
     /// Set when the endpoint left the route table: new connections serve one call and close.
@@ -216,6 +220,7 @@ impl Pool {
         address: SocketAddr,
         settings: PoolSettings,
         inbound: mpsc::Sender<Inbound>,
+        runtimes: Arc<[Handle]>,
         stats: Arc<HostStats>,
     ) -> Self {
         let slots = (0..settings.pool_size.max(1))
@@ -231,6 +236,7 @@ impl Pool {
             next_slot: AtomicUsize::new(0),
             backoff: Mutex::new(Backoff::default()),
             inbound,
+            runtimes,
             stats,
             connects: AtomicU64::new(0),
             retired: AtomicBool::new(false),
@@ -417,7 +423,9 @@ impl Pool {
 
     /// An open connection from the pool, connecting (or reconnecting) the next slot if needed.
     async fn connection(&self) -> Result<Arc<Connection>, UpstreamError> {
-        let index = self.next_slot.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        // A serving thread keeps to its own slots: the connection's tasks then run on it too.
+        let turn = self.next_slot.fetch_add(1, Ordering::Relaxed);
+        let index = super::workers::pool_slot(self.slots.len(), turn);
         let Some(slot) = self.slots.get(index) else {
             return Err(UpstreamError::Closed {
                 address: self.address,
@@ -431,7 +439,7 @@ impl Pool {
         if let Some(connection) = slot.as_ref().filter(|connection| connection.is_open()) {
             return Ok(connection.clone());
         }
-        let connection = self.connect_with_backoff().await?;
+        let connection = self.connect_with_backoff(Some(index)).await?;
         if !self.retired.load(Ordering::Acquire) {
             *slot = Some(connection.clone());
         }
@@ -457,7 +465,7 @@ impl Pool {
                 limit: self.settings.max_parked,
             });
         }
-        let connection = self.connect_with_backoff().await?;
+        let connection = self.connect_with_backoff(None).await?;
         if !self.retired.load(Ordering::Acquire) {
             connections.push(connection.clone());
         }
@@ -465,7 +473,10 @@ impl Pool {
     }
 
     /// Connects unless the endpoint is in reconnect backoff; a failure extends the backoff.
-    async fn connect_with_backoff(&self) -> Result<Arc<Connection>, UpstreamError> {
+    async fn connect_with_backoff(
+        &self,
+        slot: Option<usize>,
+    ) -> Result<Arc<Connection>, UpstreamError> {
         {
             let backoff = self.backoff.lock().unwrap_or_else(PoisonError::into_inner);
             if let Some(until) = backoff.until
@@ -478,7 +489,7 @@ impl Pool {
                 });
             }
         }
-        match self.connect().await {
+        match self.connect(slot).await {
             Ok(connection) => {
                 *self.backoff.lock().unwrap_or_else(PoisonError::into_inner) = Backoff::default();
                 Ok(connection)
@@ -500,7 +511,16 @@ impl Pool {
         }
     }
 
-    async fn connect(&self) -> Result<Arc<Connection>, String> {
+    /// Where a connection's reader and writer run: on its slot's serving thread, so the requests
+    /// of that thread's clients and their answers stay on it.
+    fn runtime_for(&self, slot: Option<usize>) -> Handle {
+        slot.filter(|_| !self.runtimes.is_empty())
+            .and_then(|slot| self.runtimes.get(slot % self.runtimes.len()))
+            .cloned()
+            .unwrap_or_else(Handle::current)
+    }
+
+    async fn connect(&self, slot: Option<usize>) -> Result<Arc<Connection>, String> {
         let socket = tokio::time::timeout(
             self.settings.connect_timeout,
             TcpStream::connect(self.address),
@@ -528,14 +548,15 @@ impl Pool {
             _alive: alive,
         });
         let address = self.address;
-        tokio::spawn(async move {
+        let runtime = self.runtime_for(slot);
+        runtime.spawn(async move {
             if let Err(error) = write_batches(&mut queue, &mut sink).await {
                 debug!(%address, %error, "upstream write failed");
             }
         });
         let reader = Arc::downgrade(&connection);
         let inbound = self.inbound.clone();
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             loop {
                 let frame = tokio::select! {
                     frame = stream.next() => frame,
@@ -716,14 +737,17 @@ pub struct Upstreams {
     pools: DashMap<SocketAddr, Arc<Pool>>,
     inbound: mpsc::Sender<Inbound>,
     max_frame: usize,
+    runtimes: Arc<[Handle]>,
 }
 
 impl Upstreams {
-    pub fn new(inbound: mpsc::Sender<Inbound>, max_frame: usize) -> Self {
+    /// `runtimes`: the serving threads' runtimes, which pool slots' connections run on.
+    pub fn new(inbound: mpsc::Sender<Inbound>, max_frame: usize, runtimes: Vec<Handle>) -> Self {
         Self {
             pools: DashMap::new(),
             inbound,
             max_frame,
+            runtimes: runtimes.into(),
         }
     }
 
@@ -741,7 +765,13 @@ impl Upstreams {
             .or_insert_with(|| {
                 let (mut settings, stats) = settings();
                 settings.max_frame = self.max_frame;
-                Arc::new(Pool::new(address, settings, self.inbound.clone(), stats))
+                Arc::new(Pool::new(
+                    address,
+                    settings,
+                    self.inbound.clone(),
+                    self.runtimes.clone(),
+                    stats,
+                ))
             })
             .clone()
     }
@@ -793,7 +823,10 @@ mod tests {
             max_frame: 1 << 20,
         };
         let stats = Arc::new(HostStats::new("c", "b", address));
-        (Pool::new(address, settings, inbound, stats), relayed)
+        (
+            Pool::new(address, settings, inbound, Arc::from([]), stats),
+            relayed,
+        )
     }
 
     /// A broker stand-in that first sends a request of its own. With `reverse_pairs` it reads two
@@ -884,7 +917,7 @@ mod tests {
         let address = listener.local_addr().expect("addr");
         drop(listener);
         let (inbound, _relayed) = mpsc::channel(8);
-        let upstreams = Upstreams::new(inbound, 1 << 20);
+        let upstreams = Upstreams::new(inbound, 1 << 20, Vec::new());
         assert!(upstreams.connectable(address), "never tried: connectable");
         let pool = upstreams.pool(address, || settings_for(address));
         let first = pool.call(numbered(0), LIMIT).await;
@@ -929,7 +962,7 @@ mod tests {
     async fn a_retired_pool_answers_its_calls_then_closes_its_connections() {
         let (address, broker) = fake_broker(Duration::from_millis(200), false).await;
         let (inbound, _relayed) = mpsc::channel(8);
-        let upstreams = Upstreams::new(inbound, 1 << 20);
+        let upstreams = Upstreams::new(inbound, 1 << 20, Vec::new());
         let pool = upstreams.pool(address, || settings_for(address));
         let in_flight = tokio::spawn({
             let pool = pool.clone();

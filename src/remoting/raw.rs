@@ -455,9 +455,10 @@ fn scan_json(header: Bytes, body: Bytes) -> Option<RawCommand> {
     scanner.expect(b'{')?;
     let object_start = scanner.at;
     let (mut code, mut opaque, mut flag) = (None, None, None);
-    let mut fields = Vec::new();
+    // Room for a SEND_MESSAGE_V2's fields (a to n) in one allocation.
+    let mut fields = Vec::with_capacity(16);
     let mut ext = None;
-    let mut seen: Vec<Range<usize>> = Vec::new();
+    let mut seen = SeenKeys::default();
     scanner.skip_space();
     if scanner.peek()? == b'}' {
         return None;
@@ -467,10 +468,9 @@ fn scan_json(header: Bytes, body: Bytes) -> Option<RawCommand> {
         let key = scanner.plain_string()?;
         let key_text = &header[key.clone()];
         // A key given twice decodes as its last value: not worth following here.
-        if seen.iter().any(|other| header[other.clone()] == *key_text) {
+        if !seen.insert(&header, key.clone()) {
             return None;
         }
-        seen.push(key.clone());
         scanner.skip_space();
         scanner.expect(b':')?;
         scanner.skip_space();
@@ -498,13 +498,12 @@ fn scan_json(header: Bytes, body: Bytes) -> Option<RawCommand> {
     let (opaque_at, opaque) = opaque?;
     let code = code?;
     // Keys given twice inside extFields: same reason as above.
-    for (index, field) in fields.iter().enumerate() {
-        if fields[..index]
-            .iter()
-            .any(|other| header[other.key.clone()] == header[field.key.clone()])
-        {
-            return None;
-        }
+    let mut ext_keys = SeenKeys::default();
+    if !fields
+        .iter()
+        .all(|field| ext_keys.insert(&header, field.key.clone()))
+    {
+        return None;
     }
     let ext = match ext {
         Some(ExtObject {
@@ -534,6 +533,77 @@ struct ExtObject {
 }
 
 /// A strict JSON reader over a header: only what a value needs to be skipped or located.
+/// Keys met so far in one object, to refuse one given twice, without allocating. One-byte keys
+/// (Java's compact ext field names `a` to `n`) are a bit each; up to [`LONGER_KEYS`] longer ones
+/// are compared (an object with more is declined, for the full decoder).
+#[derive(Default)]
+struct SeenKeys {
+    single: [u64; 4],
+    longer: [(usize, usize); LONGER_KEYS],
+    longer_count: usize,
+}
+
+const LONGER_KEYS: usize = 24;
+
+impl SeenKeys {
+    /// Records the key at `key` in `text`; `false` if it was already there (or no room is left).
+    fn insert(&mut self, text: &[u8], key: Range<usize>) -> bool {
+        let Some(name) = text.get(key.clone()) else {
+            return false;
+        };
+        if let [byte] = name {
+            let (word, bit) = (usize::from(*byte / 64), 1u64 << (*byte % 64));
+            let Some(word) = self.single.get_mut(word) else {
+                return false;
+            };
+            let fresh = *word & bit == 0;
+            *word |= bit;
+            return fresh;
+        }
+        let seen = self.longer.get(..self.longer_count).unwrap_or_default();
+        if seen
+            .iter()
+            .any(|&(start, end)| text.get(start..end) == Some(name))
+        {
+            return false;
+        }
+        let Some(slot) = self.longer.get_mut(self.longer_count) else {
+            return false;
+        };
+        *slot = (key.start, key.end);
+        self.longer_count += 1;
+        true
+    }
+}
+
+/// How many bytes of `text` precede the first quote, backslash or control byte (`None`: none
+/// does). Eight bytes at a time: string values (properties above all) are most of a header.
+fn plain_run(text: &[u8]) -> Option<usize> {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    // Non-zero exactly when some byte of `word` is a quote, a backslash or below 0x20 (the
+    // classic has-zero-byte and has-byte-less-than tricks); the byte loop then finds which.
+    let special = |word: u64| {
+        let quote = word ^ (ONES * u64::from(b'"'));
+        let backslash = word ^ (ONES * u64::from(b'\\'));
+        let zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGHS;
+        zero(quote) | zero(backslash) | (word.wrapping_sub(ONES * 0x20) & !word & HIGHS)
+    };
+    let mut chunks = text.chunks_exact(8);
+    let mut offset = 0;
+    for chunk in &mut chunks {
+        let word = u64::from_le_bytes(chunk.try_into().ok()?);
+        if special(word) != 0 {
+            break;
+        }
+        offset += 8;
+    }
+    text.get(offset..)?
+        .iter()
+        .position(|&byte| byte == b'"' || byte == b'\\' || byte < 0x20)
+        .map(|at| offset + at)
+}
+
 struct Json<'a> {
     bytes: &'a [u8],
     at: usize,
@@ -568,11 +638,7 @@ impl Json<'_> {
         let mut escaped = false;
         loop {
             let rest = self.bytes.get(self.at..)?;
-            // Plain runs are skipped in one tight loop.
-            let stop = rest
-                .iter()
-                .position(|&byte| byte == b'"' || byte == b'\\' || byte < 0x20)?;
-            self.at += stop;
+            self.at += plain_run(rest)?;
             match self.next()? {
                 b'"' => break,
                 b'\\' => {

@@ -325,6 +325,9 @@ impl OnDemand {
             ticks.tick().await;
             if std::mem::take(&mut release_next_tick) {
                 crate::memory::release_on_all_workers().await;
+                if let Some(proxy) = self.proxy.get().and_then(Weak::upgrade) {
+                    proxy.workers.wake_all();
+                }
             }
             release_next_tick = self.sweep(Instant::now()) > 0;
         }

@@ -225,3 +225,38 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2048, rng_seed: proptest::test_runner::RngSeed::Fixed(20261206), ..ProptestConfig::default() })]
+
+    /// The word-at-a-time skip stops where a byte-at-a-time one does.
+    #[test]
+    fn plain_runs_stop_at_the_first_special_byte(
+        text in proptest::collection::vec(prop_oneof![4 => 0x20u8..0x7f, 1 => any::<u8>()], 0..80)
+    ) {
+        let naive = text
+            .iter()
+            .position(|&byte| byte == b'"' || byte == b'\\' || byte < 0x20);
+        prop_assert_eq!(plain_run(&text), naive);
+    }
+}
+
+#[test]
+fn keys_given_twice_are_caught_short_or_long() {
+    let text = b"abab codecode";
+    let mut seen = SeenKeys::default();
+    assert!(seen.insert(text, 0..1));
+    assert!(seen.insert(text, 1..2));
+    assert!(!seen.insert(text, 2..3), "`a` again");
+    assert!(seen.insert(text, 5..9));
+    assert!(!seen.insert(text, 9..13), "`code` again");
+    let many = (0..LONGER_KEYS + 1)
+        .map(|index| format!("k{index:02}"))
+        .collect::<String>();
+    let mut seen = SeenKeys::default();
+    let fits = (0..=LONGER_KEYS)
+        .map(|index| seen.insert(many.as_bytes(), index * 3..index * 3 + 3))
+        .collect::<Vec<_>>();
+    assert!(fits[..LONGER_KEYS].iter().all(|&fresh| fresh));
+    assert!(!fits[LONGER_KEYS], "past the room left, a key is declined");
+}
