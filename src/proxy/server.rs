@@ -294,7 +294,7 @@ pub(super) async fn accept(
                 }
                 drop(admission);
             },
-            &proxy.workers.next(),
+            proxy.workers.next(),
         );
         // Reap finished connections so the set does not grow with churn.
         while connections.try_join_next().is_some() {}

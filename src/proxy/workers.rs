@@ -70,14 +70,11 @@ impl Workers {
         self.handles.len()
     }
 
-    /// The runtime the next connection goes to (round robin); the caller's own if there were
-    /// none (`start` always makes at least one).
-    pub fn next(&self) -> Handle {
+    /// The runtime the next connection goes to (round robin).
+    pub fn next(&self) -> &Handle {
         let index = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len().max(1);
-        self.handles
-            .get(index)
-            .cloned()
-            .unwrap_or_else(Handle::current)
+        // `start` makes at least one worker, so `index` is in range.
+        &self.handles[index]
     }
 
     /// Wakes every serving thread once, so each parks again soon (and runs its park hook).
