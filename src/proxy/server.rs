@@ -334,9 +334,6 @@ async fn serve_connection(
     let mut handlers: FuturesUnordered<HandlerFuture> = FuturesUnordered::new();
     let mut polls = JoinSet::new();
     let mut stopping = false;
-    // Made once: a fresh wait each turn would re-register with the shutdown channel.
-    let stopped = stop.wait();
-    tokio::pin!(stopped);
     loop {
         // Everything answered so far goes out in one write, once nothing else is ready: settle
         // the handlers that can finish now first. (Polling them here with a no-op waker is
@@ -370,7 +367,7 @@ async fn serve_connection(
             () = output.writable(), if output.has_pending() => continue,
             Some(_) = polls.join_next(), if !polls.is_empty() => continue,
             frame = stream.next_frame(busy), if room => frame,
-            () = &mut stopped => {
+            () = stop.wait() => {
                 stopping = true;
                 break;
             }

@@ -175,21 +175,17 @@ pub(crate) fn is_sparse(len: usize, capacity: usize) -> bool {
     capacity > 64 && capacity > len.saturating_mul(4)
 }
 
-/// Per-topic series are looked up on every message: a fast keyed hash (randomly seeded per map;
-/// the series cap bounds what invented names can do) instead of SipHash.
-type TopicHasher = foldhash::quality::RandomState;
-
 /// Values by topic with a capped number of topics. Lookups of known topics borrow the name;
 /// only a new topic allocates.
 struct ByTopic<V> {
-    map: DashMap<String, V, TopicHasher>,
+    map: DashMap<String, V>,
     limit: SeriesLimit,
 }
 
 impl<V: Default> ByTopic<V> {
     fn new(family: &'static str, max: usize) -> Self {
         Self {
-            map: DashMap::with_hasher(TopicHasher::default()),
+            map: DashMap::new(),
             limit: SeriesLimit::new(family, max),
         }
     }
@@ -238,14 +234,14 @@ impl<V: Default> ByTopic<V> {
 /// Counters by (topic, group) with a capped number of pairs; past the cap both labels are
 /// [`OTHER_LABEL`].
 struct ByTopicAndGroup {
-    topics: DashMap<String, DashMap<String, AtomicU64, TopicHasher>, TopicHasher>,
+    topics: DashMap<String, DashMap<String, AtomicU64>>,
     limit: SeriesLimit,
 }
 
 impl ByTopicAndGroup {
     fn new(family: &'static str, max: usize) -> Self {
         Self {
-            topics: DashMap::with_hasher(TopicHasher::default()),
+            topics: DashMap::new(),
             limit: SeriesLimit::new(family, max),
         }
     }
