@@ -41,14 +41,6 @@ impl Output {
         }
     }
 
-    /// A handler's answer, if it has one (oneway requests have none). Handlers are bounded by
-    /// the connection's in-flight limit, so their answers go in even past the pending limit.
-    pub fn push_answer(&mut self, answer: Option<Outgoing>) {
-        if let Some(frame) = answer {
-            self.push(frame);
-        }
-    }
-
     /// Room for more: below the pending limit and the socket still working.
     pub fn has_room(&self) -> bool {
         !self.failed && self.pending.len() < PENDING_LIMIT

@@ -338,9 +338,7 @@ async fn serve_connection(
         // Everything answered so far goes out in one write, once nothing else is ready: settle
         // the handlers that can finish now first. (Polling them here with a no-op waker is
         // safe: the select below polls them again with this task's.)
-        while let Some(Some(answer)) = handlers.next().now_or_never() {
-            output.push_answer(answer);
-        }
+        while let Some(Some(())) = handlers.next().now_or_never() {}
         while output.has_room()
             && let Ok(response) = responses.try_recv()
         {
@@ -356,10 +354,7 @@ async fn serve_connection(
         let room = permits.available_permits() > 0 && output.has_room();
         let frame = tokio::select! {
             biased;
-            Some(answer) = handlers.next(), if !handlers.is_empty() => {
-                output.push_answer(answer);
-                continue;
-            }
+            Some(()) = handlers.next(), if !handlers.is_empty() => continue,
             Some(response) = responses.recv(), if output.has_room() => {
                 output.push(response);
                 continue;
@@ -390,6 +385,7 @@ async fn serve_connection(
                 proxy.clone(),
                 downstream.clone(),
                 raw,
+                outbound.clone(),
                 permit,
             ));
             continue;
@@ -411,16 +407,11 @@ async fn serve_connection(
             proxy: proxy.clone(),
             downstream: downstream.clone(),
             request,
+            outbound: outbound.clone(),
             permit,
         };
         if dispatch::may_park(&handled.request) {
-            // A task of its own answers through the channel.
-            let outbound = outbound.clone();
-            polls.spawn(async move {
-                if let Some(response) = handled.run().await {
-                    let _ = outbound.send(response).await;
-                }
-            });
+            polls.spawn(handled.run());
         } else {
             handlers.push(Box::pin(handled.run()));
         }
@@ -433,7 +424,7 @@ async fn serve_connection(
     // Answer what is in flight (graceful shutdown aborts this task at its deadline).
     while !handlers.is_empty() || !polls.is_empty() {
         tokio::select! {
-            Some(answer) = handlers.next(), if !handlers.is_empty() => output.push_answer(answer),
+            Some(()) = handlers.next(), if !handlers.is_empty() => {}
             Some(_) = polls.join_next(), if !polls.is_empty() => {}
             Some(response) = responses.recv() => output.push(response),
         }
@@ -472,29 +463,33 @@ struct Handled {
     proxy: Arc<Proxy>,
     downstream: Arc<Downstream>,
     request: RemotingCommand,
+    outbound: mpsc::Sender<Outgoing>,
     permit: OwnedSemaphorePermit,
 }
 
 impl Handled {
-    async fn run(self) -> Option<Outgoing> {
-        let response = dispatch::handle(&self.proxy, &self.downstream, self.request).await;
+    async fn run(self) {
+        if let Some(response) = dispatch::handle(&self.proxy, &self.downstream, self.request).await
+        {
+            let _ = self.outbound.send(response).await;
+        }
         drop(self.permit);
-        response
     }
 }
 
-/// A request handled inside the connection task; its answer (none for oneway) is written there.
-type HandlerFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Option<Outgoing>> + Send>>;
+type HandlerFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 fn relay_request(
     proxy: Arc<Proxy>,
     downstream: Arc<Downstream>,
     request: RawCommand,
+    outbound: mpsc::Sender<Outgoing>,
     permit: OwnedSemaphorePermit,
 ) -> HandlerFuture {
     Box::pin(async move {
-        let response = dispatch::handle_relayed(&proxy, &downstream, request).await;
+        if let Some(response) = dispatch::handle_relayed(&proxy, &downstream, request).await {
+            let _ = outbound.send(response).await;
+        }
         drop(permit);
-        response
     })
 }

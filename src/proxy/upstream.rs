@@ -108,12 +108,6 @@ const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// Responses a connection's writer may have queued before callers wait.
 const WRITE_QUEUE: usize = 1024;
-/// How often a connection with calls waiting looks for ones past their deadline: a call times out
-/// at most this late. One sweep per connection replaces a timer per call, whose arming woke the
-/// runtime's driver on every request.
-const DEADLINE_SWEEP: Duration = Duration::from_millis(20);
-/// How long the sweep keeps ticking after the last call waited.
-const SWEEP_LINGER: Duration = Duration::from_secs(2);
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
 
 /// A request on its way to a broker; the connection stamps its opaque.
@@ -149,22 +143,9 @@ impl UpstreamRequest {
     }
 }
 
-/// A call waiting for its response.
-struct Waiter {
-    answer: oneshot::Sender<Result<RawCommand, Expired>>,
-    deadline: Instant,
-    /// A poll the broker may hold past the deadline: remembered as abandoned until then.
-    parked_until: Option<Instant>,
-}
-
-/// A call's deadline passed before its response came.
-struct Expired;
-
 struct Connection {
     outbound: mpsc::Sender<Outgoing>,
-    waiting: Mutex<HashMap<i32, Waiter>>,
-    /// Raised when a call starts waiting on an idle connection: its reader starts sweeping.
-    first_waiter: Arc<tokio::sync::Notify>,
+    waiting: Mutex<HashMap<i32, oneshot::Sender<RawCommand>>>,
     /// Polls whose callers went away, with when the broker must have answered them by.
     abandoned: Mutex<HashMap<i32, Instant>>,
     next_opaque: AtomicI32,
@@ -194,39 +175,6 @@ impl Connection {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .len()
-    }
-
-    /// Answers the calls past their deadline with [`Expired`]; an expired poll is remembered as
-    /// abandoned (the broker still holds it).
-    fn expire(&self, now: Instant) {
-        let expired: Vec<(i32, Waiter)> = {
-            let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
-            let late: Vec<i32> = waiting
-                .iter()
-                .filter(|(_, waiter)| waiter.deadline <= now)
-                .map(|(opaque, _)| *opaque)
-                .collect();
-            late.into_iter()
-                .filter_map(|opaque| waiting.remove(&opaque).map(|waiter| (opaque, waiter)))
-                .collect()
-        };
-        for (opaque, waiter) in expired {
-            if let Some(until) = waiter.parked_until {
-                self.abandoned
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .insert(opaque, until);
-            }
-            let _ = waiter.answer.send(Err(Expired));
-        }
-    }
-
-    fn has_waiters(&self) -> bool {
-        !self
-            .waiting
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_empty()
     }
 
     fn fail_all(&self) {
@@ -399,8 +347,13 @@ impl Pool {
         };
         let result = match permit {
             Ok(Ok(permit)) => {
-                // The exchange keeps the deadline itself (the connection sweeps its late calls).
-                let outcome = self.exchange(lane, request, deadline, timeout).await;
+                let outcome =
+                    tokio::time::timeout_at(deadline, self.exchange(lane, request, deadline))
+                        .await
+                        .unwrap_or(Err(UpstreamError::Timeout {
+                            address: self.address,
+                            timeout,
+                        }));
                 drop(permit);
                 outcome
             }
@@ -418,77 +371,34 @@ impl Pool {
         lane: Lane,
         request: UpstreamRequest,
         deadline: tokio::time::Instant,
-        timeout: Duration,
     ) -> Result<RawCommand, UpstreamError> {
-        let timed_out = || UpstreamError::Timeout {
-            address: self.address,
-            timeout,
+        let connection = match lane {
+            Lane::Ordinary => self.connection().await?,
+            Lane::Parked => self.parked_connection().await?,
         };
-        let connection = tokio::time::timeout_at(deadline, async {
-            match lane {
-                Lane::Ordinary => self.connection().await,
-                Lane::Parked => self.parked_connection().await,
-            }
-        })
-        .await
-        .map_err(|_| timed_out())??;
         let opaque = connection.next_opaque.fetch_add(1, Ordering::Relaxed);
         let request = request.stamped(opaque);
         let (sender, receiver) = oneshot::channel();
-        let parked_until = (lane == Lane::Parked).then(|| deadline.into_std() + ABANDONED_GRACE);
-        let first = {
-            let mut waiting = connection
-                .waiting
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            waiting.insert(
-                opaque,
-                Waiter {
-                    answer: sender,
-                    deadline: deadline.into_std(),
-                    parked_until,
-                },
-            );
-            waiting.len() == 1
-        };
-        if first {
-            connection.first_waiter.notify_one();
-        }
-        // On cancellation the caller drops this future; the guard forgets the waiter then.
-        let mut guard = WaiterGuard {
-            connection: &connection,
-            opaque,
-            parked_until,
-            settled: false,
-        };
-        let closed = || UpstreamError::Closed {
+        connection
+            .waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(opaque, sender);
+        let closed = UpstreamError::Closed {
             address: self.address,
         };
-        // A free place in the write queue is taken at once; a full queue is waited on, within
-        // the deadline.
-        let queued = match connection.outbound.try_send(request) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(request)) => {
-                tokio::time::timeout_at(deadline, connection.outbound.send(request))
-                    .await
-                    .map_err(|_| timed_out())?
-                    .map_err(|_| closed())
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(closed()),
-        };
-        if let Err(error) = queued {
-            if matches!(error, UpstreamError::Closed { .. }) {
-                connection.fail_all();
-            }
-            return Err(error);
+        if connection.outbound.send(request).await.is_err() {
+            connection.fail_all();
+            return Err(closed);
         }
-        let response = match receiver.await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(Expired)) => Err(timed_out()),
-            Err(_) => Err(closed()),
+        // On timeout the caller drops this future; the guard forgets the waiter either way.
+        let guard = WaiterGuard {
+            connection: &connection,
+            opaque,
+            parked_until: (lane == Lane::Parked).then(|| deadline.into_std() + ABANDONED_GRACE),
         };
-        // Whoever answered (the reader, the sweep, or a failing connection) removed the waiter.
-        guard.settled = true;
+        let response = receiver.await.map_err(|_| closed);
+        drop(guard);
         response
     }
 
@@ -611,19 +521,13 @@ impl Pool {
     }
 
     async fn connect(&self, slot: Option<usize>) -> Result<Arc<Connection>, String> {
-        let runtime = self.runtime_for(slot);
-        let (address, connect_timeout) = (self.address, self.settings.connect_timeout);
-        // Connected on the runtime that will use the socket: a socket's readiness events go to
-        // the reactor it was registered with, and any other would relay each one across threads.
-        let socket = runtime
-            .spawn(async move {
-                tokio::time::timeout(connect_timeout, TcpStream::connect(address))
-                    .await
-                    .map_err(|_| format!("timed out after {connect_timeout:?}"))?
-                    .map_err(|error| error.to_string())
-            })
-            .await
-            .map_err(|error| format!("connect task failed: {error}"))??;
+        let socket = tokio::time::timeout(
+            self.settings.connect_timeout,
+            TcpStream::connect(self.address),
+        )
+        .await
+        .map_err(|_| format!("timed out after {:?}", self.settings.connect_timeout))?
+        .map_err(|error| error.to_string())?;
         let _ = socket.set_nodelay(true);
         self.connects.fetch_add(1, Ordering::Relaxed);
         let limits = FrameLimits {
@@ -635,16 +539,16 @@ impl Pool {
         let (mut sink, mut stream) = framed.split();
         let (outbound, mut queue) = mpsc::channel::<Outgoing>(WRITE_QUEUE);
         let (alive, mut dropped) = oneshot::channel::<()>();
-        let first_waiter = Arc::new(tokio::sync::Notify::new());
         let connection = Arc::new(Connection {
             outbound,
             waiting: Mutex::new(HashMap::new()),
-            first_waiter: first_waiter.clone(),
             abandoned: Mutex::new(HashMap::new()),
             next_opaque: AtomicI32::new(1),
             open: AtomicBool::new(true),
             _alive: alive,
         });
+        let address = self.address;
+        let runtime = self.runtime_for(slot);
         runtime.spawn(async move {
             if let Err(error) = write_batches(&mut queue, &mut sink).await {
                 debug!(%address, %error, "upstream write failed");
@@ -653,35 +557,9 @@ impl Pool {
         let reader = Arc::downgrade(&connection);
         let inbound = self.inbound.clone();
         runtime.spawn(async move {
-            let sweep = tokio::time::sleep(DEADLINE_SWEEP);
-            tokio::pin!(sweep);
-            // The sweep ticks while calls come, and lingers a while after the last: arming its
-            // timer anew would wake the runtime's driver, so a busy connection keeps it going.
-            let mut sweeping = false;
-            let mut last_busy = Instant::now();
             loop {
                 let frame = tokio::select! {
                     frame = stream.next() => frame,
-                    () = &mut sweep, if sweeping => {
-                        let now = Instant::now();
-                        if let Some(connection) = reader.upgrade() {
-                            connection.expire(now);
-                            if connection.has_waiters() {
-                                last_busy = now;
-                            }
-                        }
-                        sweeping = now.saturating_duration_since(last_busy) < SWEEP_LINGER;
-                        if sweeping {
-                            sweep.as_mut().reset((now + DEADLINE_SWEEP).into());
-                        }
-                        continue;
-                    }
-                    () = first_waiter.notified(), if !sweeping => {
-                        sweeping = true;
-                        last_busy = Instant::now();
-                        sweep.as_mut().reset((last_busy + DEADLINE_SWEEP).into());
-                        continue;
-                    }
                     _ = &mut dropped => {
                         debug!(%address, "upstream connection no longer used, closing it");
                         break;
@@ -699,7 +577,7 @@ impl Pool {
                             .remove(&command.opaque);
                         match waiter {
                             Some(waiter) => {
-                                let _ = waiter.answer.send(Ok(command));
+                                let _ = waiter.send(command);
                             }
                             None => {
                                 connection
@@ -833,15 +711,10 @@ struct WaiterGuard<'a> {
     connection: &'a Connection,
     opaque: i32,
     parked_until: Option<Instant>,
-    /// The call was answered: its waiter is gone already.
-    settled: bool,
 }
 
 impl Drop for WaiterGuard<'_> {
     fn drop(&mut self) {
-        if self.settled {
-            return;
-        }
         let unanswered = self
             .connection
             .waiting
@@ -1083,48 +956,6 @@ mod tests {
             matches!(busy, Err(UpstreamError::Busy { limit: 1, .. })),
             "{busy:?}"
         );
-    }
-
-    #[tokio::test]
-    async fn calls_to_a_silent_broker_time_out_and_a_late_poll_stays_counted() {
-        // A broker that reads and never answers.
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let address = listener.local_addr().expect("addr");
-        let _broker = tokio::spawn(async move {
-            let Ok((socket, _)) = listener.accept().await else {
-                return;
-            };
-            let mut framed = Framed::new(socket, RemotingCodec::default());
-            while let Some(Ok(_)) = framed.next().await {}
-        });
-        let (pool, _relayed) = pool(address, 8);
-        let started = Instant::now();
-        let (ordinary, parked) = tokio::time::timeout(
-            LIMIT,
-            futures::future::join(
-                pool.call(numbered(0), Duration::from_millis(150)),
-                pool.call_parked(numbered(1), Duration::from_millis(250)),
-            ),
-        )
-        .await
-        .expect("calls past their deadline are answered");
-        assert!(
-            matches!(ordinary, Err(UpstreamError::Timeout { .. })),
-            "{ordinary:?}"
-        );
-        assert!(
-            matches!(parked, Err(UpstreamError::Timeout { .. })),
-            "{parked:?}"
-        );
-        let took = started.elapsed();
-        assert!(
-            took >= Duration::from_millis(250) && took < Duration::from_millis(250) + LIMIT,
-            "{took:?}"
-        );
-        // The broker may still hold the poll: its connection counts it until the grace ends.
-        let parked_connections = pool.parked_connections.lock().await;
-        let load: usize = parked_connections.iter().map(|c| c.load()).sum();
-        assert_eq!(load, 1, "the expired poll is remembered as abandoned");
     }
 
     #[tokio::test]
