@@ -841,6 +841,23 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> Balancer<K> {
         }
     }
 
+    /// Hands back a pick that was not used: its in-flight slot is released, its weight is left
+    /// as it was.
+    pub fn release(&self, picked: Picked<K>) {
+        self.with_snapshot(|snapshot| {
+            if let Some(member) = picked
+                .ticket
+                .index()
+                .and_then(|index| snapshot.members.get(index))
+                .filter(|member| member.key == picked.key)
+                .or_else(|| snapshot.member(&picked.key))
+                && picked.ticket.counted()
+            {
+                member.state.release();
+            }
+        });
+    }
+
     /// Records how a request the balancer did not pick went (one sent to the endpoint a client
     /// named, such as an ack for the broker that served a pop): the weight moves as for a report,
     /// with no in-flight slot to release. Such failures do not count towards ejection: clients

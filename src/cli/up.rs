@@ -80,6 +80,7 @@ pub fn sidecar_config(
             ..XdsConfig::default()
         }),
         workers: 0,
+        direct_sends: true,
     }
 }
 

@@ -66,6 +66,15 @@ pub struct SidecarConfig {
     /// (0: one per core).
     #[serde(default)]
     pub workers: usize,
+    /// Plain sends (routed now, not ordered, not oneway, not a half message) travel on upstream
+    /// connections each client connection opens for itself, served by its own task; off, every
+    /// send goes through the shared pools.
+    #[serde(default = "default_direct_sends")]
+    pub direct_sends: bool,
+}
+
+fn default_direct_sends() -> bool {
+    true
 }
 
 /// The on-demand xDS client: a topic's route is asked for when a request first names the topic,

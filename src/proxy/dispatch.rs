@@ -70,7 +70,7 @@ pub async fn handle(
         );
     }
     if is_send(request.request_code()) {
-        let response = send(proxy, downstream, Relayed::Decoded(request)).await;
+        let response = send(proxy, downstream, Relayed::Decoded(request), Vec::new()).await;
         return finish(proxy, oneway, response);
     }
     let response = match request.request_code() {
@@ -158,8 +158,21 @@ pub async fn handle_relayed(
             Some(refuse_name(request.opaque(), &error).into()),
         );
     }
-    let response = send(proxy, downstream, request).await;
+    let response = send(proxy, downstream, request, Vec::new()).await;
     finish(proxy, oneway, response)
+}
+
+/// Sends again a relayed send that failed on `failed` (a client connection's own upstream
+/// connection died, timed out or the broker was busy): the balancer picks another broker.
+pub async fn resend_relayed(
+    proxy: &Arc<Proxy>,
+    downstream: &Downstream,
+    request: RawCommand,
+    failed: SocketAddr,
+) -> Option<Outgoing> {
+    let _active = proxy.stats.active_request();
+    let response = send(proxy, downstream, Relayed::Raw(request), vec![failed]).await;
+    finish(proxy, false, response)
 }
 
 fn is_send(code: RequestCode) -> bool {
@@ -250,11 +263,11 @@ impl Relayed {
 
 /// The ext keys of a send: V2 headers (SEND_MESSAGE_V2, and batches from current clients) use
 /// one-letter keys.
-struct SendKeys {
-    topic: &'static str,
-    queue: &'static str,
-    sys_flag: &'static str,
-    bname: &'static str,
+pub(super) struct SendKeys {
+    pub topic: &'static str,
+    pub queue: &'static str,
+    pub sys_flag: &'static str,
+    pub bname: &'static str,
 }
 
 impl SendKeys {
@@ -262,7 +275,7 @@ impl SendKeys {
         Self::choose(request.ext("b").is_some())
     }
 
-    fn choose(v2: bool) -> Self {
+    pub(super) fn choose(v2: bool) -> Self {
         if v2 {
             Self {
                 topic: "b",
@@ -483,7 +496,7 @@ async fn forward_raw(
 
 /// The client's answer for an upstream outcome: failures become SYSTEM_BUSY (overload) or
 /// SYSTEM_ERROR with a remark naming the broker and the cause.
-fn answer(
+pub(super) fn answer(
     result: Result<Option<RemotingCommand>, UpstreamError>,
     opaque: i32,
     endpoint: &Endpoint,
@@ -545,7 +558,7 @@ fn long_poll_time(request: &RemotingCommand) -> Duration {
 }
 
 /// How many stored records (or batch entries) a body holds: each starts with its total size.
-fn count_records(body: &Bytes) -> u64 {
+pub(super) fn count_records(body: &Bytes) -> u64 {
     let mut offset = 0usize;
     let mut count = 0;
     while let Some(size) = body
@@ -829,9 +842,16 @@ fn addressed_broker(
 }
 
 /// `sysFlag` bits that give a message's transaction type.
-const TRANSACTION_TYPE_MASK: i32 = 0xC;
+pub(super) const TRANSACTION_TYPE_MASK: i32 = 0xC;
 
-async fn send(proxy: &Proxy, downstream: &Downstream, request: Relayed) -> Option<Outgoing> {
+/// `tried`: brokers an earlier attempt of this send failed on (the retry budget already
+/// counted that retry).
+async fn send(
+    proxy: &Proxy,
+    downstream: &Downstream,
+    request: Relayed,
+    mut tried: Vec<SocketAddr>,
+) -> Option<Outgoing> {
     let opaque = request.opaque();
     let refuse = |code: ResponseCode, remark: String| Some(reply(opaque, code, remark).into());
     let keys = SendKeys::of(&request);
@@ -858,7 +878,9 @@ async fn send(proxy: &Proxy, downstream: &Downstream, request: Relayed) -> Optio
     let Some(cluster) = proxy.cluster(&action.cluster.name) else {
         return Some(no_route(opaque, &topic).into());
     };
-    cluster.record_send();
+    if tried.is_empty() {
+        cluster.record_send();
+    }
     let requested_queue = request
         .ext(keys.queue)
         .and_then(|queue| queue.parse::<i32>().ok())
@@ -892,7 +914,6 @@ async fn send(proxy: &Proxy, downstream: &Downstream, request: Relayed) -> Optio
     }
     // Otherwise the balancer picks, and a failed send is retried on another writable broker
     // within the retry budget and the request's deadline.
-    let mut tried = Vec::new();
     loop {
         let Some((endpoint, picked)) = cluster.pick(
             &action.cluster,

@@ -15,6 +15,7 @@
 //! - [`stats`]: counters and histograms for the admin endpoint.
 
 pub mod config;
+pub mod direct;
 pub mod dispatch;
 pub mod failover;
 pub mod listeners;

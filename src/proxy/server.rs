@@ -16,6 +16,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use super::config::{ConfigError, SidecarConfig};
+use super::direct::{DirectSends, Handover};
 use super::dispatch::{self, Downstream};
 use super::listeners::BrokerListeners;
 use super::output::Output;
@@ -333,12 +334,27 @@ async fn serve_connection(
     // tasks of their own, so a client that leaves can have them aborted.
     let mut handlers: FuturesUnordered<HandlerFuture> = FuturesUnordered::new();
     let mut polls = JoinSet::new();
+    // Plain sends travel on this connection's own upstream connections, served right here.
+    let mut direct = proxy
+        .config
+        .direct_sends
+        .then(|| DirectSends::new(proxy.clone(), read_limits.frame));
     let mut stopping = false;
     loop {
         // Everything answered so far goes out in one write, once nothing else is ready: settle
         // the handlers that can finish now first. (Polling them here with a no-op waker is
         // safe: the select below polls them again with this task's.)
         while let Some(Some(())) = handlers.next().now_or_never() {}
+        if let Some(direct) = &mut direct {
+            settle_direct(
+                direct,
+                &mut output,
+                &mut handlers,
+                &proxy,
+                &downstream,
+                &outbound,
+            );
+        }
         while output.has_room()
             && let Ok(response) = responses.try_recv()
         {
@@ -348,6 +364,8 @@ async fn serve_connection(
         if output.failed() {
             break;
         }
+        let direct_active = direct.as_ref().is_some_and(DirectSends::is_active);
+        let direct_unflushed = direct.as_ref().is_some_and(DirectSends::has_unflushed);
         let busy = || permits.available_permits() < in_flight;
         // Back-pressure: stop reading while this connection has too many requests in flight, or
         // while the client does not read its answers.
@@ -355,6 +373,7 @@ async fn serve_connection(
         let frame = tokio::select! {
             biased;
             Some(()) = handlers.next(), if !handlers.is_empty() => continue,
+            () = progress(&mut direct), if direct_active => continue,
             Some(response) = responses.recv(), if output.has_room() => {
                 output.push(response);
                 continue;
@@ -362,6 +381,14 @@ async fn serve_connection(
             () = output.writable(), if output.has_pending() => continue,
             Some(_) = polls.join_next(), if !polls.is_empty() => continue,
             frame = stream.next_frame(busy), if room => frame,
+            // Sends gathered for the brokers go out once the client has no more to read now, after
+            // one turn for the other connections of this thread (their answers and sends).
+            () = tokio::task::yield_now(), if direct_unflushed => {
+                if let Some(direct) = &mut direct {
+                    direct.write_now();
+                }
+                continue;
+            }
             () = stop.wait() => {
                 stopping = true;
                 break;
@@ -381,13 +408,22 @@ async fn serve_connection(
         // Sends travel as bytes: only their routing fields are read and rewritten.
         if let Some(raw) = RawCommand::scan(&frame, &read_limits.frame).filter(dispatch::relayable)
         {
-            handlers.push(relay_request(
-                proxy.clone(),
-                downstream.clone(),
-                raw,
-                outbound.clone(),
-                permit,
-            ));
+            let handover = match &mut direct {
+                Some(direct) => direct.take(raw, permit),
+                None => Some(Handover {
+                    request: raw,
+                    permit,
+                    failed: None,
+                }),
+            };
+            if let Some(handover) = handover {
+                handlers.push(relay_request(
+                    proxy.clone(),
+                    downstream.clone(),
+                    handover,
+                    outbound.clone(),
+                ));
+            }
             continue;
         }
         let request = match frame::decode_frame(frame, &read_limits.frame) {
@@ -422,13 +458,33 @@ async fn serve_connection(
         polls.abort_all();
     }
     // Answer what is in flight (graceful shutdown aborts this task at its deadline).
-    while !handlers.is_empty() || !polls.is_empty() {
+    loop {
+        let direct_pending = match &mut direct {
+            Some(direct) => {
+                settle_direct(
+                    direct,
+                    &mut output,
+                    &mut handlers,
+                    &proxy,
+                    &downstream,
+                    &outbound,
+                );
+                direct.write_now();
+                direct.has_pending()
+            }
+            None => false,
+        };
+        if handlers.is_empty() && polls.is_empty() && !direct_pending {
+            break;
+        }
         tokio::select! {
             Some(()) = handlers.next(), if !handlers.is_empty() => {}
             Some(_) = polls.join_next(), if !polls.is_empty() => {}
+            () = progress(&mut direct), if direct_pending => {}
             Some(response) = responses.recv() => output.push(response),
         }
     }
+    drop(direct);
     dispatch::client_disconnected(&proxy, &downstream);
     drop(outbound);
     while let Ok(response) = responses.try_recv() {
@@ -482,14 +538,57 @@ type HandlerFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Se
 fn relay_request(
     proxy: Arc<Proxy>,
     downstream: Arc<Downstream>,
-    request: RawCommand,
+    handover: Handover,
     outbound: mpsc::Sender<Outgoing>,
-    permit: OwnedSemaphorePermit,
 ) -> HandlerFuture {
     Box::pin(async move {
-        if let Some(response) = dispatch::handle_relayed(&proxy, &downstream, request).await {
+        let Handover {
+            request,
+            permit,
+            failed,
+        } = handover;
+        let response = match failed {
+            None => dispatch::handle_relayed(&proxy, &downstream, request).await,
+            Some(failed) => dispatch::resend_relayed(&proxy, &downstream, request, failed).await,
+        };
+        if let Some(response) = response {
             let _ = outbound.send(response).await;
         }
         drop(permit);
     })
+}
+
+/// Moves what the connection's lanes produced on: answers to the client's output, sends they
+/// gave up on to the general path.
+fn settle_direct(
+    direct: &mut DirectSends,
+    output: &mut Output,
+    handlers: &mut FuturesUnordered<HandlerFuture>,
+    proxy: &Arc<Proxy>,
+    downstream: &Arc<Downstream>,
+    outbound: &mpsc::Sender<Outgoing>,
+) {
+    if !direct.has_output() {
+        return;
+    }
+    let (answers, handovers) = direct.drain();
+    for answer in answers {
+        output.push(answer);
+    }
+    for handover in handovers {
+        handlers.push(relay_request(
+            proxy.clone(),
+            downstream.clone(),
+            handover,
+            outbound.clone(),
+        ));
+    }
+}
+
+/// Resolves when the lanes made progress (never without lanes).
+async fn progress(direct: &mut Option<DirectSends>) {
+    match direct {
+        Some(direct) => direct.progress().await,
+        None => std::future::pending().await,
+    }
 }

@@ -441,6 +441,16 @@ impl ProxyStats {
         raise(&self.requests_active)
     }
 
+    /// As [`ProxyStats::active_request`], for a request whose end is not a scope: each call is
+    /// matched by one [`ProxyStats::request_ended`].
+    pub fn request_began(&self) {
+        self.requests_active.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn request_ended(&self) {
+        self.requests_active.fetch_sub(1, Ordering::Relaxed);
+    }
+
     /// A request waiting for a route or an upstream slot.
     pub fn pending_request(&self) -> GaugeGuard<'_> {
         raise(&self.requests_pending)

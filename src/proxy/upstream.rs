@@ -23,7 +23,7 @@ use dashmap::DashMap;
 use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::runtime::Handle;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::codec::Framed;
 use tracing::{debug, warn};
 
@@ -477,38 +477,75 @@ impl Pool {
         &self,
         slot: Option<usize>,
     ) -> Result<Arc<Connection>, UpstreamError> {
-        {
-            let backoff = self.backoff.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(until) = backoff.until
-                && Instant::now() < until
-            {
-                return Err(UpstreamError::Backoff {
-                    address: self.address,
-                    failures: backoff.failures,
-                    reason: backoff.reason.clone(),
-                });
-            }
+        if let Some(error) = self.backoff_error() {
+            return Err(error);
         }
         match self.connect(slot).await {
             Ok(connection) => {
-                *self.backoff.lock().unwrap_or_else(PoisonError::into_inner) = Backoff::default();
+                self.connect_succeeded();
                 Ok(connection)
             }
-            Err(reason) => {
-                let mut backoff = self.backoff.lock().unwrap_or_else(PoisonError::into_inner);
-                backoff.failures = backoff.failures.saturating_add(1);
-                let delay = BACKOFF_START
-                    .saturating_mul(1 << backoff.failures.min(16).saturating_sub(1))
-                    .min(BACKOFF_MAX);
-                backoff.until = Some(Instant::now() + delay);
-                backoff.reason = reason.clone();
-                warn!(address = %self.address, failures = backoff.failures, ?delay, %reason, "upstream connect failed");
-                Err(UpstreamError::Connect {
-                    address: self.address,
-                    reason,
-                })
-            }
+            Err(reason) => Err(self.connect_failed(reason)),
         }
+    }
+
+    /// The error for a connect attempt while the endpoint is in reconnect backoff.
+    pub fn backoff_error(&self) -> Option<UpstreamError> {
+        let backoff = self.backoff.lock().unwrap_or_else(PoisonError::into_inner);
+        backoff
+            .until
+            .filter(|until| Instant::now() < *until)
+            .map(|_| UpstreamError::Backoff {
+                address: self.address,
+                failures: backoff.failures,
+                reason: backoff.reason.clone(),
+            })
+    }
+
+    /// A connection to the endpoint was made (here or by a client connection's own lane): the
+    /// backoff ends.
+    pub fn connect_succeeded(&self) {
+        *self.backoff.lock().unwrap_or_else(PoisonError::into_inner) = Backoff::default();
+    }
+
+    /// A connect failed: the backoff grows. Returns the error the caller reports.
+    pub fn connect_failed(&self, reason: String) -> UpstreamError {
+        let mut backoff = self.backoff.lock().unwrap_or_else(PoisonError::into_inner);
+        backoff.failures = backoff.failures.saturating_add(1);
+        let delay = BACKOFF_START
+            .saturating_mul(1 << backoff.failures.min(16).saturating_sub(1))
+            .min(BACKOFF_MAX);
+        backoff.until = Some(Instant::now() + delay);
+        backoff.reason = reason.clone();
+        warn!(address = %self.address, failures = backoff.failures, ?delay, %reason, "upstream connect failed");
+        UpstreamError::Connect {
+            address: self.address,
+            reason,
+        }
+    }
+
+    /// Opens a socket to the endpoint within the connect timeout (counted in `connects`).
+    pub async fn open_socket(&self) -> Result<TcpStream, String> {
+        let socket = tokio::time::timeout(
+            self.settings.connect_timeout,
+            TcpStream::connect(self.address),
+        )
+        .await
+        .map_err(|_| format!("timed out after {:?}", self.settings.connect_timeout))?
+        .map_err(|error| error.to_string())?;
+        let _ = socket.set_nodelay(true);
+        self.connects.fetch_add(1, Ordering::Relaxed);
+        Ok(socket)
+    }
+
+    /// An ordinary in-flight slot, if one is free now.
+    pub fn try_ordinary_slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.in_flight.clone().try_acquire_owned().ok()
+    }
+
+    /// Whether the endpoint left the route table (its connections drain and close).
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
     }
 
     /// Where a connection's reader and writer run: on its slot's serving thread, so the requests
@@ -521,15 +558,7 @@ impl Pool {
     }
 
     async fn connect(&self, slot: Option<usize>) -> Result<Arc<Connection>, String> {
-        let socket = tokio::time::timeout(
-            self.settings.connect_timeout,
-            TcpStream::connect(self.address),
-        )
-        .await
-        .map_err(|_| format!("timed out after {:?}", self.settings.connect_timeout))?
-        .map_err(|error| error.to_string())?;
-        let _ = socket.set_nodelay(true);
-        self.connects.fetch_add(1, Ordering::Relaxed);
+        let socket = self.open_socket().await?;
         let limits = FrameLimits {
             max_frame: self.settings.max_frame,
             ..FrameLimits::default()
@@ -748,6 +777,13 @@ impl Upstreams {
             inbound,
             max_frame,
             runtimes: runtimes.into(),
+        }
+    }
+
+    /// Hands a request a broker sent on a connection outside the pools to the relay.
+    pub fn deliver(&self, from: SocketAddr, request: RemotingCommand) {
+        if self.inbound.try_send(Inbound { from, request }).is_err() {
+            warn!(%from, "broker request dropped: the relay queue is full");
         }
     }
 

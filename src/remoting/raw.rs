@@ -167,17 +167,78 @@ impl RawCommand {
     }
 
     fn rewritten_header(&self, opaque: i32, changes: &[(&str, &str)]) -> Bytes {
+        let mut header = Vec::with_capacity(self.header.len() + 64);
+        self.rewrite_into(opaque, changes, &mut header);
+        Bytes::from(header)
+    }
+
+    /// The rewritten header (see [`RawCommand::rewritten`]) in `out`, which is cleared first.
+    fn rewrite_into(&self, opaque: i32, changes: &[(&str, &str)], out: &mut Vec<u8>) {
+        out.clear();
         // A key named twice: its first value stands, present or added.
-        let mut distinct: Vec<(&str, &str)> = Vec::with_capacity(changes.len());
-        for &(key, value) in changes {
-            if distinct.iter().all(|(seen, _)| *seen != key) {
-                distinct.push((key, value));
+        let named_twice = changes
+            .iter()
+            .enumerate()
+            .any(|(index, (key, _))| changes[..index].iter().any(|(seen, _)| seen == key));
+        let distinct: Vec<(&str, &str)>;
+        let changes = if named_twice {
+            let mut firsts: Vec<(&str, &str)> = Vec::with_capacity(changes.len());
+            for &(key, value) in changes {
+                if firsts.iter().all(|(seen, _)| *seen != key) {
+                    firsts.push((key, value));
+                }
             }
+            distinct = firsts;
+            &distinct[..]
+        } else {
+            changes
+        };
+        match self.serialize_type {
+            SerializeType::Json => self.rewrite_json(opaque, changes, out),
+            SerializeType::Binary => self.rewrite_binary(opaque, changes, out),
         }
-        Bytes::from(match self.serialize_type {
-            SerializeType::Json => self.rewrite_json(opaque, &distinct),
-            SerializeType::Binary => self.rewrite_binary(opaque, &distinct),
-        })
+    }
+
+    /// The rewritten request's whole frame appended to `dst`, with no copy of the header in
+    /// between: what a relay that owns its upstream buffer writes. `scratch` is reused space.
+    pub fn write_relayed(
+        &self,
+        opaque: i32,
+        changes: &[(&str, &str)],
+        limits: &FrameLimits,
+        scratch: &mut Vec<u8>,
+        dst: &mut BytesMut,
+    ) -> Result<(), CodecError> {
+        self.rewrite_into(opaque, changes, scratch);
+        write_frame(self.serialize_type, scratch, &self.body, limits, dst)
+    }
+
+    /// This response's whole frame with `opaque` in place of its own, appended to `dst`: what
+    /// relaying an answer to its client needs, without building the changed command.
+    pub fn write_with_opaque(
+        &self,
+        opaque: i32,
+        limits: &FrameLimits,
+        dst: &mut BytesMut,
+    ) -> Result<(), CodecError> {
+        let mut text = itoa::Buffer::new();
+        let digits: &[u8] = match self.serialize_type {
+            SerializeType::Json => text.format(opaque).as_bytes(),
+            SerializeType::Binary => &opaque.to_be_bytes(),
+        };
+        let (Some(before), Some(after)) = (
+            self.header.get(..self.opaque_at.start),
+            self.header.get(self.opaque_at.end..),
+        ) else {
+            return write_frame(self.serialize_type, &self.header, &self.body, limits, dst);
+        };
+        write_frame_parts(
+            self.serialize_type,
+            [before, digits, after],
+            &self.body,
+            limits,
+            dst,
+        )
     }
 
     /// Just the opaque changed: what relaying a response to its client needs. Positions after
@@ -228,22 +289,21 @@ impl RawCommand {
         }
     }
 
-    fn rewrite_json(&self, opaque: i32, changes: &[(&str, &str)]) -> Vec<u8> {
+    fn rewrite_json(&self, opaque: i32, changes: &[(&str, &str)], out: &mut Vec<u8>) {
         let old = &self.header[..];
-        // (position in the old header, bytes to drop there, bytes to put there)
-        let mut edits: Vec<(Range<usize>, Vec<u8>)> = Vec::with_capacity(changes.len() + 1);
+        let mut digits = itoa::Buffer::new();
+        // (span of the old header to drop, what to put there)
+        let mut edits: Vec<(Range<usize>, JsonEdit)> = Vec::with_capacity(changes.len() + 2);
         edits.push((
             self.opaque_at.clone(),
-            itoa::Buffer::new().format(opaque).as_bytes().to_vec(),
+            JsonEdit::Bytes(digits.format(opaque).as_bytes()),
         ));
         let mut added = Vec::new();
         for (key, value) in changes {
             let mut found = false;
             for field in &self.fields {
                 if old.get(field.key.clone()) == Some(key.as_bytes()) {
-                    let mut text = Vec::with_capacity(value.len() + 2);
-                    push_json_string(&mut text, value);
-                    edits.push((field.value.clone(), text));
+                    edits.push((field.value.clone(), JsonEdit::String(value)));
                     found = true;
                 }
             }
@@ -258,35 +318,40 @@ impl RawCommand {
         }
         if !added.is_empty() {
             match self.ext {
-                ExtPlace::JsonMembers(at) | ExtPlace::JsonEmpty(at) => edits.push((at..at, added)),
-                ExtPlace::JsonMissing(at) => {
-                    let mut member = b"\"extFields\":{".to_vec();
-                    member.extend_from_slice(&added);
-                    member.extend_from_slice(b"},");
-                    edits.push((at..at, member));
+                ExtPlace::JsonMembers(at) | ExtPlace::JsonEmpty(at) => {
+                    edits.push((at..at, JsonEdit::Bytes(&added)))
                 }
+                ExtPlace::JsonMissing(at) => edits.push((at..at, JsonEdit::ExtObject(&added))),
                 ExtPlace::Binary(_) => {}
             }
         }
         edits.sort_by_key(|(range, _)| (range.start, range.end));
-        let mut out = Vec::with_capacity(old.len() + 64);
+        out.reserve(old.len() + 64);
         let mut at = 0;
-        for (range, bytes) in edits {
+        for (range, edit) in edits {
             // A key named twice in `changes` edits the same span twice: the first one stands.
             let Some(kept) = old.get(at..range.start) else {
                 continue;
             };
             out.extend_from_slice(kept);
-            out.extend_from_slice(&bytes);
+            match edit {
+                JsonEdit::Bytes(bytes) => out.extend_from_slice(bytes),
+                JsonEdit::String(value) => push_json_string(out, value),
+                JsonEdit::ExtObject(members) => {
+                    out.extend_from_slice(b"\"extFields\":{");
+                    out.extend_from_slice(members);
+                    out.extend_from_slice(b"},");
+                }
+            }
             at = range.end;
         }
         out.extend_from_slice(old.get(at..).unwrap_or_default());
-        out
     }
 
-    fn rewrite_binary(&self, opaque: i32, changes: &[(&str, &str)]) -> Vec<u8> {
+    /// `out` must be empty: positions in it are the header's.
+    fn rewrite_binary(&self, opaque: i32, changes: &[(&str, &str)], out: &mut Vec<u8>) {
         let old = &self.header[..];
-        let mut out = Vec::with_capacity(old.len() + 64);
+        out.reserve(old.len() + 64);
         let mut at = 0;
         let mut replaced = vec![false; changes.len()];
         for field in &self.fields {
@@ -336,7 +401,6 @@ impl RawCommand {
             out[ext_len_at..ext_len_at + 4]
                 .copy_from_slice(&i32::try_from(ext_len).unwrap_or(i32::MAX).to_be_bytes());
         }
-        out
     }
 
     /// The whole frame, length prefix included, appended to `dst`.
@@ -355,6 +419,15 @@ impl RawCommand {
     }
 }
 
+/// A piece of a rewritten JSON header.
+enum JsonEdit<'a> {
+    Bytes(&'a [u8]),
+    /// A value, written as a JSON string.
+    String(&'a str),
+    /// Members for a header without an ext object: written as a whole `extFields` member.
+    ExtObject(&'a [u8]),
+}
+
 fn write_frame(
     serialize_type: SerializeType,
     header: &[u8],
@@ -362,23 +435,37 @@ fn write_frame(
     limits: &FrameLimits,
     dst: &mut BytesMut,
 ) -> Result<(), CodecError> {
-    let size = 4 + HEADER_WORD + header.len() + body.len();
+    write_frame_parts(serialize_type, [header], body, limits, dst)
+}
+
+/// A frame whose header is the concatenation of `header`.
+fn write_frame_parts<const N: usize>(
+    serialize_type: SerializeType,
+    header: [&[u8]; N],
+    body: &[u8],
+    limits: &FrameLimits,
+    dst: &mut BytesMut,
+) -> Result<(), CodecError> {
+    let header_len: usize = header.iter().map(|part| part.len()).sum();
+    let size = 4 + HEADER_WORD + header_len + body.len();
     if size > limits.max_frame || size - 4 > i32::MAX as usize {
         return Err(CodecError::FrameTooLarge {
             size,
             max: limits.max_frame,
         });
     }
-    if header.len() > limits.max_header.min(MAX_HEADER_FIELD) {
+    if header_len > limits.max_header.min(MAX_HEADER_FIELD) {
         return Err(CodecError::HeaderTooLarge {
-            size: header.len(),
+            size: header_len,
             max: limits.max_header.min(MAX_HEADER_FIELD),
         });
     }
     dst.reserve(size);
     dst.put_u32((size - 4) as u32);
-    dst.put_u32((u32::from(serialize_type.to_byte()) << 24) | header.len() as u32);
-    dst.extend_from_slice(header);
+    dst.put_u32((u32::from(serialize_type.to_byte()) << 24) | header_len as u32);
+    for part in header {
+        dst.extend_from_slice(part);
+    }
     dst.extend_from_slice(body);
     Ok(())
 }
@@ -801,6 +888,9 @@ impl Json<'_> {
 pub enum Outgoing {
     Command(RemotingCommand),
     Raw(RawCommand),
+    /// A broker's response relayed to its client: written with the client's opaque (the second
+    /// field) in place of the upstream one.
+    Answer(RawCommand, i32),
     /// A rewritten header and the original body: a relayed request on its way.
     Spliced {
         serialize_type: SerializeType,
@@ -815,7 +905,7 @@ impl Outgoing {
     pub fn code(&self) -> i32 {
         match self {
             Outgoing::Command(command) => command.code,
-            Outgoing::Raw(raw) => raw.code,
+            Outgoing::Raw(raw) | Outgoing::Answer(raw, _) => raw.code,
             Outgoing::Spliced { code, .. } => *code,
         }
     }
@@ -840,6 +930,7 @@ impl tokio_util::codec::Encoder<Outgoing> for frame::RemotingCodec {
         match item {
             Outgoing::Command(command) => frame::encode_frame(&command, &self.limits(), dst),
             Outgoing::Raw(raw) => raw.encode(&self.limits(), dst),
+            Outgoing::Answer(raw, opaque) => raw.write_with_opaque(opaque, &self.limits(), dst),
             Outgoing::Spliced {
                 serialize_type,
                 header,

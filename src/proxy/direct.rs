@@ -1,0 +1,709 @@
+//! Sends relayed on upstream connections a client connection owns ("lanes"), driven by the
+//! connection's own task: a send is scanned, routed and rewritten straight into its lane's write
+//! buffer, and its answer is read, matched and written back in the same task. No channel, writer
+//! task, waiter map, oneshot or boxed future sits between the client and the broker, and one timer
+//! serves every send in flight.
+//!
+//! Only the plain case travels here: a send (not oneway) whose route is known now, not ordered and
+//! not a transaction's half message, to a broker with a free in-flight slot. Everything else, and
+//! a send whose lane failed it (the connection died or timed out, or the broker answered busy),
+//! goes to the general path in `dispatch`, which retries on another broker.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::AsyncWrite;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::{Instant, Sleep};
+use tracing::{debug, warn};
+
+use super::Proxy;
+use super::dispatch::{self, SendKeys};
+use super::failover::ClusterRuntime;
+use super::routes::Endpoint;
+use super::upstream::{Pool, UpstreamError};
+use crate::balance::{Outcome, Picked};
+use crate::names;
+use crate::remoting::frame::{self, FrameLimits};
+use crate::remoting::message::sys_flag;
+use crate::remoting::raw::{Outgoing, RawCommand};
+use crate::remoting::{FLAG_ONEWAY, RequestCode, ResponseCode};
+
+/// A lane with this many sends written and unanswered holds new ones until an answer arrives
+/// (or `COALESCE_BYTES` gather): a deep pipeline is clocked by its answers, so sends go out in
+/// batches, as they do from an L4 proxy that reads late. A shallow one writes at once.
+const COALESCE_DEPTH: usize = 8;
+const COALESCE_BYTES: usize = 32 * 1024;
+/// Bytes a lane reads per turn before it lets the connection's other work run.
+const READ_TURN: usize = 256 * 1024;
+const READ_CHUNK: usize = 16 * 1024;
+
+/// A send the general path takes over, with the connection's in-flight slot it holds.
+pub struct Handover {
+    pub request: RawCommand,
+    pub permit: OwnedSemaphorePermit,
+    /// The broker it failed on, when it was tried here first.
+    pub failed: Option<SocketAddr>,
+}
+
+/// The lanes of one client connection and what they produced for it.
+pub struct DirectSends {
+    proxy: Arc<Proxy>,
+    limits: FrameLimits,
+    lanes: Vec<Lane>,
+    /// Fires at the earliest deadline of a send in flight.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// Answers for the client, and sends for the general path.
+    answers: Vec<Outgoing>,
+    handovers: Vec<Handover>,
+    /// Reused space for a rewritten header.
+    scratch: Vec<u8>,
+}
+
+struct Lane {
+    address: SocketAddr,
+    pool: Arc<Pool>,
+    state: LaneState,
+    read: BytesMut,
+    write: BytesMut,
+    /// Sends in flight, in the order they were written: slot `i` has opaque `base + i`, and a
+    /// slot is `None` once answered. Deadlines follow the same order.
+    waiting: VecDeque<Option<Pending>>,
+    base: i32,
+    live: usize,
+    /// Set once a flush is due: the lane's turn then writes what the socket takes. Until then,
+    /// sends gather in `write`, so that those read together go out in one write.
+    flushing: bool,
+    /// Sends in `write` not yet taken by the socket.
+    buffered: usize,
+}
+
+enum LaneState {
+    Connecting(Pin<Box<dyn Future<Output = Result<TcpStream, String>> + Send>>),
+    Open(TcpStream),
+    Closed,
+}
+
+struct Pending {
+    request: RawCommand,
+    started: Instant,
+    deadline: Instant,
+    endpoint: Arc<Endpoint>,
+    cluster: Arc<ClusterRuntime>,
+    picked: Picked<SocketAddr>,
+    topic_key: &'static str,
+    messages: u64,
+    permit: OwnedSemaphorePermit,
+    _endpoint_slot: OwnedSemaphorePermit,
+}
+
+/// Where a send goes, once routing said it can travel here.
+struct Plan {
+    endpoint: Arc<Endpoint>,
+    cluster: Arc<ClusterRuntime>,
+    picked: Picked<SocketAddr>,
+    pool: Arc<Pool>,
+    endpoint_slot: OwnedSemaphorePermit,
+    keys: SendKeys,
+    queues: i32,
+}
+
+impl DirectSends {
+    pub fn new(proxy: Arc<Proxy>, limits: FrameLimits) -> Self {
+        Self {
+            proxy,
+            limits,
+            lanes: Vec::new(),
+            timer: None,
+            answers: Vec::new(),
+            handovers: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Whether any lane is open or opening (its socket needs watching).
+    pub fn is_active(&self) -> bool {
+        !self.lanes.is_empty()
+    }
+
+    /// Sends still waiting for their answer.
+    pub fn has_pending(&self) -> bool {
+        self.lanes.iter().any(|lane| lane.live > 0)
+    }
+
+    /// Takes `request` when it can travel on a lane; otherwise hands it back for the general path.
+    #[must_use]
+    pub fn take(&mut self, request: RawCommand, permit: OwnedSemaphorePermit) -> Option<Handover> {
+        let Some(plan) = self.plan(&request) else {
+            return Some(Handover {
+                request,
+                permit,
+                failed: None,
+            });
+        };
+        let Plan {
+            endpoint,
+            cluster,
+            picked,
+            pool,
+            endpoint_slot,
+            keys,
+            queues,
+        } = plan;
+        let Some(index) = self.lane_for(&pool) else {
+            cluster.balancer.release(picked);
+            return Some(Handover {
+                request,
+                permit,
+                failed: None,
+            });
+        };
+        let queue =
+            (self.proxy.next_queue.fetch_add(1, Ordering::Relaxed) % queues as usize) as i32;
+        let mut digits = itoa::Buffer::new();
+        let changes = [
+            (keys.queue, digits.format(queue)),
+            (keys.bname, endpoint.metadata.broker_name.as_str()),
+        ];
+        let Some(lane) = self.lanes.get_mut(index) else {
+            cluster.balancer.release(picked);
+            return Some(Handover {
+                request,
+                permit,
+                failed: None,
+            });
+        };
+        let opaque = lane
+            .base
+            .wrapping_add(i32::try_from(lane.waiting.len()).unwrap_or(i32::MAX));
+        let written = request.write_relayed(
+            opaque,
+            &changes,
+            &self.limits,
+            &mut self.scratch,
+            &mut lane.write,
+        );
+        if let Err(error) = written {
+            debug!(%error, "send not relayed on the client's lane");
+            cluster.balancer.release(picked);
+            return Some(Handover {
+                request,
+                permit,
+                failed: None,
+            });
+        }
+        self.proxy.stats.request(request.code);
+        self.proxy.stats.request_began();
+        cluster.record_send();
+        let messages = if request.code == RequestCode::SEND_BATCH_MESSAGE.0 {
+            dispatch::count_records(&request.body)
+        } else {
+            1
+        };
+        let started = Instant::now();
+        let deadline = started + endpoint.request_timeout;
+        lane.waiting.push_back(Some(Pending {
+            request,
+            started,
+            deadline,
+            endpoint,
+            cluster,
+            picked,
+            topic_key: keys.topic,
+            messages,
+            permit,
+            _endpoint_slot: endpoint_slot,
+        }));
+        lane.live += 1;
+        lane.buffered += 1;
+        match &mut self.timer {
+            Some(timer) if timer.deadline() <= deadline => {}
+            Some(timer) => timer.as_mut().reset(deadline),
+            None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+        }
+        None
+    }
+
+    fn plan(&self, request: &RawCommand) -> Option<Plan> {
+        if request.flag & FLAG_ONEWAY != 0 {
+            return None;
+        }
+        let keys = SendKeys::choose(matches!(request.ext("b"), Ok(Some(_))));
+        let topic = request.ext(keys.topic).ok()??;
+        names::validate_client_topic(topic).ok()?;
+        let max_message_size = self.proxy.config.limits.max_message_size;
+        if max_message_size > 0 && request.body.len() > max_message_size {
+            return None;
+        }
+        let half_message = request
+            .ext(keys.sys_flag)
+            .ok()
+            .flatten()
+            .and_then(|flag| flag.parse::<i32>().ok())
+            .is_some_and(|flag| {
+                flag & dispatch::TRANSACTION_TYPE_MASK == sys_flag::TRANSACTION_PREPARED
+            });
+        if half_message {
+            return None;
+        }
+        // Only a route known now: one still to be asked for or waited on takes the general path.
+        let table = self.proxy.routes.snapshot();
+        if self.proxy.ondemand().is_some() && !table.has_xds_topic(topic) {
+            return None;
+        }
+        let action = table.lookup(topic, request.code)?;
+        if action.ordered {
+            return None;
+        }
+        let cluster = self.proxy.cluster(&action.cluster.name)?;
+        let (endpoint, picked) = cluster.pick(
+            &action.cluster,
+            &action,
+            |endpoint| action.writable(endpoint),
+            |address| self.proxy.upstreams.connectable(address),
+            &[],
+        )?;
+        let pool = self.proxy.pool(&endpoint);
+        let Some(endpoint_slot) = pool
+            .try_ordinary_slot()
+            .filter(|_| !pool.is_retired() && pool.backoff_error().is_none())
+        else {
+            cluster.balancer.release(picked);
+            return None;
+        };
+        let queues = action.write_queues(&endpoint).max(1);
+        Some(Plan {
+            endpoint,
+            cluster,
+            picked,
+            pool,
+            endpoint_slot,
+            keys,
+            queues,
+        })
+    }
+
+    /// The lane to `pool`'s endpoint, opened if there is none. `None` while an older lane to the
+    /// same address (of a retired pool) still has sends in flight.
+    fn lane_for(&mut self, pool: &Arc<Pool>) -> Option<usize> {
+        let address = pool.address();
+        if let Some(index) = self.lanes.iter().position(|lane| lane.address == address) {
+            let lane = self.lanes.get_mut(index)?;
+            let current = Arc::ptr_eq(&lane.pool, pool);
+            if current && !matches!(lane.state, LaneState::Closed) {
+                return Some(index);
+            }
+            if lane.live > 0 {
+                return None;
+            }
+            self.lanes.swap_remove(index);
+        }
+        let opening = pool.clone();
+        self.lanes.push(Lane {
+            address,
+            pool: pool.clone(),
+            state: LaneState::Connecting(Box::pin(async move { opening.open_socket().await })),
+            read: BytesMut::new(),
+            write: BytesMut::new(),
+            waiting: VecDeque::new(),
+            base: 1,
+            live: 0,
+            flushing: false,
+            buffered: 0,
+        });
+        Some(self.lanes.len() - 1)
+    }
+
+    /// Whether sends wait in a lane's buffer for [`DirectSends::write_now`].
+    pub fn has_unflushed(&self) -> bool {
+        self.lanes
+            .iter()
+            .any(|lane| !lane.flushing && !lane.write.is_empty() && !lane.holds())
+    }
+
+    /// Writes what each open lane's socket takes now, without waiting; what it does not take is
+    /// written by the lane's turns as the socket drains.
+    pub fn write_now(&mut self) {
+        for index in 0..self.lanes.len() {
+            let Some(lane) = self.lanes.get_mut(index) else {
+                continue;
+            };
+            if lane.write.is_empty() || lane.holds() {
+                continue;
+            }
+            lane.flushing = true;
+            let LaneState::Open(stream) = &lane.state else {
+                continue;
+            };
+            let mut failed = None;
+            while !lane.write.is_empty() {
+                match stream.try_write(&lane.write) {
+                    Ok(0) => {
+                        failed = Some(std::io::ErrorKind::WriteZero.into());
+                        break;
+                    }
+                    Ok(written) => lane.write.advance(written),
+                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(error) => {
+                        failed = Some(error);
+                        break;
+                    }
+                }
+            }
+            lane.flushed_if_empty();
+            if let Some(error) = failed {
+                self.close_lane(index, &error.to_string());
+            }
+        }
+    }
+
+    /// Moves what the lanes produced out: answers for the client, sends for the general path.
+    pub fn drain(&mut self) -> (std::vec::Drain<'_, Outgoing>, std::vec::Drain<'_, Handover>) {
+        (self.answers.drain(..), self.handovers.drain(..))
+    }
+
+    pub fn has_output(&self) -> bool {
+        !self.answers.is_empty() || !self.handovers.is_empty()
+    }
+
+    /// Resolves once a lane made progress: an answer or handover is ready, a lane opened or
+    /// closed, or a deadline passed.
+    pub async fn progress(&mut self) {
+        std::future::poll_fn(|cx| self.poll_progress(cx)).await
+    }
+
+    fn poll_progress(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut progressed = false;
+        for index in 0..self.lanes.len() {
+            progressed |= self.poll_lane(index, cx);
+        }
+        if let Some(timer) = &mut self.timer
+            && timer.as_mut().poll(cx).is_ready()
+        {
+            self.expire();
+            progressed = true;
+        }
+        let before = self.lanes.len();
+        self.lanes.retain(|lane| {
+            let spent = matches!(lane.state, LaneState::Closed) || lane.pool.is_retired();
+            !(spent && lane.live == 0)
+        });
+        progressed |= self.lanes.len() != before;
+        if progressed {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// One lane's turn: finish connecting, write, read and settle answers.
+    fn poll_lane(&mut self, index: usize, cx: &mut Context<'_>) -> bool {
+        let Some(lane) = self.lanes.get_mut(index) else {
+            return false;
+        };
+        let mut progressed = false;
+        if let LaneState::Connecting(connecting) = &mut lane.state {
+            match connecting.as_mut().poll(cx) {
+                Poll::Pending => return false,
+                Poll::Ready(Ok(stream)) => {
+                    lane.pool.connect_succeeded();
+                    lane.state = LaneState::Open(stream);
+                    lane.flushing = true;
+                    progressed = true;
+                }
+                Poll::Ready(Err(reason)) => {
+                    let error = lane.pool.connect_failed(reason);
+                    self.fail_lane(index, &error);
+                    return true;
+                }
+            }
+        }
+        let LaneState::Open(stream) = &mut lane.state else {
+            return progressed;
+        };
+        let mut read = 0;
+        let mut ended = None;
+        while read < READ_TURN {
+            if lane.read.capacity() - lane.read.len() < READ_CHUNK / 4 {
+                lane.read.reserve(READ_CHUNK);
+            }
+            match tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, &mut lane.read) {
+                Poll::Ready(Ok(0)) => {
+                    ended = Some("the broker closed the connection".to_owned());
+                    break;
+                }
+                Poll::Ready(Ok(count)) => read += count,
+                Poll::Ready(Err(error)) => {
+                    ended = Some(error.to_string());
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        if read > 0 {
+            progressed = true;
+            self.settle_frames(index);
+        }
+        if let Some(reason) = ended {
+            self.close_lane(index, &reason);
+            return true;
+        }
+        let Some(lane) = self.lanes.get_mut(index) else {
+            return progressed;
+        };
+        // Answers came: what they held back goes now.
+        if read > 0 && !lane.write.is_empty() && !lane.holds() {
+            lane.flushing = true;
+        }
+        let LaneState::Open(stream) = &mut lane.state else {
+            return progressed;
+        };
+        while lane.flushing && !lane.write.is_empty() {
+            match Pin::new(&mut *stream).poll_write(cx, &lane.write) {
+                Poll::Ready(Ok(0)) => {
+                    self.close_lane(index, "the broker stopped taking bytes");
+                    return true;
+                }
+                Poll::Ready(Ok(written)) => {
+                    lane.write.advance(written);
+                    progressed = true;
+                }
+                Poll::Ready(Err(error)) => {
+                    self.close_lane(index, &error.to_string());
+                    return true;
+                }
+                Poll::Pending => break,
+            }
+        }
+        lane.flushed_if_empty();
+        progressed
+    }
+
+    /// Handles every whole frame a lane read.
+    fn settle_frames(&mut self, index: usize) {
+        loop {
+            let Some(lane) = self.lanes.get_mut(index) else {
+                return;
+            };
+            let address = lane.address;
+            let bytes = match frame::split_frame(&mut lane.read, &self.limits) {
+                Ok(Some(bytes)) => bytes,
+                Ok(None) => return,
+                Err(error) => {
+                    warn!(%address, %error, "malformed frame from upstream, closing the connection");
+                    self.close_lane(index, &format!("malformed frame: {error}"));
+                    return;
+                }
+            };
+            let response = match RawCommand::scan(&bytes, &self.limits) {
+                Some(raw) if raw.is_response() => raw,
+                scanned => {
+                    // A header the scanner declines is decoded in full; a response is then
+                    // re-encoded so the relay holds bytes it can vouch for.
+                    let decoded = match scanned {
+                        Some(raw) => raw.decode(),
+                        None => frame::decode_frame(bytes, &self.limits),
+                    };
+                    match decoded {
+                        Ok(command) if !command.is_response() => {
+                            self.proxy.upstreams.deliver(address, command);
+                            continue;
+                        }
+                        Ok(command) => match RawCommand::from_command(&command, &self.limits) {
+                            Some(raw) => raw,
+                            None => continue,
+                        },
+                        Err(error) => {
+                            warn!(%address, %error, "malformed frame from upstream, closing the connection");
+                            self.close_lane(index, &format!("malformed frame: {error}"));
+                            return;
+                        }
+                    }
+                }
+            };
+            let slot = response.opaque.wrapping_sub(lane.base) as u32 as usize;
+            let Some(pending) = lane.waiting.get_mut(slot).and_then(Option::take) else {
+                debug!(%address, opaque = response.opaque, "late or unknown response dropped");
+                continue;
+            };
+            lane.live -= 1;
+            lane.forget_answered();
+            lane.pool.stats.record(pending.started.elapsed(), true);
+            self.answered(address, pending, response);
+        }
+    }
+
+    /// A broker's answer to `pending`.
+    fn answered(&mut self, address: SocketAddr, pending: Pending, response: RawCommand) {
+        let elapsed = pending.started.elapsed();
+        let code = response.code;
+        let busy =
+            code == ResponseCode::SYSTEM_BUSY.0 || code == ResponseCode::SERVICE_NOT_AVAILABLE.0;
+        let outcome = if busy {
+            Outcome::Failure
+        } else {
+            Outcome::Success
+        };
+        pending.cluster.balancer.report(pending.picked, outcome);
+        if busy && Instant::now() < pending.deadline && pending.cluster.may_retry(1) {
+            debug!(%address, "send failed, retrying on another broker");
+            self.hand_over(pending.request, pending.permit, address);
+            return;
+        }
+        if code == ResponseCode::SUCCESS.0
+            && let Ok(Some(topic)) = pending.request.ext(pending.topic_key)
+        {
+            self.proxy.stats.messages_in(topic, pending.messages);
+            self.proxy.stats.send_cost(topic, elapsed);
+        }
+        self.proxy.stats.response(code);
+        self.proxy.stats.request_ended();
+        self.answers
+            .push(Outgoing::Answer(response, pending.request.opaque));
+    }
+
+    /// `pending` got no answer: it goes to the general path while a retry fits its deadline and
+    /// the cluster's budget, else its client hears why.
+    fn failed(&mut self, address: SocketAddr, pending: Pending, error: &UpstreamError) {
+        if let Some(lane) = self.lanes.iter().find(|lane| lane.address == address) {
+            lane.pool.stats.record(pending.started.elapsed(), false);
+        }
+        pending
+            .cluster
+            .balancer
+            .report(pending.picked, Outcome::Failure);
+        if Instant::now() < pending.deadline && pending.cluster.may_retry(1) {
+            debug!(%address, %error, "send failed, retrying on another broker");
+            self.hand_over(pending.request, pending.permit, address);
+            return;
+        }
+        let answer = dispatch::answer(
+            Err(error.clone()),
+            pending.request.opaque,
+            &pending.endpoint,
+        );
+        self.proxy.stats.request_ended();
+        if let Some(answer) = answer {
+            self.proxy.stats.response(answer.code);
+            self.answers.push(answer.into());
+        }
+    }
+
+    fn hand_over(&mut self, request: RawCommand, permit: OwnedSemaphorePermit, failed: SocketAddr) {
+        // The general path counts the request active again while it runs.
+        self.proxy.stats.request_ended();
+        self.handovers.push(Handover {
+            request,
+            permit,
+            failed: Some(failed),
+        });
+    }
+
+    /// Fails the sends whose deadline passed, and sets the timer for the next one.
+    fn expire(&mut self) {
+        let now = Instant::now();
+        let mut next: Option<Instant> = None;
+        for index in 0..self.lanes.len() {
+            while let Some(lane) = self.lanes.get_mut(index) {
+                lane.forget_answered();
+                let due = match lane.waiting.front() {
+                    Some(Some(pending)) if pending.deadline <= now => true,
+                    Some(Some(pending)) => {
+                        next = Some(next.map_or(pending.deadline, |at| at.min(pending.deadline)));
+                        false
+                    }
+                    _ => false,
+                };
+                if !due {
+                    break;
+                }
+                let Some(Some(pending)) = lane.waiting.pop_front() else {
+                    break;
+                };
+                lane.base = lane.base.wrapping_add(1);
+                lane.live -= 1;
+                let address = lane.address;
+                let error = UpstreamError::Timeout {
+                    address,
+                    timeout: pending.endpoint.request_timeout,
+                };
+                self.failed(address, pending, &error);
+            }
+        }
+        match (next, &mut self.timer) {
+            (Some(at), Some(timer)) => timer.as_mut().reset(at),
+            (Some(at), None) => self.timer = Some(Box::pin(tokio::time::sleep_until(at))),
+            (None, _) => self.timer = None,
+        }
+    }
+
+    /// The lane's connection is gone: every send on it fails with why.
+    fn close_lane(&mut self, index: usize, reason: &str) {
+        let Some(lane) = self.lanes.get(index) else {
+            return;
+        };
+        debug!(address = %lane.address, reason, "client lane to the broker closed");
+        let error = UpstreamError::Closed {
+            address: lane.address,
+        };
+        self.fail_lane(index, &error);
+    }
+
+    fn fail_lane(&mut self, index: usize, error: &UpstreamError) {
+        let Some(lane) = self.lanes.get_mut(index) else {
+            return;
+        };
+        lane.state = LaneState::Closed;
+        lane.write.clear();
+        lane.read.clear();
+        let address = lane.address;
+        let waiting: Vec<Pending> = lane.waiting.drain(..).flatten().collect();
+        lane.live = 0;
+        for pending in waiting {
+            self.failed(address, pending, error);
+        }
+    }
+}
+
+impl Lane {
+    /// Whether new sends wait for an answer to make room (see `COALESCE_DEPTH`).
+    fn holds(&self) -> bool {
+        self.live.saturating_sub(self.buffered) >= COALESCE_DEPTH
+            && self.write.len() < COALESCE_BYTES
+    }
+
+    fn flushed_if_empty(&mut self) {
+        if self.write.is_empty() {
+            self.flushing = false;
+            self.buffered = 0;
+        }
+    }
+
+    /// Drops answered slots at the front.
+    fn forget_answered(&mut self) {
+        while matches!(self.waiting.front(), Some(None)) {
+            self.waiting.pop_front();
+            self.base = self.base.wrapping_add(1);
+        }
+    }
+}
+
+impl Drop for DirectSends {
+    /// A connection task aborted at the shutdown deadline: its sends' balancer slots and gauge
+    /// are given back.
+    fn drop(&mut self) {
+        for lane in &mut self.lanes {
+            for pending in lane.waiting.drain(..).flatten() {
+                pending.cluster.balancer.release(pending.picked);
+                self.proxy.stats.request_ended();
+            }
+        }
+    }
+}
