@@ -223,10 +223,16 @@ impl DirectSends {
         }));
         lane.live += 1;
         lane.buffered += 1;
+        // The first send on a lane with nothing in flight goes at once: a lone request (a
+        // synchronous producer) waits for nothing.
+        let lone = lane.live == 1;
         match &mut self.timer {
             Some(timer) if timer.deadline() <= deadline => {}
             Some(timer) => timer.as_mut().reset(deadline),
             None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+        }
+        if lone {
+            self.flush_lane(index);
         }
         None
     }
@@ -332,35 +338,39 @@ impl DirectSends {
     /// written by the lane's turns as the socket drains.
     pub fn write_now(&mut self) {
         for index in 0..self.lanes.len() {
-            let Some(lane) = self.lanes.get_mut(index) else {
-                continue;
-            };
-            if lane.write.is_empty() || lane.holds() {
-                continue;
-            }
-            lane.flushing = true;
-            let LaneState::Open(stream) = &lane.state else {
-                continue;
-            };
-            let mut failed = None;
-            while !lane.write.is_empty() {
-                match stream.try_write(&lane.write) {
-                    Ok(0) => {
-                        failed = Some(std::io::ErrorKind::WriteZero.into());
-                        break;
-                    }
-                    Ok(written) => lane.write.advance(written),
-                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(error) => {
-                        failed = Some(error);
-                        break;
-                    }
+            self.flush_lane(index);
+        }
+    }
+
+    fn flush_lane(&mut self, index: usize) {
+        let Some(lane) = self.lanes.get_mut(index) else {
+            return;
+        };
+        if lane.write.is_empty() || lane.holds() {
+            return;
+        }
+        lane.flushing = true;
+        let LaneState::Open(stream) = &lane.state else {
+            return;
+        };
+        let mut failed = None;
+        while !lane.write.is_empty() {
+            match stream.try_write(&lane.write) {
+                Ok(0) => {
+                    failed = Some(std::io::ErrorKind::WriteZero.into());
+                    break;
+                }
+                Ok(written) => lane.write.advance(written),
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(error) => {
+                    failed = Some(error);
+                    break;
                 }
             }
-            lane.flushed_if_empty();
-            if let Some(error) = failed {
-                self.close_lane(index, &error.to_string());
-            }
+        }
+        lane.flushed_if_empty();
+        if let Some(error) = failed {
+            self.close_lane(index, &error.to_string());
         }
     }
 
