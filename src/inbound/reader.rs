@@ -66,6 +66,10 @@ pub struct FrameReader<R> {
     /// When the first byte of the frame now in the buffer arrived.
     frame_started: Option<Instant>,
     last_read: Instant,
+    /// Twice what the last read brought when it filled all the room it had (more was waiting),
+    /// else 0: the next read may then take that much, so a busy connection reads in large
+    /// batches while memory still follows the bytes received.
+    wanted: usize,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -78,6 +82,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             charged: 0,
             frame_started: None,
             last_read: Instant::now(),
+            wanted: 0,
         }
     }
 
@@ -141,9 +146,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 .announced_size()
                 .map_or(MIN_FREE, |size| size.saturating_sub(self.buffer.len()));
             // Doubling with what arrived keeps memory within twice the bytes received.
-            let ahead = self.buffer.len().clamp(MIN_FREE, READ_CHUNK);
-            self.buffer.reserve(missing.clamp(MIN_FREE, ahead));
+            let ahead = self
+                .buffer
+                .len()
+                .max(self.wanted)
+                .clamp(MIN_FREE, READ_CHUNK);
+            self.buffer
+                .reserve(missing.max(self.wanted).clamp(MIN_FREE, ahead));
         }
+        let room = self.buffer.capacity() - self.buffer.len();
         loop {
             let deadline = match self.frame_started {
                 Some(started) => started + self.limits.frame_timeout,
@@ -152,7 +163,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             let read = tokio::time::timeout_at(deadline, self.io.read_buf(&mut self.buffer)).await;
             match read {
                 Ok(Ok(0)) => return Ok(false),
-                Ok(Ok(_)) => {
+                Ok(Ok(read)) => {
+                    self.wanted = if read >= room {
+                        read.saturating_mul(2)
+                    } else {
+                        0
+                    };
                     self.last_read = Instant::now();
                     self.frame_started.get_or_insert(self.last_read);
                     let unpaid = self.buffer.len().saturating_sub(self.charged);

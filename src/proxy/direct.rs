@@ -33,7 +33,7 @@ use crate::balance::{Outcome, Picked};
 use crate::names;
 use crate::remoting::frame::{self, FrameLimits};
 use crate::remoting::message::sys_flag;
-use crate::remoting::raw::{Outgoing, RawCommand};
+use crate::remoting::raw::{Outgoing, RawCommand, RawHead};
 use crate::remoting::{FLAG_ONEWAY, RequestCode, ResponseCode};
 
 /// A lane with this many sends written and unanswered holds new ones until an answer arrives
@@ -512,13 +512,14 @@ impl DirectSends {
                     return;
                 }
             };
-            let response = match RawCommand::scan(&bytes, &self.limits) {
-                Some(raw) if raw.is_response() => raw,
+            // Only an answer's top level is read: its ext fields pass through unread.
+            let response = match RawHead::scan(&bytes, &self.limits) {
+                Some(head) if head.is_response() => head,
                 scanned => {
-                    // A header the scanner declines is decoded in full; a response is then
-                    // re-encoded so the relay holds bytes it can vouch for.
+                    // A broker's request, or a header the scanner declines: decoded in full; a
+                    // response is then re-encoded so the relay holds bytes it can vouch for.
                     let decoded = match scanned {
-                        Some(raw) => raw.decode(),
+                        Some(head) => head.decode(),
                         None => frame::decode_frame(bytes, &self.limits),
                     };
                     match decoded {
@@ -527,7 +528,7 @@ impl DirectSends {
                             continue;
                         }
                         Ok(command) => match RawCommand::from_command(&command, &self.limits) {
-                            Some(raw) => raw,
+                            Some(raw) => RawHead::from(raw),
                             None => continue,
                         },
                         Err(error) => {
@@ -551,7 +552,7 @@ impl DirectSends {
     }
 
     /// A broker's answer to `pending`.
-    fn answered(&mut self, address: SocketAddr, pending: Pending, response: RawCommand) {
+    fn answered(&mut self, address: SocketAddr, pending: Pending, response: RawHead) {
         let elapsed = pending.started.elapsed();
         let code = response.code;
         let busy =

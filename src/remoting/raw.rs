@@ -77,19 +77,8 @@ impl RawCommand {
     /// Reads a frame (without its length prefix). `None` when the header is malformed or is
     /// anything the relay does not handle with certainty: decode it in full instead.
     pub fn scan(frame: &Bytes, limits: &FrameLimits) -> Option<Self> {
-        let word = frame.get(..HEADER_WORD)?;
-        let word = u32::from_be_bytes([word[0], word[1], word[2], word[3]]);
-        let header_len = (word & MAX_HEADER_FIELD as u32) as usize;
-        if header_len > limits.max_header {
-            return None;
-        }
-        let header_end = HEADER_WORD.checked_add(header_len)?;
-        if header_end > frame.len() {
-            return None;
-        }
-        let header = frame.slice(HEADER_WORD..header_end);
-        let body = frame.slice(header_end..);
-        match SerializeType::from_byte((word >> 24) as u8)? {
+        let (serialize_type, header, body) = split_header(frame, limits)?;
+        match serialize_type {
             SerializeType::Json => scan_json(header, body),
             SerializeType::Binary => scan_binary(header, body),
         }
@@ -120,7 +109,7 @@ impl RawCommand {
             .fields
             .iter()
             .rev()
-            .find(|field| self.header.get(field.key.clone()) == Some(key.as_bytes()))
+            .find(|field| is_key(&self.header, &field.key, key.as_bytes()))
         else {
             return Ok(None);
         };
@@ -213,34 +202,6 @@ impl RawCommand {
         write_frame(self.serialize_type, scratch, &self.body, limits, dst)
     }
 
-    /// This response's whole frame with `opaque` in place of its own, appended to `dst`: what
-    /// relaying an answer to its client needs, without building the changed command.
-    pub fn write_with_opaque(
-        &self,
-        opaque: i32,
-        limits: &FrameLimits,
-        dst: &mut BytesMut,
-    ) -> Result<(), CodecError> {
-        let mut text = itoa::Buffer::new();
-        let digits: &[u8] = match self.serialize_type {
-            SerializeType::Json => text.format(opaque).as_bytes(),
-            SerializeType::Binary => &opaque.to_be_bytes(),
-        };
-        let (Some(before), Some(after)) = (
-            self.header.get(..self.opaque_at.start),
-            self.header.get(self.opaque_at.end..),
-        ) else {
-            return write_frame(self.serialize_type, &self.header, &self.body, limits, dst);
-        };
-        write_frame_parts(
-            self.serialize_type,
-            [before, digits, after],
-            &self.body,
-            limits,
-            dst,
-        )
-    }
-
     /// Just the opaque changed: what relaying a response to its client needs. Positions after
     /// the opaque shift by the change in its length; nothing is scanned again.
     pub fn with_opaque(&self, opaque: i32) -> Self {
@@ -302,7 +263,7 @@ impl RawCommand {
         for (key, value) in changes {
             let mut found = false;
             for field in &self.fields {
-                if old.get(field.key.clone()) == Some(key.as_bytes()) {
+                if is_key(old, &field.key, key.as_bytes()) {
                     edits.push((field.value.clone(), JsonEdit::String(value)));
                     found = true;
                 }
@@ -417,6 +378,128 @@ impl RawCommand {
         command.body = self.body.clone();
         Ok(command)
     }
+}
+
+/// A frame of which only the header's top level is read: code, opaque, flag and where the opaque
+/// sits. What relaying a broker's answer needs; its ext fields pass through unread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawHead {
+    pub serialize_type: SerializeType,
+    pub code: i32,
+    pub opaque: i32,
+    pub flag: i32,
+    header: Bytes,
+    pub body: Bytes,
+    opaque_at: Range<usize>,
+}
+
+impl RawHead {
+    /// Reads a frame (without its length prefix). `None` when the header's top level is
+    /// malformed or anything the relay does not handle with certainty: decode it in full instead.
+    pub fn scan(frame: &Bytes, limits: &FrameLimits) -> Option<Self> {
+        let (serialize_type, header, body) = split_header(frame, limits)?;
+        match serialize_type {
+            SerializeType::Json => {
+                let top = scan_json_top(&header, None)?;
+                Some(Self {
+                    serialize_type,
+                    code: top.code,
+                    opaque: top.opaque,
+                    flag: top.flag,
+                    header,
+                    body,
+                    opaque_at: top.opaque_at,
+                })
+            }
+            // Binary headers are fully checked: cheap, and a wrong length must not pass.
+            SerializeType::Binary => scan_binary(header, body).map(Self::from),
+        }
+    }
+
+    pub fn is_response(&self) -> bool {
+        self.flag & FLAG_RESPONSE != 0
+    }
+
+    /// The decoded command, for code that needs every field.
+    pub fn decode(&self) -> Result<RemotingCommand, CodecError> {
+        let mut command = match self.serialize_type {
+            SerializeType::Json => header_json::decode(&self.header)?,
+            SerializeType::Binary => header_binary::decode(&self.header)?,
+        };
+        command.body = self.body.clone();
+        Ok(command)
+    }
+
+    /// The whole frame with `opaque` in place of its own, appended to `dst`: what relaying an
+    /// answer to its client needs, without building the changed command.
+    pub fn write_with_opaque(
+        &self,
+        opaque: i32,
+        limits: &FrameLimits,
+        dst: &mut BytesMut,
+    ) -> Result<(), CodecError> {
+        let mut text = itoa::Buffer::new();
+        let digits: &[u8] = match self.serialize_type {
+            SerializeType::Json => text.format(opaque).as_bytes(),
+            SerializeType::Binary => &opaque.to_be_bytes(),
+        };
+        let (Some(before), Some(after)) = (
+            self.header.get(..self.opaque_at.start),
+            self.header.get(self.opaque_at.end..),
+        ) else {
+            return write_frame(self.serialize_type, &self.header, &self.body, limits, dst);
+        };
+        write_frame_parts(
+            self.serialize_type,
+            [before, digits, after],
+            &self.body,
+            limits,
+            dst,
+        )
+    }
+}
+
+impl From<RawCommand> for RawHead {
+    fn from(raw: RawCommand) -> Self {
+        Self {
+            serialize_type: raw.serialize_type,
+            code: raw.code,
+            opaque: raw.opaque,
+            flag: raw.flag,
+            header: raw.header,
+            body: raw.body,
+            opaque_at: raw.opaque_at,
+        }
+    }
+}
+
+/// A frame's serialize type, header and body; `None` if its header length is out of bounds.
+fn split_header(frame: &Bytes, limits: &FrameLimits) -> Option<(SerializeType, Bytes, Bytes)> {
+    let word = frame.get(..HEADER_WORD)?;
+    let word = u32::from_be_bytes([word[0], word[1], word[2], word[3]]);
+    let header_len = (word & MAX_HEADER_FIELD as u32) as usize;
+    if header_len > limits.max_header {
+        return None;
+    }
+    let header_end = HEADER_WORD.checked_add(header_len)?;
+    if header_end > frame.len() {
+        return None;
+    }
+    let serialize_type = SerializeType::from_byte((word >> 24) as u8)?;
+    Some((
+        serialize_type,
+        frame.slice(HEADER_WORD..header_end),
+        frame.slice(header_end..),
+    ))
+}
+
+/// Whether `text[range]` is `key`. Keys are a few bytes: compared here, length first, rather than
+/// by a call out to memcmp for every candidate.
+fn is_key(text: &[u8], range: &Range<usize>, key: &[u8]) -> bool {
+    range.len() == key.len()
+        && text
+            .get(range.clone())
+            .is_some_and(|name| name.iter().zip(key).all(|(a, b)| a == b))
 }
 
 /// A piece of a rewritten JSON header.
@@ -534,16 +617,61 @@ fn scan_binary(header: Bytes, body: Bytes) -> Option<RawCommand> {
 fn scan_json(header: Bytes, body: Bytes) -> Option<RawCommand> {
     // JSON text is UTF-8: checked once here, so string slices need no check of their own.
     std::str::from_utf8(&header).ok()?;
+    // Room for a SEND_MESSAGE_V2's fields (a to n) in one allocation.
+    let mut fields = Vec::with_capacity(16);
+    let top = scan_json_top(&header, Some(&mut fields))?;
+    // Keys given twice inside extFields: same reason as for the top level.
+    let mut ext_keys = SeenKeys::default();
+    if !fields
+        .iter()
+        .all(|field| ext_keys.insert(&header, field.key.clone()))
+    {
+        return None;
+    }
+    let ext = match top.ext {
+        Some(ExtObject {
+            close,
+            members: true,
+        }) => ExtPlace::JsonMembers(close),
+        Some(ExtObject { close, .. }) => ExtPlace::JsonEmpty(close),
+        None => ExtPlace::JsonMissing(top.object_start),
+    };
+    Some(RawCommand {
+        serialize_type: SerializeType::Json,
+        code: top.code,
+        opaque: top.opaque,
+        flag: top.flag,
+        header,
+        body,
+        opaque_at: top.opaque_at,
+        fields,
+        ext,
+    })
+}
+
+/// The top level of a JSON header.
+struct JsonTop {
+    code: i32,
+    opaque: i32,
+    opaque_at: Range<usize>,
+    flag: i32,
+    /// Right after the opening brace.
+    object_start: usize,
+    /// Located only when its fields are indexed.
+    ext: Option<ExtObject>,
+}
+
+/// Reads a JSON header's top level strictly. With `fields`, the ext object's fields are indexed
+/// into it; without, the ext object is only checked to be well formed and skipped.
+fn scan_json_top(header: &[u8], mut fields: Option<&mut Vec<Field>>) -> Option<JsonTop> {
     let mut scanner = Json {
-        bytes: &header,
+        bytes: header,
         at: 0,
     };
     scanner.skip_space();
     scanner.expect(b'{')?;
     let object_start = scanner.at;
     let (mut code, mut opaque, mut flag) = (None, None, None);
-    // Room for a SEND_MESSAGE_V2's fields (a to n) in one allocation.
-    let mut fields = Vec::with_capacity(16);
     let mut ext = None;
     let mut seen = SeenKeys::default();
     scanner.skip_space();
@@ -553,19 +681,20 @@ fn scan_json(header: Bytes, body: Bytes) -> Option<RawCommand> {
     loop {
         scanner.skip_space();
         let key = scanner.plain_string()?;
-        let key_text = &header[key.clone()];
         // A key given twice decodes as its last value: not worth following here.
-        if !seen.insert(&header, key.clone()) {
+        if !seen.insert(header, key.clone()) {
             return None;
         }
         scanner.skip_space();
         scanner.expect(b':')?;
         scanner.skip_space();
-        match key_text {
+        match header.get(key)? {
             b"code" => code = Some(scanner.integer()?.1),
             b"opaque" => opaque = Some(scanner.integer()?),
             b"flag" => flag = Some(scanner.integer()?.1),
-            b"extFields" => ext = Some(scanner.ext_object(&mut fields)?),
+            b"extFields" if fields.is_some() => {
+                ext = Some(scanner.ext_object(fields.as_deref_mut()?)?)
+            }
             // A remark or language the relay never reads, but must be well formed to skip.
             _ => {
                 scanner.value()?;
@@ -583,32 +712,12 @@ fn scan_json(header: Bytes, body: Bytes) -> Option<RawCommand> {
         return None;
     }
     let (opaque_at, opaque) = opaque?;
-    let code = code?;
-    // Keys given twice inside extFields: same reason as above.
-    let mut ext_keys = SeenKeys::default();
-    if !fields
-        .iter()
-        .all(|field| ext_keys.insert(&header, field.key.clone()))
-    {
-        return None;
-    }
-    let ext = match ext {
-        Some(ExtObject {
-            close,
-            members: true,
-        }) => ExtPlace::JsonMembers(close),
-        Some(ExtObject { close, .. }) => ExtPlace::JsonEmpty(close),
-        None => ExtPlace::JsonMissing(object_start),
-    };
-    Some(RawCommand {
-        serialize_type: SerializeType::Json,
-        code,
+    Some(JsonTop {
+        code: code?,
         opaque,
-        flag: flag.unwrap_or(0),
-        header,
-        body,
         opaque_at,
-        fields,
+        flag: flag.unwrap_or(0),
+        object_start,
         ext,
     })
 }
@@ -650,7 +759,7 @@ impl SeenKeys {
         let seen = self.longer.get(..self.longer_count).unwrap_or_default();
         if seen
             .iter()
-            .any(|&(start, end)| text.get(start..end) == Some(name))
+            .any(|&(start, end)| is_key(text, &(start..end), name))
         {
             return false;
         }
@@ -676,12 +785,14 @@ fn plain_run(text: &[u8]) -> Option<usize> {
         let zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGHS;
         zero(quote) | zero(backslash) | (word.wrapping_sub(ONES * 0x20) & !word & HIGHS)
     };
-    let mut chunks = text.chunks_exact(8);
     let mut offset = 0;
-    for chunk in &mut chunks {
+    for chunk in text.chunks_exact(8) {
         let word = u64::from_le_bytes(chunk.try_into().ok()?);
-        if special(word) != 0 {
-            break;
+        let found = special(word);
+        if found != 0 {
+            // Read as little-endian, the lowest flagged byte is the first special one (the
+            // tricks' false positives only ever sit above a true one).
+            return Some(offset + (found.trailing_zeros() / 8) as usize);
         }
         offset += 8;
     }
@@ -890,7 +1001,7 @@ pub enum Outgoing {
     Raw(RawCommand),
     /// A broker's response relayed to its client: written with the client's opaque (the second
     /// field) in place of the upstream one.
-    Answer(RawCommand, i32),
+    Answer(RawHead, i32),
     /// A rewritten header and the original body: a relayed request on its way.
     Spliced {
         serialize_type: SerializeType,
@@ -905,7 +1016,8 @@ impl Outgoing {
     pub fn code(&self) -> i32 {
         match self {
             Outgoing::Command(command) => command.code,
-            Outgoing::Raw(raw) | Outgoing::Answer(raw, _) => raw.code,
+            Outgoing::Raw(raw) => raw.code,
+            Outgoing::Answer(head, _) => head.code,
             Outgoing::Spliced { code, .. } => *code,
         }
     }

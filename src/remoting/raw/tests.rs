@@ -210,12 +210,49 @@ proptest! {
         prop_assert_eq!(written(&raw.rewritten(command.opaque, &same)), input);
     }
 
+    /// An answer's head reads what the full scan reads, and relaying it with another opaque gives
+    /// the frame the full form gives: only the opaque differs from the input.
+    #[test]
+    fn heads_relay_answers_with_only_the_opaque_changed(command in command(), opaque in any::<i32>()) {
+        let input = frame_of(&command);
+        let head = RawHead::scan(&input, &limits()).expect("an encoded command's head scans");
+        prop_assert_eq!((head.code, head.opaque, head.flag), (command.code, command.opaque, command.flag));
+        let mut relayed = BytesMut::new();
+        head.write_with_opaque(opaque, &limits(), &mut relayed).expect("writes");
+        let raw = RawCommand::scan(&input, &limits()).expect("scans");
+        prop_assert_eq!(relayed.clone().freeze().slice(4..), written(&raw.with_opaque(opaque)));
+        let mut back = BytesMut::new();
+        head.write_with_opaque(command.opaque, &limits(), &mut back).expect("writes");
+        prop_assert_eq!(back.freeze().slice(4..), input);
+    }
+
+    /// A request written straight into a buffer is the same frame a rewrite gives.
+    #[test]
+    fn relays_written_in_place_match_rewrites(
+        command in command(),
+        opaque in any::<i32>(),
+        changes in proptest::collection::btree_map(prop_oneof!["[a-zA-Z]{1,8}", Just("queueId".to_owned())], "[a-zA-Z0-9-]{1,10}", 0..3),
+    ) {
+        let raw = RawCommand::scan(&frame_of(&command), &limits()).expect("scans");
+        let list: Vec<(&str, &str)> = changes.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let mut scratch = Vec::new();
+        let mut buffer = BytesMut::from(&b"kept"[..]);
+        raw.write_relayed(opaque, &list, &limits(), &mut scratch, &mut buffer).expect("writes");
+        prop_assert_eq!(&buffer[..4], b"kept");
+        prop_assert_eq!(buffer.freeze().slice(8..), written(&raw.rewritten(opaque, &list)));
+    }
+
     /// Arbitrary bytes never panic the scanner; what it accepts agrees with the full decoder.
     #[test]
     fn arbitrary_headers_scan_safely(bytes in proptest::collection::vec(any::<u8>(), 0..96), json in any::<bool>()) {
         let mut frame = vec![u8::from(!json), 0, 0, bytes.len() as u8];
         frame.extend_from_slice(&bytes);
         let frame = Bytes::from(frame);
+        if let Some(head) = RawHead::scan(&frame, &limits())
+            && let Ok(decoded) = frame::decode_frame(frame.clone(), &limits())
+        {
+            prop_assert_eq!((head.code, head.opaque, head.flag), (decoded.code, decoded.opaque, decoded.flag));
+        }
         if let Some(raw) = RawCommand::scan(&frame, &limits()) {
             let _ = raw.ext("topic");
             let _ = raw.rewritten(1, &[("topic", "t")]);
