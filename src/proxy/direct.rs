@@ -276,11 +276,19 @@ impl DirectSends {
             |address| self.proxy.upstreams.connectable(address),
             &[],
         )?;
-        let pool = self.proxy.pool(&endpoint);
-        let Some(endpoint_slot) = pool
-            .try_ordinary_slot()
-            .filter(|_| !pool.is_retired() && pool.backoff_error().is_none())
-        else {
+        // An open lane knows its pool (no lookup) and proves the endpoint reachable (no backoff
+        // to check).
+        let open_lane = self.lanes.iter().find(|lane| {
+            lane.address == endpoint.address
+                && matches!(lane.state, LaneState::Open(_))
+                && !lane.pool.is_retired()
+        });
+        let pool = match open_lane {
+            Some(lane) => lane.pool.clone(),
+            None => self.proxy.pool(&endpoint),
+        };
+        let usable = open_lane.is_some() || (!pool.is_retired() && pool.backoff_error().is_none());
+        let Some(endpoint_slot) = pool.try_ordinary_slot().filter(|_| usable) else {
             cluster.balancer.release(picked);
             return None;
         };

@@ -615,8 +615,8 @@ fn scan_binary(header: Bytes, body: Bytes) -> Option<RawCommand> {
 }
 
 fn scan_json(header: Bytes, body: Bytes) -> Option<RawCommand> {
-    // JSON text is UTF-8: checked once here, so string slices need no check of their own.
-    std::str::from_utf8(&header).ok()?;
+    // Not checked to be UTF-8 as a whole: bytes pass through as they came, and a value read as
+    // text is checked on its own (see `RawCommand::ext`).
     // Room for a SEND_MESSAGE_V2's fields (a to n) in one allocation.
     let mut fields = Vec::with_capacity(16);
     let top = scan_json_top(&header, Some(&mut fields))?;
@@ -828,8 +828,7 @@ impl Json<'_> {
         }
     }
 
-    /// A string token; the range covers the quotes; `true` when it holds escapes. The header was
-    /// checked to be UTF-8 as a whole.
+    /// A string token; the range covers the quotes; `true` when it holds escapes.
     fn string(&mut self) -> Option<(Range<usize>, bool)> {
         let start = self.at;
         self.expect(b'"')?;
