@@ -873,15 +873,31 @@ impl Json<'_> {
         while self.peek().is_some_and(|byte| byte.is_ascii_digit()) {
             self.at += 1;
         }
-        let text = std::str::from_utf8(self.bytes.get(start..self.at)?).ok()?;
-        let digits = text.strip_prefix('-').unwrap_or(text);
+        let text = self.bytes.get(start..self.at)?;
+        let (negative, digits) = match text.split_first() {
+            Some((b'-', digits)) => (true, digits),
+            _ => (false, text),
+        };
         // JSON allows neither a fraction here (an i32 field) nor leading zeros.
-        if matches!(self.peek(), Some(b'.' | b'e' | b'E'))
-            || (digits.len() > 1 && digits.starts_with('0'))
+        if digits.is_empty()
+            || matches!(self.peek(), Some(b'.' | b'e' | b'E'))
+            || (digits.len() > 1 && digits.first() == Some(&b'0'))
         {
             return None;
         }
-        Some((start..self.at, text.parse().ok()?))
+        // Accumulated negative, so that i32::MIN fits.
+        let mut value: i32 = 0;
+        for digit in digits {
+            value = value
+                .checked_mul(10)?
+                .checked_sub(i32::from(digit - b'0'))?;
+        }
+        let value = if negative {
+            value
+        } else {
+            value.checked_neg()?
+        };
+        Some((start..self.at, value))
     }
 
     /// Any value, skipped; returns its kind as an ext value.

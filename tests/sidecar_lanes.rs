@@ -1,0 +1,139 @@
+//! Sends on a client connection's own upstream connections ("lanes"): what a client hears when the
+//! broker stays silent or answers busy. The brokers are stand-ins on loopback that answer every
+//! request with one fixed code (or never), so each failure happens on every attempt.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use rocketmesh::proxy::{self, SidecarConfig};
+use rocketmesh::remoting::header::SendMessageRequestHeaderV2;
+use rocketmesh::remoting::{RemotingCodec, RemotingCommand, RequestCode, ResponseCode};
+use tokio::net::TcpListener;
+use tokio_util::codec::Framed;
+
+mod common;
+use common::raw::RawClient;
+
+/// A broker stand-in: answers each request with `code` (never, for `None`); counts the sends.
+async fn stand_in(code: Option<ResponseCode>) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let sends = Arc::new(AtomicUsize::new(0));
+    let counted = sends.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut framed = Framed::new(socket, RemotingCodec::default());
+                while let Some(Ok(request)) = framed.next().await {
+                    if request.code == RequestCode::SEND_MESSAGE_V2.0 {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                    }
+                    let answer = code.map(|code| RemotingCommand::response_to(&request, code));
+                    if let Some(answer) = answer
+                        && framed.send(answer).await.is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (address, sends)
+}
+
+async fn sidecar(brokers: &[(&str, SocketAddr)], request_timeout_ms: u64) -> proxy::RunningSidecar {
+    let endpoints: String = brokers
+        .iter()
+        .map(|(name, address)| {
+            format!(
+                "      - {{ address: \"{address}\", metadata: {{ broker_name: {name}, cluster_name: DefaultCluster }} }}\n"
+            )
+        })
+        .collect();
+    let yaml = format!(
+        "listeners: [{{ address: \"127.0.0.1:0\" }}]\nadmin: {{ address: null }}\nroutes:\n  - {{ match: {{ topic: {{ prefix: \"\" }} }}, route: {{ cluster: local }} }}\nclusters:\n  - name: local\n    request_timeout_ms: {request_timeout_ms}\n    endpoints:\n{endpoints}"
+    );
+    proxy::start(SidecarConfig::parse(&yaml).expect("config"))
+        .await
+        .expect("sidecar starts")
+}
+
+fn send(queue_id: i32) -> RemotingCommand {
+    let header = SendMessageRequestHeaderV2 {
+        producer_group: "LaneProducer".into(),
+        topic: "LaneTopic".into(),
+        default_topic: "TBW102".into(),
+        default_topic_queue_nums: 4,
+        queue_id,
+        born_timestamp: 1_733_462_400_000,
+        ..Default::default()
+    };
+    RemotingCommand::request(RequestCode::SEND_MESSAGE_V2, 0)
+        .with_header(&header)
+        .with_body(&b"lane"[..])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_to_a_silent_broker_times_out_naming_the_broker() {
+    let (silent, sends) = stand_in(None).await;
+    let sidecar = sidecar(&[("broker-silent", silent)], 300).await;
+    let mut client = RawClient::connect(sidecar.listeners[0]).await;
+    let started = Instant::now();
+    let answer = client.call(send(0)).await;
+    let waited = started.elapsed();
+    assert_eq!(answer.code, ResponseCode::SYSTEM_ERROR.0, "{answer:?}");
+    let remark = answer.remark.clone().unwrap_or_default();
+    assert!(
+        remark.contains("broker-silent") && remark.contains("no response"),
+        "{remark}"
+    );
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(3),
+        "answered after {waited:?}"
+    );
+    assert_eq!(
+        sends.load(Ordering::SeqCst),
+        1,
+        "one attempt reached the broker"
+    );
+    // The connection still serves: a second send times out the same way.
+    let again = client.call(send(1)).await;
+    assert_eq!(again.code, ResponseCode::SYSTEM_ERROR.0, "{again:?}");
+    println!("silent broker: SYSTEM_ERROR after {waited:?}: {remark}");
+    sidecar.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_answers_are_retried_on_another_broker() {
+    let (busy, busy_sends) = stand_in(Some(ResponseCode::SYSTEM_BUSY)).await;
+    let (good, good_sends) = stand_in(Some(ResponseCode::SUCCESS)).await;
+    let sidecar = sidecar(&[("broker-busy", busy), ("broker-good", good)], 3000).await;
+    let mut client = RawClient::connect(sidecar.listeners[0]).await;
+    const SENDS: usize = 40;
+    for queue in 0..SENDS {
+        let answer = client.call(send(queue as i32 % 4)).await;
+        assert_eq!(
+            answer.code,
+            ResponseCode::SUCCESS.0,
+            "send {queue}: {answer:?}"
+        );
+    }
+    let (busy_seen, good_seen) = (
+        busy_sends.load(Ordering::SeqCst),
+        good_sends.load(Ordering::SeqCst),
+    );
+    println!("{SENDS} sends: {busy_seen} reached the busy broker, {good_seen} the good one");
+    assert_eq!(
+        good_seen, SENDS,
+        "every send was stored once, on the good broker"
+    );
+    assert!(
+        busy_seen >= 1,
+        "the busy broker was tried (and its answer retried)"
+    );
+    sidecar.shutdown().await;
+}
