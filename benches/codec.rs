@@ -6,7 +6,7 @@ use bytes::{Bytes, BytesMut};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use rocketmesh::remoting::frame::{FrameLimits, decode_frame, encode_frame};
 use rocketmesh::remoting::header::SendMessageRequestHeaderV2;
-use rocketmesh::remoting::raw::RawCommand;
+use rocketmesh::remoting::raw::{RawCommand, RawHead};
 use rocketmesh::remoting::{RemotingCodec, RemotingCommand, RequestCode, SerializeType};
 use std::hint::black_box;
 use tokio_util::codec::{Decoder, Encoder};
@@ -116,6 +116,30 @@ fn codec(c: &mut Criterion) {
                 })
             },
         );
+        // What a client lane does: scan, then write the routed copy straight into its buffer.
+        group.bench_with_input(
+            BenchmarkId::new("relay_scan_write_in_place", name),
+            &frame,
+            |b, frame| {
+                let mut out = BytesMut::with_capacity(4096);
+                let mut scratch = Vec::new();
+                b.iter(|| {
+                    out.clear();
+                    let raw = RawCommand::scan(black_box(frame), &limits).expect("scan");
+                    let topic = raw.ext("b").expect("plain").expect("topic");
+                    black_box(topic);
+                    raw.write_relayed(
+                        77,
+                        &[("e", "1"), ("n", "broker-b")],
+                        &limits,
+                        &mut scratch,
+                        &mut out,
+                    )
+                    .expect("write");
+                    black_box(out.len())
+                })
+            },
+        );
         // And its response: restore the client's opaque.
         group.bench_with_input(
             BenchmarkId::new("response_opaque_decode_encode", name),
@@ -143,6 +167,21 @@ fn codec(c: &mut Criterion) {
                     raw.with_opaque(77)
                         .encode(&limits, &mut out)
                         .expect("encode");
+                    black_box(out.len())
+                })
+            },
+        );
+        // A client lane reads only the answer's top level and splices the opaque as it writes.
+        group.bench_with_input(
+            BenchmarkId::new("response_opaque_head_write", name),
+            &frame,
+            |b, frame| {
+                let mut out = BytesMut::with_capacity(4096);
+                b.iter(|| {
+                    out.clear();
+                    let head = RawHead::scan(black_box(frame), &limits).expect("scan");
+                    head.write_with_opaque(77, &limits, &mut out)
+                        .expect("write");
                     black_box(out.len())
                 })
             },
