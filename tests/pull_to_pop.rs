@@ -64,7 +64,14 @@ fn consumer_process() {
 fn print_delivery(message: &MessageExt) {
     let body = String::from_utf8_lossy(message.body().as_deref().unwrap_or_default()).into_owned();
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "got {body} {}", message.reconsume_times());
+    // The stored position tells a redelivery (same position) from a message stored twice.
+    let _ = writeln!(
+        out,
+        "got {body} {} {}:{}",
+        message.reconsume_times(),
+        message.queue_id(),
+        message.queue_offset()
+    );
     let _ = out.flush();
 }
 
@@ -208,6 +215,8 @@ enum Kind {
 struct Delivery {
     consumer: String,
     reconsume_times: i32,
+    /// `queue:offset` as the client saw it.
+    stored_at: String,
     at: Instant,
 }
 
@@ -219,7 +228,7 @@ struct Deliveries {
 }
 
 impl Deliveries {
-    fn record(&self, consumer: &str, body: &str, reconsume_times: i32) {
+    fn record(&self, consumer: &str, body: &str, reconsume_times: i32, stored_at: &str) {
         self.by_body
             .lock()
             .expect("deliveries")
@@ -228,6 +237,7 @@ impl Deliveries {
             .push(Delivery {
                 consumer: consumer.to_owned(),
                 reconsume_times,
+                stored_at: stored_at.to_owned(),
                 at: Instant::now(),
             });
         self.arrived.notify_one();
@@ -247,6 +257,28 @@ impl Deliveries {
             .collect();
         let duplicates = seen.values().map(|list| list.len().saturating_sub(1)).sum();
         (missing, duplicates)
+    }
+
+    /// Prints every delivery of each body delivered more than once.
+    fn print_duplicates(&self, since: Instant) {
+        for (body, list) in self.by_body.lock().expect("deliveries").iter() {
+            if list.len() < 2 {
+                continue;
+            }
+            let seen: Vec<String> = list
+                .iter()
+                .map(|delivery| {
+                    format!(
+                        "{} at {:.1?} (reconsume {}, stored at {})",
+                        delivery.consumer,
+                        delivery.at.saturating_duration_since(since),
+                        delivery.reconsume_times,
+                        delivery.stored_at
+                    )
+                })
+                .collect();
+            println!("duplicate {body}: {}", seen.join("; "));
+        }
     }
 
     fn count_by(&self, consumer: &str) -> usize {
@@ -398,8 +430,11 @@ impl Consumer {
                 if line == "started" {
                     let _ = started.send(());
                 } else if let Some(rest) = line.strip_prefix("got ") {
-                    let (body, times) = rest.rsplit_once(' ').unwrap_or((rest, "0"));
-                    deliveries.record(&consumer, body, times.parse().unwrap_or(-1));
+                    let mut fields = rest.split(' ');
+                    let body = fields.next().unwrap_or_default();
+                    let times = fields.next().and_then(|times| times.parse().ok());
+                    let stored_at = fields.next().unwrap_or("?");
+                    deliveries.record(&consumer, body, times.unwrap_or(-1), stored_at);
                 }
             }
         });
@@ -733,6 +768,10 @@ async fn three_real_consumers_share_a_converted_group_exactly_once() {
     assert_eq!(mesh.mode_of(GROUP).await, "pop");
     let acked = mesh.group_total(GROUP, "acked").await;
     println!("sidecar: {acked} acked for {GROUP}");
+    if duplicates > 0 {
+        deliveries.print_duplicates(started);
+        println!("consumers: {}", mesh.admin_json("/consumers").await);
+    }
     assert!(missing.is_empty(), "missing: {missing:?}");
     assert_eq!(duplicates, 0, "each message delivered once");
     for consumer in consumers {

@@ -6,7 +6,7 @@
     client.py stream  --namesrv ADDR --topic T --group G [--fail-prefix P] [--broadcasting]
 
 `stream` runs a push consumer until its standard input closes, printing "got <body> <reconsume
-times>" for each delivery as it happens and answering "reconsume later" for bodies that start with
+times> <queue id>:<queue offset>" for each delivery as it happens and answering "reconsume later" for bodies that start with
 --fail-prefix; the other commands print one JSON object on its last line of standard output and exits 0 when it did
 what it was asked. Every wait is bounded by --timeout-secs. Message bodies are "<prefix>-<i>";
 orderly sends use key i % K and the body "<prefix>-<key>-<seq>".
@@ -199,7 +199,9 @@ def stream(args):
         msg = RecvMessage(handle)
         body = msg.body.decode("utf-8")
         with lock:
-            sys.stdout.write("got %s %d\n" % (body, msg.reconsume_times))
+            sys.stdout.write(
+                "got %s %d %d:%d\n" % (body, msg.reconsume_times, msg.queue_id, msg.queue_offset)
+            )
             sys.stdout.flush()
         if args.fail_prefix and body.startswith(args.fail_prefix):
             return _CConsumeStatus.RECONSUME_LATER.value
