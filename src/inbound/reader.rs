@@ -86,6 +86,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// When the last bytes arrived: the arrival time of every frame they completed.
+    pub fn last_read(&self) -> Instant {
+        self.last_read
+    }
+
     /// The next command, `None` at a clean end of stream. `busy` tells whether the connection has
     /// requests in flight (a parked long poll keeps a quiet connection open).
     pub async fn next(
@@ -110,7 +115,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             match frame::split_frame(&mut self.buffer, &self.limits.frame) {
                 Ok(Some(bytes)) => {
                     self.settle_charge();
-                    self.frame_started = (!self.buffer.is_empty()).then(Instant::now);
+                    // What is left arrived with the last read: no clock read per frame.
+                    self.frame_started = (!self.buffer.is_empty()).then_some(self.last_read);
                     return Some(Ok(bytes));
                 }
                 Ok(None) => {}

@@ -140,7 +140,13 @@ impl DirectSends {
 
     /// Takes `request` when it can travel on a lane; otherwise hands it back for the general path.
     #[must_use]
-    pub fn take(&mut self, request: RawCommand, permit: OwnedSemaphorePermit) -> Option<Handover> {
+    /// `arrived` is when the client's bytes came: the send's latency and deadline count from it.
+    pub fn take(
+        &mut self,
+        request: RawCommand,
+        permit: OwnedSemaphorePermit,
+        arrived: Instant,
+    ) -> Option<Handover> {
         let Some(plan) = self.plan(&request) else {
             return Some(Handover {
                 request,
@@ -207,7 +213,7 @@ impl DirectSends {
         } else {
             1
         };
-        let started = Instant::now();
+        let started = arrived;
         let deadline = started + endpoint.request_timeout;
         lane.waiting.push_back(Some(Pending {
             request,
@@ -241,7 +247,7 @@ impl DirectSends {
         if request.flag & FLAG_ONEWAY != 0 {
             return None;
         }
-        let keys = SendKeys::choose(matches!(request.ext("b"), Ok(Some(_))));
+        let keys = SendKeys::choose(request.has_plain_ext("b"));
         let topic = request.ext(keys.topic).ok()??;
         names::validate_client_topic(topic).ok()?;
         let max_message_size = self.proxy.config.limits.max_message_size;
@@ -506,6 +512,7 @@ impl DirectSends {
 
     /// Handles every whole frame a lane read.
     fn settle_frames(&mut self, index: usize) {
+        let mut answered_at = None;
         loop {
             let Some(lane) = self.lanes.get_mut(index) else {
                 return;
@@ -554,14 +561,16 @@ impl DirectSends {
             };
             lane.live -= 1;
             lane.forget_answered();
-            lane.pool.stats.record(pending.started.elapsed(), true);
-            self.answered(address, pending, response);
+            // One clock read serves every answer of this read.
+            let now = *answered_at.get_or_insert_with(Instant::now);
+            lane.pool.stats.record(now - pending.started, true);
+            self.answered(address, pending, response, now);
         }
     }
 
     /// A broker's answer to `pending`.
-    fn answered(&mut self, address: SocketAddr, pending: Pending, response: RawHead) {
-        let elapsed = pending.started.elapsed();
+    fn answered(&mut self, address: SocketAddr, pending: Pending, response: RawHead, now: Instant) {
+        let elapsed = now - pending.started;
         let code = response.code;
         let busy =
             code == ResponseCode::SYSTEM_BUSY.0 || code == ResponseCode::SERVICE_NOT_AVAILABLE.0;
@@ -571,7 +580,7 @@ impl DirectSends {
             Outcome::Success
         };
         pending.cluster.balancer.report(pending.picked, outcome);
-        if busy && Instant::now() < pending.deadline && pending.cluster.may_retry(1) {
+        if busy && now < pending.deadline && pending.cluster.may_retry(1) {
             debug!(%address, "send failed, retrying on another broker");
             self.hand_over(pending.request, pending.permit, address);
             return;

@@ -134,7 +134,7 @@ pub fn relayable(raw: &RawCommand) -> bool {
     if !is_send(RequestCode(raw.code)) || raw.is_response() {
         return false;
     }
-    let keys = SendKeys::choose(matches!(raw.ext("b"), Ok(Some(_))));
+    let keys = SendKeys::choose(raw.has_plain_ext("b"));
     [keys.topic, keys.queue, keys.sys_flag, keys.bname]
         .into_iter()
         .all(|key| raw.ext(key).is_ok())

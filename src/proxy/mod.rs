@@ -57,7 +57,8 @@ pub struct Proxy {
     pub clients: ClientRegistry,
     pub stats: ProxyStats,
     /// Balancing state per cluster, kept across route-table swaps.
-    pub clusters: dashmap::DashMap<String, Arc<failover::ClusterRuntime>>,
+    pub clusters:
+        dashmap::DashMap<String, Arc<failover::ClusterRuntime>, foldhash::fast::RandomState>,
     /// Transaction checks relayed to producers, so their answers find the asking broker.
     pub checks: relay::PendingChecks,
     /// Round-robin cursor for the queue a routed send goes to.

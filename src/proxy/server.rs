@@ -409,7 +409,7 @@ async fn serve_connection(
         if let Some(raw) = RawCommand::scan(&frame, &read_limits.frame).filter(dispatch::relayable)
         {
             let handover = match &mut direct {
-                Some(direct) => direct.take(raw, permit),
+                Some(direct) => direct.take(raw, permit, stream.last_read()),
                 None => Some(Handover {
                     request: raw,
                     permit,

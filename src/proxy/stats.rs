@@ -178,14 +178,14 @@ pub(crate) fn is_sparse(len: usize, capacity: usize) -> bool {
 /// Values by topic with a capped number of topics. Lookups of known topics borrow the name;
 /// only a new topic allocates.
 struct ByTopic<V> {
-    map: DashMap<String, V>,
+    map: DashMap<String, V, foldhash::fast::RandomState>,
     limit: SeriesLimit,
 }
 
 impl<V: Default> ByTopic<V> {
     fn new(family: &'static str, max: usize) -> Self {
         Self {
-            map: DashMap::new(),
+            map: DashMap::default(),
             limit: SeriesLimit::new(family, max),
         }
     }
@@ -314,7 +314,7 @@ pub struct ProxyStats {
     messages_in: ByTopic<AtomicU64>,
     messages_out: ByTopicAndGroup,
     send_cost: ByTopic<Histogram>,
-    hosts: DashMap<SocketAddr, Arc<HostStats>>,
+    hosts: DashMap<SocketAddr, Arc<HostStats>, foldhash::fast::RandomState>,
 }
 
 impl Default for ProxyStats {
@@ -416,7 +416,7 @@ impl ProxyStats {
             messages_in: ByTopic::new("rocketmq_messages_in_total", max_topic_series),
             messages_out: ByTopicAndGroup::new("rocketmq_messages_out_total", max_topic_series),
             send_cost: ByTopic::new("rocketmq_send_cost_time", max_topic_series),
-            hosts: DashMap::new(),
+            hosts: DashMap::default(),
         }
     }
 

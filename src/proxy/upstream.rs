@@ -763,7 +763,7 @@ impl Drop for WaiterGuard<'_> {
 
 /// Every pool, by endpoint address, created on first use.
 pub struct Upstreams {
-    pools: DashMap<SocketAddr, Arc<Pool>>,
+    pools: DashMap<SocketAddr, Arc<Pool>, foldhash::fast::RandomState>,
     inbound: mpsc::Sender<Inbound>,
     max_frame: usize,
     runtimes: Arc<[Handle]>,
@@ -773,7 +773,7 @@ impl Upstreams {
     /// `runtimes`: the serving threads' runtimes, which pool slots' connections run on.
     pub fn new(inbound: mpsc::Sender<Inbound>, max_frame: usize, runtimes: Vec<Handle>) -> Self {
         Self {
-            pools: DashMap::new(),
+            pools: DashMap::default(),
             inbound,
             max_frame,
             runtimes: runtimes.into(),

@@ -56,8 +56,27 @@ pub struct RawCommand {
     /// JSON: the opaque's number token.
     opaque_at: Range<usize>,
     fields: Vec<Field>,
+    /// For each one-letter key `a` to `p` (Java's compact send fields), its field's index + 1 in
+    /// `fields` (0: absent): the reads a relay makes of every send cost no search.
+    letters: [u16; LETTERS],
     /// Where new ext fields go.
     ext: ExtPlace,
+}
+
+const LETTERS: usize = 16;
+
+/// The `letters` index of `fields` (keys are unique: the scanners refuse one given twice).
+/// `None` when there are too many fields to index.
+fn index_letters(header: &[u8], fields: &[Field]) -> Option<[u16; LETTERS]> {
+    let mut letters = [0u16; LETTERS];
+    for (index, field) in fields.iter().enumerate() {
+        if let Some(&[letter]) = header.get(field.key.clone())
+            && let Some(slot) = letters.get_mut(usize::from(letter.wrapping_sub(b'a')))
+        {
+            *slot = u16::try_from(index + 1).ok()?;
+        }
+    }
+    Some(letters)
 }
 
 /// Where a new ext field is written.
@@ -105,12 +124,7 @@ impl RawCommand {
     /// (escaped, or not a string): such a field must be read from a full decode.
     #[allow(clippy::result_unit_err)]
     pub fn ext(&self, key: &str) -> Result<Option<&str>, ()> {
-        let Some(field) = self
-            .fields
-            .iter()
-            .rev()
-            .find(|field| is_key(&self.header, &field.key, key.as_bytes()))
-        else {
+        let Some(field) = self.field(key) else {
             return Ok(None);
         };
         match field.kind {
@@ -128,6 +142,26 @@ impl RawCommand {
                     .map(Some)
                     .ok_or(())
             }
+        }
+    }
+
+    /// Whether an ext field is present as a plain string (its text not read).
+    pub fn has_plain_ext(&self, key: &str) -> bool {
+        self.field(key)
+            .is_some_and(|field| field.kind == ValueKind::Plain)
+    }
+
+    fn field(&self, key: &str) -> Option<&Field> {
+        match key.as_bytes() {
+            [letter] if usize::from(letter.wrapping_sub(b'a')) < LETTERS => self
+                .letters
+                .get(usize::from(letter.wrapping_sub(b'a')))
+                .and_then(|&slot| self.fields.get(usize::from(slot).checked_sub(1)?)),
+            name => self
+                .fields
+                .iter()
+                .rev()
+                .find(|field| is_key(&self.header, &field.key, name)),
         }
     }
 
@@ -231,6 +265,7 @@ impl RawCommand {
             header: Bytes::from(header),
             body: self.body.clone(),
             opaque_at: old.start..old.start + digits.len(),
+            letters: self.letters,
             fields: self
                 .fields
                 .iter()
@@ -253,43 +288,57 @@ impl RawCommand {
     fn rewrite_json(&self, opaque: i32, changes: &[(&str, &str)], out: &mut Vec<u8>) {
         let old = &self.header[..];
         let mut digits = itoa::Buffer::new();
-        // (span of the old header to drop, what to put there)
-        let mut edits: Vec<(Range<usize>, JsonEdit)> = Vec::with_capacity(changes.len() + 2);
-        edits.push((
+        // (span of the old header to drop, what to put there): the opaque, one per change (keys
+        // are unique in a scanned header) and the added members. A relay's few fit on the stack.
+        let mut inline: [(Range<usize>, JsonEdit); INLINE_EDITS] =
+            std::array::from_fn(|_| (0..0, JsonEdit::Bytes(&[])));
+        let mut spilled: Vec<(Range<usize>, JsonEdit)> = Vec::new();
+        let fits = changes.len() + 2 <= INLINE_EDITS;
+        let mut count = 0;
+        let mut push = |edit| {
+            if let Some(slot) = inline.get_mut(count).filter(|_| fits) {
+                *slot = edit;
+            } else {
+                spilled.push(edit);
+            }
+            count += 1;
+        };
+        push((
             self.opaque_at.clone(),
             JsonEdit::Bytes(digits.format(opaque).as_bytes()),
         ));
         let mut added = Vec::new();
         for (key, value) in changes {
-            let mut found = false;
-            for field in &self.fields {
-                if is_key(old, &field.key, key.as_bytes()) {
-                    edits.push((field.value.clone(), JsonEdit::String(value)));
-                    found = true;
+            match self.field(key) {
+                Some(field) => push((field.value.clone(), JsonEdit::String(value))),
+                None => {
+                    if matches!(self.ext, ExtPlace::JsonMembers(_)) || !added.is_empty() {
+                        added.push(b',');
+                    }
+                    push_json_string(&mut added, key);
+                    added.push(b':');
+                    push_json_string(&mut added, value);
                 }
-            }
-            if !found {
-                if matches!(self.ext, ExtPlace::JsonMembers(_)) || !added.is_empty() {
-                    added.push(b',');
-                }
-                push_json_string(&mut added, key);
-                added.push(b':');
-                push_json_string(&mut added, value);
             }
         }
         if !added.is_empty() {
             match self.ext {
                 ExtPlace::JsonMembers(at) | ExtPlace::JsonEmpty(at) => {
-                    edits.push((at..at, JsonEdit::Bytes(&added)))
+                    push((at..at, JsonEdit::Bytes(&added)))
                 }
-                ExtPlace::JsonMissing(at) => edits.push((at..at, JsonEdit::ExtObject(&added))),
+                ExtPlace::JsonMissing(at) => push((at..at, JsonEdit::ExtObject(&added))),
                 ExtPlace::Binary(_) => {}
             }
         }
-        edits.sort_by_key(|(range, _)| (range.start, range.end));
+        let edits = if fits {
+            inline.get_mut(..count).unwrap_or_default()
+        } else {
+            &mut spilled[..]
+        };
+        edits.sort_unstable_by_key(|(range, _)| (range.start, range.end));
         out.reserve(old.len() + 64);
         let mut at = 0;
-        for (range, edit) in edits {
+        for (range, edit) in edits.iter() {
             // A key named twice in `changes` edits the same span twice: the first one stands.
             let Some(kept) = old.get(at..range.start) else {
                 continue;
@@ -502,6 +551,9 @@ fn is_key(text: &[u8], range: &Range<usize>, key: &[u8]) -> bool {
             .is_some_and(|name| name.iter().zip(key).all(|(a, b)| a == b))
 }
 
+/// Edits of a JSON header rewrite kept on the stack (more spill to the heap).
+const INLINE_EDITS: usize = 8;
+
 /// A piece of a rewritten JSON header.
 enum JsonEdit<'a> {
     Bytes(&'a [u8]),
@@ -601,6 +653,7 @@ fn scan_binary(header: Bytes, body: Bytes) -> Option<RawCommand> {
             });
         }
     }
+    let letters = index_letters(bytes, &fields)?;
     Some(RawCommand {
         serialize_type: SerializeType::Binary,
         code,
@@ -609,6 +662,7 @@ fn scan_binary(header: Bytes, body: Bytes) -> Option<RawCommand> {
         header,
         body,
         opaque_at: BINARY_OPAQUE,
+        letters,
         fields,
         ext: ExtPlace::Binary(ext_len_at),
     })
@@ -619,15 +673,8 @@ fn scan_json(header: Bytes, body: Bytes) -> Option<RawCommand> {
     // text is checked on its own (see `RawCommand::ext`).
     // Room for a SEND_MESSAGE_V2's fields (a to n) in one allocation.
     let mut fields = Vec::with_capacity(16);
+    // Keys given twice inside extFields are refused as they are read (see `Json::ext_object`).
     let top = scan_json_top(&header, Some(&mut fields))?;
-    // Keys given twice inside extFields: same reason as for the top level.
-    let mut ext_keys = SeenKeys::default();
-    if !fields
-        .iter()
-        .all(|field| ext_keys.insert(&header, field.key.clone()))
-    {
-        return None;
-    }
     let ext = match top.ext {
         Some(ExtObject {
             close,
@@ -636,6 +683,7 @@ fn scan_json(header: Bytes, body: Bytes) -> Option<RawCommand> {
         Some(ExtObject { close, .. }) => ExtPlace::JsonEmpty(close),
         None => ExtPlace::JsonMissing(top.object_start),
     };
+    let letters = index_letters(&header, &fields)?;
     Some(RawCommand {
         serialize_type: SerializeType::Json,
         code: top.code,
@@ -644,6 +692,7 @@ fn scan_json(header: Bytes, body: Bytes) -> Option<RawCommand> {
         header,
         body,
         opaque_at: top.opaque_at,
+        letters,
         fields,
         ext,
     })
@@ -772,34 +821,76 @@ impl SeenKeys {
     }
 }
 
-/// How many bytes of `text` precede the first quote, backslash or control byte (`None`: none
-/// does). Eight bytes at a time: string values (properties above all) are most of a header.
-fn plain_run(text: &[u8]) -> Option<usize> {
+/// A word with the high bit set in each byte that is a quote, a backslash or below 0x20 (the
+/// classic has-zero-byte and has-byte-less-than tricks). A byte above a flagged one may be
+/// flagged falsely; the lowest flag is always true.
+fn special_bytes(word: u64) -> u64 {
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
     const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
-    // Non-zero exactly when some byte of `word` is a quote, a backslash or below 0x20 (the
-    // classic has-zero-byte and has-byte-less-than tricks); the byte loop then finds which.
-    let special = |word: u64| {
-        let quote = word ^ (ONES * u64::from(b'"'));
-        let backslash = word ^ (ONES * u64::from(b'\\'));
-        let zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGHS;
-        zero(quote) | zero(backslash) | (word.wrapping_sub(ONES * 0x20) & !word & HIGHS)
-    };
-    let mut offset = 0;
-    for chunk in text.chunks_exact(8) {
-        let word = u64::from_le_bytes(chunk.try_into().ok()?);
-        let found = special(word);
+    let zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGHS;
+    let quote = word ^ (ONES * u64::from(b'"'));
+    let backslash = word ^ (ONES * u64::from(b'\\'));
+    zero(quote) | zero(backslash) | (word.wrapping_sub(ONES * 0x20) & !word & HIGHS)
+}
+
+/// Where the first quote, backslash or control byte at or after `at` sits (`None`: nowhere).
+/// Eight bytes at a time while eight are left, so a short key or value costs one word.
+fn next_special(bytes: &[u8], mut at: usize) -> Option<usize> {
+    while let Some(word) = bytes.get(at..at + 8) {
+        let found = special_bytes(u64::from_le_bytes(word.try_into().ok()?));
         if found != 0 {
-            // Read as little-endian, the lowest flagged byte is the first special one (the
-            // tricks' false positives only ever sit above a true one).
-            return Some(offset + (found.trailing_zeros() / 8) as usize);
+            // Read as little-endian, the lowest flagged byte is the first special one.
+            return Some(at + (found.trailing_zeros() / 8) as usize);
         }
-        offset += 8;
+        at += 8;
     }
-    text.get(offset..)?
-        .iter()
+    let tail = bytes.get(at..)?;
+    tail.iter()
         .position(|&byte| byte == b'"' || byte == b'\\' || byte < 0x20)
-        .map(|at| offset + at)
+        .map(|offset| at + offset)
+}
+
+/// The end (past the closing quote) of the string token whose opening quote is at `start`, and
+/// whether it holds escapes.
+fn string_end(bytes: &[u8], start: usize) -> Option<(usize, bool)> {
+    if bytes.get(start) != Some(&b'"') {
+        return None;
+    }
+    let mut at = start + 1;
+    let mut escaped = false;
+    loop {
+        at = next_special(bytes, at)?;
+        match *bytes.get(at)? {
+            b'"' => return Some((at + 1, escaped)),
+            b'\\' => {
+                escaped = true;
+                match *bytes.get(at + 1)? {
+                    b'u' => {
+                        let digits = bytes.get(at + 2..at + 6)?;
+                        if !digits.iter().all(u8::is_ascii_hexdigit) {
+                            return None;
+                        }
+                        at += 6;
+                    }
+                    b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => at += 2,
+                    _ => return None,
+                }
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// Past any JSON whitespace at `at`.
+fn skip_space_at(bytes: &[u8], mut at: usize) -> usize {
+    // Compact JSON has none: one comparison in the common case.
+    while bytes
+        .get(at)
+        .is_some_and(|&byte| byte <= b' ' && byte.is_ascii_whitespace())
+    {
+        at += 1;
+    }
+    at
 }
 
 struct Json<'a> {
@@ -823,39 +914,15 @@ impl Json<'_> {
     }
 
     fn skip_space(&mut self) {
-        while self.peek().is_some_and(|byte| byte.is_ascii_whitespace()) {
-            self.at += 1;
-        }
+        self.at = skip_space_at(self.bytes, self.at);
     }
 
     /// A string token; the range covers the quotes; `true` when it holds escapes.
     fn string(&mut self) -> Option<(Range<usize>, bool)> {
         let start = self.at;
-        self.expect(b'"')?;
-        let mut escaped = false;
-        loop {
-            let rest = self.bytes.get(self.at..)?;
-            self.at += plain_run(rest)?;
-            match self.next()? {
-                b'"' => break,
-                b'\\' => {
-                    escaped = true;
-                    match self.next()? {
-                        b'u' => {
-                            for _ in 0..4 {
-                                if !self.next()?.is_ascii_hexdigit() {
-                                    return None;
-                                }
-                            }
-                        }
-                        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {}
-                        _ => return None,
-                    }
-                }
-                _ => return None,
-            }
-        }
-        Some((start..self.at, escaped))
+        let (end, escaped) = string_end(self.bytes, start)?;
+        self.at = end;
+        Some((start..end, escaped))
     }
 
     /// A key: a string without escapes, its range inside the quotes.
@@ -942,64 +1009,91 @@ impl Json<'_> {
 
     /// An object or array, skipped with strings honoured.
     fn nested(&mut self) -> Option<()> {
+        let bytes = self.bytes;
+        let mut at = self.at;
         let mut depth = 0usize;
         loop {
-            match self.peek()? {
+            match *bytes.get(at)? {
                 b'"' => {
-                    self.string()?;
+                    at = string_end(bytes, at)?.0;
                     continue;
                 }
                 b'{' | b'[' => depth += 1,
                 b'}' | b']' => {
                     depth = depth.checked_sub(1)?;
                     if depth == 0 {
-                        self.at += 1;
+                        self.at = at + 1;
                         return Some(());
                     }
                 }
                 _ => {}
             }
-            self.at += 1;
+            at += 1;
         }
     }
 
+    /// The ext object's members indexed into `fields`; a key given twice is refused (it decodes
+    /// as its last value: not worth following here). Members are nearly always `"k":"v"`: read
+    /// with the position in a local, with one call per string.
     fn ext_object(&mut self, fields: &mut Vec<Field>) -> Option<ExtObject> {
-        if self.peek()? == b'n' {
+        let bytes = self.bytes;
+        let mut at = self.at;
+        if *bytes.get(at)? != b'{' {
             // `"extFields":null` would need a member replaced, not extended: decode in full.
             return None;
         }
-        self.expect(b'{')?;
-        self.skip_space();
-        if self.peek()? == b'}' {
-            let close = self.at;
-            self.at += 1;
+        at = skip_space_at(bytes, at + 1);
+        if *bytes.get(at)? == b'}' {
+            self.at = at + 1;
             return Some(ExtObject {
-                close,
+                close: at,
                 members: false,
             });
         }
+        let mut seen = SeenKeys::default();
         loop {
-            self.skip_space();
-            let key = self.plain_string()?;
-            self.skip_space();
-            self.expect(b':')?;
-            self.skip_space();
-            let start = self.at;
-            let kind = self.value()?;
+            at = skip_space_at(bytes, at);
+            let (key_end, escaped) = string_end(bytes, at)?;
+            if escaped {
+                return None;
+            }
+            let key = at + 1..key_end - 1;
+            if !seen.insert(bytes, key.clone()) {
+                return None;
+            }
+            at = skip_space_at(bytes, key_end);
+            if *bytes.get(at)? != b':' {
+                return None;
+            }
+            at = skip_space_at(bytes, at + 1);
+            let start = at;
+            let kind = if *bytes.get(at)? == b'"' {
+                let (end, escaped) = string_end(bytes, at)?;
+                at = end;
+                if escaped {
+                    ValueKind::Opaque
+                } else {
+                    ValueKind::Plain
+                }
+            } else {
+                self.at = at;
+                let kind = self.value()?;
+                at = self.at;
+                kind
+            };
             fields.push(Field {
                 key,
-                value: start..self.at,
+                value: start..at,
                 value_len_at: 0,
                 kind,
             });
-            self.skip_space();
-            match self.peek()? {
-                b',' => self.at += 1,
+            at = skip_space_at(bytes, at);
+            match *bytes.get(at)? {
+                b',' => at += 1,
                 b'}' => {
-                    let close = self.at;
-                    self.at += 1;
+                    self.at = at + 1;
                     return Some(ExtObject {
-                        close,
+                        close: at,
                         members: true,
                     });
                 }
