@@ -11,13 +11,14 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
@@ -27,6 +28,7 @@ use tracing::{debug, warn};
 use super::Proxy;
 use super::dispatch::{self, SendKeys};
 use super::failover::ClusterRuntime;
+use super::outbox::{Outbox, WRITE_PIECES};
 use super::routes::Endpoint;
 use super::upstream::{Pool, UpstreamError};
 use crate::balance::{Outcome, Picked};
@@ -72,7 +74,7 @@ struct Lane {
     pool: Arc<Pool>,
     state: LaneState,
     read: BytesMut,
-    write: BytesMut,
+    write: Outbox,
     /// Sends in flight, in the order they were written: slot `i` has opaque `base + i`, and a
     /// slot is `None` once answered. Deadlines follow the same order.
     waiting: VecDeque<Option<Pending>>,
@@ -189,12 +191,12 @@ impl DirectSends {
         let opaque = lane
             .base
             .wrapping_add(i32::try_from(lane.waiting.len()).unwrap_or(i32::MAX));
-        let written = request.write_relayed(
+        let written = request.write_relayed_head(
             opaque,
             &changes,
             &self.limits,
             &mut self.scratch,
-            &mut lane.write,
+            lane.write.heads(),
         );
         if let Err(error) = written {
             debug!(%error, "send not relayed on the client's lane");
@@ -205,6 +207,7 @@ impl DirectSends {
                 failed: None,
             });
         }
+        lane.write.push_body(&request.body);
         self.proxy.stats.request(request.code);
         self.proxy.stats.request_began();
         cluster.record_send();
@@ -331,7 +334,7 @@ impl DirectSends {
             pool: pool.clone(),
             state: LaneState::Connecting(Box::pin(async move { opening.open_socket().await })),
             read: BytesMut::new(),
-            write: BytesMut::new(),
+            write: Outbox::default(),
             waiting: VecDeque::new(),
             base: 1,
             live: 0,
@@ -369,7 +372,9 @@ impl DirectSends {
         };
         let mut failed = None;
         while !lane.write.is_empty() {
-            match stream.try_write(&lane.write) {
+            let mut slices = [IoSlice::new(&[]); WRITE_PIECES];
+            let count = lane.write.slices(&mut slices);
+            match stream.try_write_vectored(slices.get(..count).unwrap_or_default()) {
                 Ok(0) => {
                     failed = Some(std::io::ErrorKind::WriteZero.into());
                     break;
@@ -490,7 +495,10 @@ impl DirectSends {
             return progressed;
         };
         while lane.flushing && !lane.write.is_empty() {
-            match Pin::new(&mut *stream).poll_write(cx, &lane.write) {
+            let mut slices = [IoSlice::new(&[]); WRITE_PIECES];
+            let count = lane.write.slices(&mut slices);
+            let pieces = slices.get(..count).unwrap_or_default();
+            match Pin::new(&mut *stream).poll_write_vectored(cx, pieces) {
                 Poll::Ready(Ok(0)) => {
                     self.close_lane(index, "the broker stopped taking bytes");
                     return true;

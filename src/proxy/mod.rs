@@ -20,6 +20,7 @@ pub mod dispatch;
 pub mod failover;
 pub mod listeners;
 pub mod ondemand;
+pub mod outbox;
 pub mod output;
 pub mod pullpop;
 pub mod relay;

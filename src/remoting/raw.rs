@@ -236,6 +236,26 @@ impl RawCommand {
         write_frame(self.serialize_type, scratch, &self.body, limits, dst)
     }
 
+    /// As [`RawCommand::write_relayed`], up to the body: for a writer that queues the body by
+    /// reference.
+    pub fn write_relayed_head(
+        &self,
+        opaque: i32,
+        changes: &[(&str, &str)],
+        limits: &FrameLimits,
+        scratch: &mut Vec<u8>,
+        dst: &mut BytesMut,
+    ) -> Result<(), CodecError> {
+        self.rewrite_into(opaque, changes, scratch);
+        write_frame_head(
+            self.serialize_type,
+            [&scratch[..]],
+            self.body.len(),
+            limits,
+            dst,
+        )
+    }
+
     /// Just the opaque changed: what relaying a response to its client needs. Positions after
     /// the opaque shift by the change in its length; nothing is scanned again.
     pub fn with_opaque(&self, opaque: i32) -> Self {
@@ -582,7 +602,22 @@ fn write_frame_parts<const N: usize>(
     dst: &mut BytesMut,
 ) -> Result<(), CodecError> {
     let header_len: usize = header.iter().map(|part| part.len()).sum();
-    let size = 4 + HEADER_WORD + header_len + body.len();
+    dst.reserve(4 + HEADER_WORD + header_len + body.len());
+    write_frame_head(serialize_type, header, body.len(), limits, dst)?;
+    dst.extend_from_slice(body);
+    Ok(())
+}
+
+/// A frame up to its body (of `body_len` bytes, counted in its length): the body follows.
+fn write_frame_head<const N: usize>(
+    serialize_type: SerializeType,
+    header: [&[u8]; N],
+    body_len: usize,
+    limits: &FrameLimits,
+    dst: &mut BytesMut,
+) -> Result<(), CodecError> {
+    let header_len: usize = header.iter().map(|part| part.len()).sum();
+    let size = 4 + HEADER_WORD + header_len + body_len;
     if size > limits.max_frame || size - 4 > i32::MAX as usize {
         return Err(CodecError::FrameTooLarge {
             size,
@@ -595,13 +630,12 @@ fn write_frame_parts<const N: usize>(
             max: limits.max_header.min(MAX_HEADER_FIELD),
         });
     }
-    dst.reserve(size);
+    dst.reserve(size - body_len);
     dst.put_u32((size - 4) as u32);
     dst.put_u32((u32::from(serialize_type.to_byte()) << 24) | header_len as u32);
     for part in header {
         dst.extend_from_slice(part);
     }
-    dst.extend_from_slice(body);
     Ok(())
 }
 
