@@ -751,27 +751,46 @@ fn scan_json_top(header: &[u8], mut fields: Option<&mut Vec<Field>>) -> Option<J
         bytes: header,
         at: 0,
     };
-    scanner.skip_space();
-    scanner.expect(b'{')?;
-    let object_start = scanner.at;
-    let (mut code, mut opaque, mut flag) = (None, None, None);
-    let mut ext = None;
-    let mut seen = SeenKeys::default();
-    scanner.skip_space();
-    if scanner.peek()? == b'}' {
+    let mut at = skip_space_at(header, 0);
+    if *header.get(at)? != b'{' {
         return None;
     }
+    let object_start = at + 1;
+    at = skip_space_at(header, object_start);
+    if *header.get(at)? == b'}' {
+        return None;
+    }
+    let (mut code, mut opaque, mut flag) = (None, None, None);
+    let mut ext = None;
+    // The header's own keys are a bit each; any other key is compared with those met before.
+    let mut known = 0u8;
+    let mut seen = SeenKeys::default();
     loop {
-        scanner.skip_space();
-        let key = scanner.plain_string()?;
-        // A key given twice decodes as its last value: not worth following here.
-        if !seen.insert(header, key.clone()) {
+        at = skip_space_at(header, at);
+        let (key_end, escaped) = string_end(header, at)?;
+        if escaped {
             return None;
         }
-        scanner.skip_space();
-        scanner.expect(b':')?;
-        scanner.skip_space();
-        match header.get(key)? {
+        let key = at + 1..key_end - 1;
+        let name = header.get(key.clone())?;
+        // A key given twice decodes as its last value: not worth following here.
+        let fresh = match TOP_KEYS.iter().position(|top| *top == name) {
+            Some(bit) => {
+                let fresh = known & (1 << bit) == 0;
+                known |= 1 << bit;
+                fresh
+            }
+            None => seen.insert(header, key),
+        };
+        if !fresh {
+            return None;
+        }
+        at = skip_space_at(header, key_end);
+        if *header.get(at)? != b':' {
+            return None;
+        }
+        scanner.at = skip_space_at(header, at + 1);
+        match name {
             b"code" => code = Some(scanner.integer()?.1),
             b"opaque" => opaque = Some(scanner.integer()?),
             b"flag" => flag = Some(scanner.integer()?.1),
@@ -783,15 +802,14 @@ fn scan_json_top(header: &[u8], mut fields: Option<&mut Vec<Field>>) -> Option<J
                 scanner.value()?;
             }
         }
-        scanner.skip_space();
-        match scanner.next()? {
-            b',' => continue,
+        at = skip_space_at(header, scanner.at);
+        match *header.get(at)? {
+            b',' => at += 1,
             b'}' => break,
             _ => return None,
         }
     }
-    scanner.skip_space();
-    if scanner.at != header.len() {
+    if skip_space_at(header, at + 1) != header.len() {
         return None;
     }
     let (opaque_at, opaque) = opaque?;
@@ -804,6 +822,18 @@ fn scan_json_top(header: &[u8], mut fields: Option<&mut Vec<Field>>) -> Option<J
         ext,
     })
 }
+
+/// The keys of a RemotingCommand's JSON header.
+const TOP_KEYS: [&[u8]; 8] = [
+    b"code",
+    b"opaque",
+    b"flag",
+    b"extFields",
+    b"language",
+    b"version",
+    b"remark",
+    b"serializeTypeCurrentRPC",
+];
 
 struct ExtObject {
     /// Where its closing brace sits.
@@ -937,32 +967,12 @@ impl Json<'_> {
         self.bytes.get(self.at).copied()
     }
 
-    fn next(&mut self) -> Option<u8> {
-        let byte = self.peek()?;
-        self.at += 1;
-        Some(byte)
-    }
-
-    fn expect(&mut self, byte: u8) -> Option<()> {
-        (self.next()? == byte).then_some(())
-    }
-
-    fn skip_space(&mut self) {
-        self.at = skip_space_at(self.bytes, self.at);
-    }
-
     /// A string token; the range covers the quotes; `true` when it holds escapes.
     fn string(&mut self) -> Option<(Range<usize>, bool)> {
         let start = self.at;
         let (end, escaped) = string_end(self.bytes, start)?;
         self.at = end;
         Some((start..end, escaped))
-    }
-
-    /// A key: a string without escapes, its range inside the quotes.
-    fn plain_string(&mut self) -> Option<Range<usize>> {
-        let (range, escaped) = self.string()?;
-        (!escaped).then_some(range.start + 1..range.end - 1)
     }
 
     /// An i32 number token (no fraction or exponent) and its range.
