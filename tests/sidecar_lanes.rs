@@ -46,16 +46,11 @@ async fn stand_in(code: Option<ResponseCode>) -> (SocketAddr, Arc<AtomicUsize>) 
 }
 
 async fn sidecar(brokers: &[(&str, SocketAddr)], request_timeout_ms: u64) -> proxy::RunningSidecar {
-    let endpoints: String = brokers
-        .iter()
-        .map(|(name, address)| {
-            format!(
-                "      - {{ address: \"{address}\", metadata: {{ broker_name: {name}, cluster_name: DefaultCluster }} }}\n"
-            )
-        })
-        .collect();
-    let yaml = format!(
-        "listeners: [{{ address: \"127.0.0.1:0\" }}]\nadmin: {{ address: null }}\nroutes:\n  - {{ match: {{ topic: {{ prefix: \"\" }} }}, route: {{ cluster: local }} }}\nclusters:\n  - name: local\n    request_timeout_ms: {request_timeout_ms}\n    endpoints:\n{endpoints}"
+    let yaml = common::sidecar_yaml_with_cluster(
+        brokers,
+        "",
+        "",
+        &format!("    request_timeout_ms: {request_timeout_ms}\n"),
     );
     proxy::start(SidecarConfig::parse(&yaml).expect("config"))
         .await

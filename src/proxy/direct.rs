@@ -55,6 +55,17 @@ pub struct Handover {
     pub failed: Option<SocketAddr>,
 }
 
+impl Handover {
+    /// A send the lanes did not take: the general path sends it as if it came straight there.
+    pub fn untried(request: RawCommand, permit: OwnedSemaphorePermit) -> Self {
+        Self {
+            request,
+            permit,
+            failed: None,
+        }
+    }
+}
+
 /// The lanes of one client connection and what they produced for it.
 pub struct DirectSends {
     proxy: Arc<Proxy>,
@@ -150,11 +161,7 @@ impl DirectSends {
         arrived: Instant,
     ) -> Option<Handover> {
         let Some(plan) = self.plan(&request) else {
-            return Some(Handover {
-                request,
-                permit,
-                failed: None,
-            });
+            return Some(Handover::untried(request, permit));
         };
         let Plan {
             endpoint,
@@ -167,11 +174,7 @@ impl DirectSends {
         } = plan;
         let Some(index) = self.lane_for(&pool) else {
             cluster.balancer.release(picked);
-            return Some(Handover {
-                request,
-                permit,
-                failed: None,
-            });
+            return Some(Handover::untried(request, permit));
         };
         let queue =
             (self.proxy.next_queue.fetch_add(1, Ordering::Relaxed) % queues as usize) as i32;
@@ -182,11 +185,7 @@ impl DirectSends {
         ];
         let Some(lane) = self.lanes.get_mut(index) else {
             cluster.balancer.release(picked);
-            return Some(Handover {
-                request,
-                permit,
-                failed: None,
-            });
+            return Some(Handover::untried(request, permit));
         };
         let opaque = lane
             .base
@@ -201,11 +200,7 @@ impl DirectSends {
         if let Err(error) = written {
             debug!(%error, "send not relayed on the client's lane");
             cluster.balancer.release(picked);
-            return Some(Handover {
-                request,
-                permit,
-                failed: None,
-            });
+            return Some(Handover::untried(request, permit));
         }
         lane.write.push_body(&request.body);
         self.proxy.stats.request(request.code);

@@ -339,6 +339,11 @@ async fn serve_connection(
         .config
         .direct_sends
         .then(|| DirectSends::new(proxy.clone(), read_limits.frame));
+    let general = GeneralPath {
+        proxy: &proxy,
+        downstream: &downstream,
+        outbound: &outbound,
+    };
     let mut stopping = false;
     loop {
         // Everything answered so far goes out in one write, once nothing else is ready: settle
@@ -346,14 +351,7 @@ async fn serve_connection(
         // safe: the select below polls them again with this task's.)
         while let Some(Some(())) = handlers.next().now_or_never() {}
         if let Some(direct) = &mut direct {
-            settle_direct(
-                direct,
-                &mut output,
-                &mut handlers,
-                &proxy,
-                &downstream,
-                &outbound,
-            );
+            settle_direct(direct, &mut output, &mut handlers, &general);
         }
         while output.has_room()
             && let Ok(response) = responses.try_recv()
@@ -410,19 +408,10 @@ async fn serve_connection(
         {
             let handover = match &mut direct {
                 Some(direct) => direct.take(raw, permit, stream.last_read()),
-                None => Some(Handover {
-                    request: raw,
-                    permit,
-                    failed: None,
-                }),
+                None => Some(Handover::untried(raw, permit)),
             };
             if let Some(handover) = handover {
-                handlers.push(relay_request(
-                    proxy.clone(),
-                    downstream.clone(),
-                    handover,
-                    outbound.clone(),
-                ));
+                handlers.push(general.relay(handover));
             }
             continue;
         }
@@ -461,14 +450,7 @@ async fn serve_connection(
     loop {
         let direct_pending = match &mut direct {
             Some(direct) => {
-                settle_direct(
-                    direct,
-                    &mut output,
-                    &mut handlers,
-                    &proxy,
-                    &downstream,
-                    &outbound,
-                );
+                settle_direct(direct, &mut output, &mut handlers, &general);
                 direct.write_now();
                 direct.has_pending()
             }
@@ -535,6 +517,24 @@ impl Handled {
 
 type HandlerFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
+/// What a send handed to the general path needs from its connection.
+struct GeneralPath<'a> {
+    proxy: &'a Arc<Proxy>,
+    downstream: &'a Arc<Downstream>,
+    outbound: &'a mpsc::Sender<Outgoing>,
+}
+
+impl GeneralPath<'_> {
+    fn relay(&self, handover: Handover) -> HandlerFuture {
+        relay_request(
+            self.proxy.clone(),
+            self.downstream.clone(),
+            handover,
+            self.outbound.clone(),
+        )
+    }
+}
+
 fn relay_request(
     proxy: Arc<Proxy>,
     downstream: Arc<Downstream>,
@@ -564,9 +564,7 @@ fn settle_direct(
     direct: &mut DirectSends,
     output: &mut Output,
     handlers: &mut FuturesUnordered<HandlerFuture>,
-    proxy: &Arc<Proxy>,
-    downstream: &Arc<Downstream>,
-    outbound: &mpsc::Sender<Outgoing>,
+    general: &GeneralPath<'_>,
 ) {
     if !direct.has_output() {
         return;
@@ -576,12 +574,7 @@ fn settle_direct(
         output.push(answer);
     }
     for handover in handovers {
-        handlers.push(relay_request(
-            proxy.clone(),
-            downstream.clone(),
-            handover,
-            outbound.clone(),
-        ));
+        handlers.push(general.relay(handover));
     }
 }
 

@@ -317,6 +317,17 @@ pub fn sidecar_config(
 
 /// The YAML of [`sidecar_config`], with `extra` top-level lines.
 pub fn sidecar_yaml(brokers: &[(&str, SocketAddr)], routes_yaml: &str, extra: &str) -> String {
+    sidecar_yaml_with_cluster(brokers, routes_yaml, extra, "")
+}
+
+/// As [`sidecar_yaml`], with `cluster_settings` (indented lines such as
+/// `"    request_timeout_ms: 300\n"`) added to the cluster.
+pub fn sidecar_yaml_with_cluster(
+    brokers: &[(&str, SocketAddr)],
+    routes_yaml: &str,
+    extra: &str,
+    cluster_settings: &str,
+) -> String {
     let endpoints: String = brokers
         .iter()
         .map(|(name, address)| {
@@ -331,7 +342,7 @@ pub fn sidecar_yaml(brokers: &[(&str, SocketAddr)], routes_yaml: &str, extra: &s
         routes_yaml
     };
     format!(
-        "listeners: [{{ address: \"127.0.0.1:0\" }}]\nadmin: {{ address: null }}\n{extra}\nroutes:\n{routes}clusters:\n  - name: local\n    endpoints:\n{endpoints}"
+        "listeners: [{{ address: \"127.0.0.1:0\" }}]\nadmin: {{ address: null }}\n{extra}\nroutes:\n{routes}clusters:\n  - name: local\n{cluster_settings}    endpoints:\n{endpoints}"
     )
 }
 
