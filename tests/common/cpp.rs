@@ -94,9 +94,34 @@ pub fn run_client(home: &Path, args: &[String]) -> Value {
     });
     assert!(
         output.status.success(),
-        "the C++ client ({args:?}) failed: {value}"
+        "the C++ client ({args:?}) failed: {value}\nits log's warnings and errors:\n{}",
+        log_complaints(home)
     );
+    println!("the C++ client ({args:?}): {value}");
     value
+}
+
+/// The last warnings and errors the C++ client wrote under `$HOME/logs`: a failed send says only
+/// "No route info of this topic" whatever went wrong, and the log tells what did.
+fn log_complaints(home: &Path) -> String {
+    const KEEP: usize = 60;
+    let mut files = vec![home.join("logs")];
+    let mut lines = Vec::new();
+    while let Some(path) = files.pop() {
+        if let Ok(entries) = std::fs::read_dir(&path) {
+            files.extend(entries.flatten().map(|entry| entry.path()));
+        } else if let Ok(bytes) = std::fs::read(&path) {
+            let text = String::from_utf8_lossy(&bytes);
+            lines.extend(
+                text.lines()
+                    .filter(|line| line.contains("](error)") || line.contains("](warning)"))
+                    .map(str::to_owned),
+            );
+        }
+    }
+    lines.sort();
+    let start = lines.len().saturating_sub(KEEP);
+    lines[start..].join("\n")
 }
 
 pub fn args(parts: &[&str]) -> Vec<String> {

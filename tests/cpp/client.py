@@ -16,7 +16,9 @@ ORDERLY_ATTEMPTS times in all, to the same queue: the C++ client's own retry of 
 picks another queue (its sendAutoRetrySelectImpl), which breaks the key's order. An early send can
 fail without reaching a broker: the client's first heartbeat holds its connection table while it
 connects, a send waits only 3 ms for it ("GetTransport of:... get timed_mutex timeout" in its log),
-and the send fails with the misleading "No route info of this topic".
+and the send fails with the misleading "No route info of this topic". The same happens whenever
+one of its timers (heartbeat, route update) holds that table and is descheduled on a busy machine,
+so a retry waits a little longer each time (ORDERLY_BACKOFF_SECS) instead of failing again at once.
 """
 
 import argparse
@@ -31,7 +33,8 @@ from rocketmq.client import Message, MessageModel, Producer, PullConsumer, PushC
 from rocketmq.exceptions import ffi_check
 from rocketmq.ffi import _CConsumeStatus, _CMessageQueue, _CPullStatus, dll
 
-ORDERLY_ATTEMPTS = 3
+ORDERLY_ATTEMPTS = 5
+ORDERLY_BACKOFF_SECS = 0.05
 
 
 def shut_down(consumer, limit_secs=5.0):
@@ -78,6 +81,7 @@ def produce(args):
                             raise
                         retried += 1
                         errors.append("retried: %s" % error)
+                        time.sleep(ORDERLY_BACKOFF_SECS * (attempt + 1))
                 if int(result.status) == 0:
                     sent += 1
                 else:
