@@ -112,15 +112,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         busy: impl Fn() -> bool,
     ) -> Option<Result<bytes::Bytes, ReadError>> {
         loop {
-            match frame::split_frame(&mut self.buffer, &self.limits.frame) {
-                Ok(Some(bytes)) => {
-                    self.settle_charge();
-                    // What is left arrived with the last read: no clock read per frame.
-                    self.frame_started = (!self.buffer.is_empty()).then_some(self.last_read);
-                    return Some(Ok(bytes));
-                }
-                Ok(None) => {}
-                Err(error) => return Some(Err(error.into())),
+            if let Some(frame) = self.buffered_frame() {
+                return Some(frame);
             }
             match self.fill(&busy).await {
                 Ok(true) => {}
@@ -134,6 +127,21 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 }
                 Err(error) => return Some(Err(error)),
             }
+        }
+    }
+
+    /// The next frame if it is already whole in the buffer; `None` when more bytes must be read
+    /// first. Lets a caller handle every frame one read brought before it waits on anything.
+    pub fn buffered_frame(&mut self) -> Option<Result<bytes::Bytes, ReadError>> {
+        match frame::split_frame(&mut self.buffer, &self.limits.frame) {
+            Ok(Some(bytes)) => {
+                self.settle_charge();
+                // What is left arrived with the last read: no clock read per frame.
+                self.frame_started = (!self.buffer.is_empty()).then_some(self.last_read);
+                Some(Ok(bytes))
+            }
+            Ok(None) => None,
+            Err(error) => Some(Err(error.into())),
         }
     }
 

@@ -227,18 +227,27 @@ impl DirectSends {
         }));
         lane.live += 1;
         lane.buffered += 1;
-        // The first send on a lane with nothing in flight goes at once: a lone request (a
-        // synchronous producer) waits for nothing.
-        let lone = lane.live == 1;
         match &mut self.timer {
             Some(timer) if timer.deadline() <= deadline => {}
             Some(timer) => timer.as_mut().reset(deadline),
             None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
         }
-        if lone {
-            self.flush_lane(index);
-        }
         None
+    }
+
+    /// Writes now the sends of lanes that had nothing in flight before them: once the client's
+    /// read is handled, a lone request (a synchronous producer) waits for nothing, and the sends
+    /// of one read still go out together.
+    pub fn write_idle_lanes(&mut self) {
+        for index in 0..self.lanes.len() {
+            if self
+                .lanes
+                .get(index)
+                .is_some_and(|lane| lane.live == lane.buffered && !lane.write.is_empty())
+            {
+                self.flush_lane(index);
+            }
+        }
     }
 
     fn plan(&self, request: &RawCommand) -> Option<Plan> {

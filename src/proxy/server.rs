@@ -346,50 +346,64 @@ async fn serve_connection(
     };
     let mut stopping = false;
     loop {
-        // Everything answered so far goes out in one write, once nothing else is ready: settle
-        // the handlers that can finish now first. (Polling them here with a no-op waker is
-        // safe: the select below polls them again with this task's.)
-        while let Some(Some(())) = handlers.next().now_or_never() {}
-        if let Some(direct) = &mut direct {
-            settle_direct(direct, &mut output, &mut handlers, &general);
-        }
-        while output.has_room()
-            && let Ok(response) = responses.try_recv()
-        {
-            output.push(response);
-        }
-        output.write_now();
-        if output.failed() {
-            break;
-        }
-        let direct_active = direct.as_ref().is_some_and(DirectSends::is_active);
-        let direct_unflushed = direct.as_ref().is_some_and(DirectSends::has_unflushed);
-        let busy = || permits.available_permits() < in_flight;
-        // Back-pressure: stop reading while this connection has too many requests in flight, or
-        // while the client does not read its answers.
-        let room = permits.available_permits() > 0 && output.has_room();
-        let frame = tokio::select! {
-            biased;
-            Some(()) = handlers.next(), if !handlers.is_empty() => continue,
-            () = progress(&mut direct), if direct_active => continue,
-            Some(response) = responses.recv(), if output.has_room() => {
-                output.push(response);
-                continue;
-            }
-            () = output.writable(), if output.has_pending() => continue,
-            Some(_) = polls.join_next(), if !polls.is_empty() => continue,
-            frame = stream.next_frame(busy), if room => frame,
-            // Sends gathered for the brokers go out once the client has no more to read now, after
-            // one turn for the other connections of this thread (their answers and sends).
-            () = tokio::task::yield_now(), if direct_unflushed => {
+        // Frames already whole in the read buffer are handled back to back: the work and the
+        // waits below run once per read, not once per frame.
+        let buffered = (permits.available_permits() > 0 && output.has_room())
+            .then(|| stream.buffered_frame())
+            .flatten();
+        let frame = match buffered {
+            Some(frame) => Some(frame),
+            None => {
                 if let Some(direct) = &mut direct {
-                    direct.write_now();
+                    direct.write_idle_lanes();
                 }
-                continue;
-            }
-            () = stop.wait() => {
-                stopping = true;
-                break;
+                // Everything answered so far goes out in one write, once nothing else is ready:
+                // settle the handlers that can finish now first. (Polling them here with a no-op
+                // waker is safe: the select below polls them again with this task's.)
+                while let Some(Some(())) = handlers.next().now_or_never() {}
+                if let Some(direct) = &mut direct {
+                    settle_direct(direct, &mut output, &mut handlers, &general);
+                }
+                while output.has_room()
+                    && let Ok(response) = responses.try_recv()
+                {
+                    output.push(response);
+                }
+                output.write_now();
+                if output.failed() {
+                    break;
+                }
+                let direct_active = direct.as_ref().is_some_and(DirectSends::is_active);
+                let direct_unflushed = direct.as_ref().is_some_and(DirectSends::has_unflushed);
+                let busy = || permits.available_permits() < in_flight;
+                // Back-pressure: stop reading while this connection has too many requests in
+                // flight, or while the client does not read its answers.
+                let room = permits.available_permits() > 0 && output.has_room();
+                tokio::select! {
+                    biased;
+                    Some(()) = handlers.next(), if !handlers.is_empty() => continue,
+                    () = progress(&mut direct), if direct_active => continue,
+                    Some(response) = responses.recv(), if output.has_room() => {
+                        output.push(response);
+                        continue;
+                    }
+                    () = output.writable(), if output.has_pending() => continue,
+                    Some(_) = polls.join_next(), if !polls.is_empty() => continue,
+                    frame = stream.next_frame(busy), if room => frame,
+                    // Sends gathered for the brokers go out once the client has no more to read
+                    // now, after one turn for the other connections of this thread (their
+                    // answers and sends).
+                    () = tokio::task::yield_now(), if direct_unflushed => {
+                        if let Some(direct) = &mut direct {
+                            direct.write_now();
+                        }
+                        continue;
+                    }
+                    () = stop.wait() => {
+                        stopping = true;
+                        break;
+                    }
+                }
             }
         };
         let frame = match frame {
