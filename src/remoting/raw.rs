@@ -747,9 +747,11 @@ struct JsonTop {
 /// Reads a JSON header's top level strictly. With `fields`, the ext object's fields are indexed
 /// into it; without, the ext object is only checked to be well formed and skipped.
 fn scan_json_top(header: &[u8], mut fields: Option<&mut Vec<Field>>) -> Option<JsonTop> {
+    let specials = Specials::index(header);
     let mut scanner = Json {
         bytes: header,
         at: 0,
+        specials: &specials,
     };
     let mut at = skip_space_at(header, 0);
     if *header.get(at)? != b'{' {
@@ -767,7 +769,7 @@ fn scan_json_top(header: &[u8], mut fields: Option<&mut Vec<Field>>) -> Option<J
     let mut seen = SeenKeys::default();
     loop {
         at = skip_space_at(header, at);
-        let (key_end, escaped) = string_end(header, at)?;
+        let (key_end, escaped) = specials.string_end(header, at)?;
         if escaped {
             return None;
         }
@@ -928,20 +930,153 @@ fn string_end(bytes: &[u8], start: usize) -> Option<(usize, bool)> {
             b'"' => return Some((at + 1, escaped)),
             b'\\' => {
                 escaped = true;
-                match *bytes.get(at + 1)? {
-                    b'u' => {
-                        let digits = bytes.get(at + 2..at + 6)?;
-                        if !digits.iter().all(u8::is_ascii_hexdigit) {
-                            return None;
-                        }
-                        at += 6;
-                    }
-                    b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => at += 2,
-                    _ => return None,
-                }
+                at = escape_end(bytes, at)?;
             }
             _ => return None,
         }
+    }
+}
+
+/// Headers up to this long get a [`Specials`] index; longer ones (rare) are scanned string by
+/// string.
+const INDEXED_HEADER: usize = 1024;
+const INDEX_WORDS: usize = INDEXED_HEADER / 64;
+const CHUNK: usize = 16;
+
+/// One bit per header byte that is a quote, a backslash or a control byte, found 16 bytes at a
+/// time before the header is read: finding a string's end is then a bit scan, whatever its
+/// length, rather than a loop per string.
+struct Specials {
+    /// Bit `i % 64` of word `i / 64` is byte `i`; bytes past the header's end are marked (as
+    /// control bytes), so a scan never runs off it unnoticed.
+    words: [u64; INDEX_WORDS],
+    indexed: bool,
+}
+
+impl Specials {
+    fn index(header: &[u8]) -> Self {
+        let mut words = [0u64; INDEX_WORDS];
+        if header.len() > INDEXED_HEADER {
+            return Self {
+                words,
+                indexed: false,
+            };
+        }
+        let mut chunks = header.chunks_exact(CHUNK);
+        let mut at = 0;
+        for chunk in chunks.by_ref() {
+            let Ok(chunk) = <&[u8; CHUNK]>::try_from(chunk) else {
+                break;
+            };
+            place_chunk(&mut words, at, special_mask(chunk));
+            at += CHUNK;
+        }
+        let tail = chunks.remainder();
+        if !tail.is_empty() {
+            // Zero bytes are control bytes: the padding is marked.
+            let mut padded = [0u8; CHUNK];
+            if let Some(start) = padded.get_mut(..tail.len()) {
+                start.copy_from_slice(tail);
+            }
+            place_chunk(&mut words, at, special_mask(&padded));
+            at += CHUNK;
+        }
+        // Whole words past the end, so the scan stops there too.
+        for word in words.iter_mut().skip(at.div_ceil(64)) {
+            *word = u64::MAX;
+        }
+        Self {
+            words,
+            indexed: true,
+        }
+    }
+
+    /// The first marked byte at or after `at` (`None`: past the header).
+    #[inline]
+    fn next(&self, at: usize) -> Option<usize> {
+        let mut index = at / 64;
+        let mut word = self.words.get(index)? & (u64::MAX << (at % 64));
+        loop {
+            if word != 0 {
+                return Some(index * 64 + word.trailing_zeros() as usize);
+            }
+            index += 1;
+            word = *self.words.get(index)?;
+        }
+    }
+
+    /// [`string_end`], with the index when there is one.
+    #[inline]
+    fn string_end(&self, bytes: &[u8], start: usize) -> Option<(usize, bool)> {
+        if !self.indexed {
+            return string_end(bytes, start);
+        }
+        if bytes.get(start) != Some(&b'"') {
+            return None;
+        }
+        let mut at = start + 1;
+        let mut escaped = false;
+        loop {
+            at = self.next(at)?;
+            match *bytes.get(at)? {
+                b'"' => return Some((at + 1, escaped)),
+                b'\\' => {
+                    escaped = true;
+                    at = escape_end(bytes, at)?;
+                }
+                _ => return None,
+            }
+        }
+    }
+}
+
+#[inline]
+fn place_chunk(words: &mut [u64; INDEX_WORDS], at: usize, mask: u16) {
+    if let Some(word) = words.get_mut(at / 64) {
+        *word |= u64::from(mask) << (at % 64);
+    }
+}
+
+/// Bit `i` set when byte `i` of `chunk` is a quote, a backslash or below 0x20.
+#[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
+fn special_mask(chunk: &[u8; CHUNK]) -> u16 {
+    use std::arch::x86_64::{
+        _mm_cmpeq_epi8, _mm_loadu_si128, _mm_max_epu8, _mm_movemask_epi8, _mm_or_si128,
+        _mm_set1_epi8,
+    };
+    // SAFETY: the cfg above makes SSE2 present, and the unaligned load reads exactly the 16
+    // bytes `chunk` borrows.
+    unsafe {
+        let bytes = _mm_loadu_si128(chunk.as_ptr().cast());
+        let quote = _mm_cmpeq_epi8(bytes, _mm_set1_epi8(b'"' as i8));
+        let backslash = _mm_cmpeq_epi8(bytes, _mm_set1_epi8(b'\\' as i8));
+        // Unsigned `byte <= 0x1f` is `max(byte, 0x1f) == 0x1f`.
+        let below = _mm_set1_epi8(0x1f);
+        let control = _mm_cmpeq_epi8(_mm_max_epu8(bytes, below), below);
+        _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(quote, backslash), control)) as u16
+    }
+}
+
+/// Bit `i` set when byte `i` of `chunk` is a quote, a backslash or below 0x20.
+#[cfg(not(all(target_arch = "x86_64", target_feature = "sse2")))]
+fn special_mask(chunk: &[u8; CHUNK]) -> u16 {
+    chunk
+        .iter()
+        .enumerate()
+        .filter(|(_, &byte)| byte == b'"' || byte == b'\\' || byte < 0x20)
+        .fold(0, |mask, (index, _)| mask | 1 << index)
+}
+
+/// Past the escape sequence whose backslash is at `at`; `None` when it is not a valid one.
+#[inline]
+fn escape_end(bytes: &[u8], at: usize) -> Option<usize> {
+    match *bytes.get(at + 1)? {
+        b'u' => {
+            let digits = bytes.get(at + 2..at + 6)?;
+            digits.iter().all(u8::is_ascii_hexdigit).then_some(at + 6)
+        }
+        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => Some(at + 2),
+        _ => None,
     }
 }
 
@@ -960,6 +1095,7 @@ fn skip_space_at(bytes: &[u8], mut at: usize) -> usize {
 struct Json<'a> {
     bytes: &'a [u8],
     at: usize,
+    specials: &'a Specials,
 }
 
 impl Json<'_> {
@@ -970,7 +1106,7 @@ impl Json<'_> {
     /// A string token; the range covers the quotes; `true` when it holds escapes.
     fn string(&mut self) -> Option<(Range<usize>, bool)> {
         let start = self.at;
-        let (end, escaped) = string_end(self.bytes, start)?;
+        let (end, escaped) = self.specials.string_end(self.bytes, start)?;
         self.at = end;
         Some((start..end, escaped))
     }
@@ -1059,7 +1195,7 @@ impl Json<'_> {
         loop {
             match *bytes.get(at)? {
                 b'"' => {
-                    at = string_end(bytes, at)?.0;
+                    at = self.specials.string_end(bytes, at)?.0;
                     continue;
                 }
                 b'{' | b'[' => depth += 1,
@@ -1097,7 +1233,7 @@ impl Json<'_> {
         let mut seen = SeenKeys::default();
         loop {
             at = skip_space_at(bytes, at);
-            let (key_end, escaped) = string_end(bytes, at)?;
+            let (key_end, escaped) = self.specials.string_end(bytes, at)?;
             if escaped {
                 return None;
             }
@@ -1112,7 +1248,7 @@ impl Json<'_> {
             at = skip_space_at(bytes, at + 1);
             let start = at;
             let kind = if *bytes.get(at)? == b'"' {
-                let (end, escaped) = string_end(bytes, at)?;
+                let (end, escaped) = self.specials.string_end(bytes, at)?;
                 at = end;
                 if escaped {
                     ValueKind::Opaque

@@ -276,6 +276,26 @@ proptest! {
             .position(|&byte| byte == b'"' || byte == b'\\' || byte < 0x20);
         prop_assert_eq!(next_special(&text, 0), naive);
     }
+
+    /// The indexed string scan ends every string where the scan string by string does, escapes
+    /// and control bytes included, wherever the string sits in the index.
+    #[test]
+    fn the_indexed_string_scan_agrees_with_the_plain_one(
+        text in proptest::collection::vec(
+            prop_oneof![8 => 0x20u8..0x7f, 2 => Just(b'"'), 2 => Just(b'\\'), 1 => Just(b'u'), 1 => any::<u8>()],
+            0..1100,
+        ),
+        start in 0usize..1100,
+    ) {
+        let specials = Specials::index(&text);
+        prop_assert_eq!(specials.indexed, text.len() <= INDEXED_HEADER);
+        let start = start.min(text.len());
+        prop_assert_eq!(specials.string_end(&text, start), string_end(&text, start));
+        // From every quote too, as a scan meets strings.
+        for quote in text.iter().enumerate().filter(|&(_, &byte)| byte == b'"').map(|(at, _)| at).take(16) {
+            prop_assert_eq!(specials.string_end(&text, quote), string_end(&text, quote));
+        }
+    }
 }
 
 #[test]
