@@ -137,7 +137,7 @@ pub fn relayable(raw: &RawCommand) -> bool {
     let keys = SendKeys::choose(raw.has_plain_ext("b"));
     [keys.topic, keys.queue, keys.sys_flag, keys.bname]
         .into_iter()
-        .all(|key| raw.ext(key).is_ok())
+        .all(|key| raw.ext_is_text(key))
 }
 
 /// Handles a send carried as bytes (see [`relayable`]).
@@ -1010,8 +1010,9 @@ fn count_send(
         Err(_) => false,
     };
     if delivered {
-        proxy.stats.messages_in(topic, messages);
-        proxy.stats.send_cost(topic, started.elapsed());
+        proxy
+            .stats
+            .messages_sent(topic, messages, started.elapsed());
     }
 }
 

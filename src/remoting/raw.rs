@@ -61,6 +61,9 @@ pub struct RawCommand {
     letters: [u16; LETTERS],
     /// Where new ext fields go.
     ext: ExtPlace,
+    /// Every plain ext value is known to be UTF-8 (a JSON header all ASCII, or a binary one,
+    /// whose values are checked as it is scanned).
+    texts_checked: bool,
 }
 
 const LETTERS: usize = 16;
@@ -136,11 +139,15 @@ impl RawCommand {
                     SerializeType::Json => field.value.start + 1..field.value.end - 1,
                     SerializeType::Binary => field.value.clone(),
                 };
-                self.header
-                    .get(value)
-                    .and_then(|bytes| std::str::from_utf8(bytes).ok())
-                    .map(Some)
-                    .ok_or(())
+                let bytes = self.header.get(value).ok_or(())?;
+                if self.texts_checked {
+                    // SAFETY: `texts_checked` is set only when every plain value was found to be
+                    // UTF-8 as the header was scanned (a JSON header with no byte above 0x7f, or
+                    // a binary one whose values each passed `from_utf8`), and the header bytes
+                    // are immutable since.
+                    return Ok(Some(unsafe { std::str::from_utf8_unchecked(bytes) }));
+                }
+                std::str::from_utf8(bytes).map(Some).map_err(|_| ())
             }
         }
     }
@@ -149,6 +156,15 @@ impl RawCommand {
     pub fn has_plain_ext(&self, key: &str) -> bool {
         self.field(key)
             .is_some_and(|field| field.kind == ValueKind::Plain)
+    }
+
+    /// Whether [`RawCommand::ext`] reads `key` without an error, without converting it.
+    pub fn ext_is_text(&self, key: &str) -> bool {
+        match self.field(key).map(|field| field.kind) {
+            None | Some(ValueKind::Absent) => true,
+            Some(ValueKind::Opaque) => false,
+            Some(ValueKind::Plain) => self.texts_checked || self.ext(key).is_ok(),
+        }
     }
 
     fn field(&self, key: &str) -> Option<&Field> {
@@ -286,6 +302,7 @@ impl RawCommand {
             body: self.body.clone(),
             opaque_at: old.start..old.start + digits.len(),
             letters: self.letters,
+            texts_checked: self.texts_checked,
             fields: self
                 .fields
                 .iter()
@@ -562,13 +579,36 @@ fn split_header(frame: &Bytes, limits: &FrameLimits) -> Option<(SerializeType, B
     ))
 }
 
+/// Whether `a` and `b` hold the same bytes, compared a word at a time: keys are short, and a
+/// call out to memcmp costs more than the comparison.
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let (mut a_words, mut b_words) = (a.chunks_exact(8), b.chunks_exact(8));
+    let words_match = a_words
+        .by_ref()
+        .zip(b_words.by_ref())
+        .all(|(x, y)| u64::from_ne_bytes(word_of(x)) == u64::from_ne_bytes(word_of(y)));
+    words_match
+        && a_words
+            .remainder()
+            .iter()
+            .zip(b_words.remainder())
+            .all(|(x, y)| x == y)
+}
+
+fn word_of(chunk: &[u8]) -> [u8; 8] {
+    chunk.try_into().unwrap_or_default()
+}
+
 /// Whether `text[range]` is `key`. Keys are a few bytes: compared here, length first, rather than
 /// by a call out to memcmp for every candidate.
 fn is_key(text: &[u8], range: &Range<usize>, key: &[u8]) -> bool {
     range.len() == key.len()
         && text
             .get(range.clone())
-            .is_some_and(|name| name.iter().zip(key).all(|(a, b)| a == b))
+            .is_some_and(|name| same_bytes(name, key))
 }
 
 /// Edits of a JSON header rewrite kept on the stack (more spill to the heap).
@@ -699,6 +739,7 @@ fn scan_binary(header: Bytes, body: Bytes) -> Option<RawCommand> {
         letters,
         fields,
         ext: ExtPlace::Binary(ext_len_at),
+        texts_checked: true,
     })
 }
 
@@ -729,6 +770,7 @@ fn scan_json(header: Bytes, body: Bytes) -> Option<RawCommand> {
         letters,
         fields,
         ext,
+        texts_checked: top.ascii,
     })
 }
 
@@ -742,6 +784,8 @@ struct JsonTop {
     object_start: usize,
     /// Located only when its fields are indexed.
     ext: Option<ExtObject>,
+    /// No byte of the header is above 0x7f.
+    ascii: bool,
 }
 
 /// Reads a JSON header's top level strictly. With `fields`, the ext object's fields are indexed
@@ -776,10 +820,12 @@ fn scan_json_top(header: &[u8], mut fields: Option<&mut Vec<Field>>) -> Option<J
         let key = at + 1..key_end - 1;
         let name = header.get(key.clone())?;
         // A key given twice decodes as its last value: not worth following here.
-        let fresh = match TOP_KEYS.iter().position(|top| *top == name) {
-            Some(bit) => {
-                let fresh = known & (1 << bit) == 0;
-                known |= 1 << bit;
+        let top_key = TopKey::of(name);
+        let fresh = match top_key {
+            Some(top) => {
+                let bit = 1u8 << top as u8;
+                let fresh = known & bit == 0;
+                known |= bit;
                 fresh
             }
             None => seen.insert(header, key),
@@ -792,11 +838,11 @@ fn scan_json_top(header: &[u8], mut fields: Option<&mut Vec<Field>>) -> Option<J
             return None;
         }
         scanner.at = skip_space_at(header, at + 1);
-        match name {
-            b"code" => code = Some(scanner.integer()?.1),
-            b"opaque" => opaque = Some(scanner.integer()?),
-            b"flag" => flag = Some(scanner.integer()?.1),
-            b"extFields" if fields.is_some() => {
+        match top_key {
+            Some(TopKey::Code) => code = Some(scanner.integer()?.1),
+            Some(TopKey::Opaque) => opaque = Some(scanner.integer()?),
+            Some(TopKey::Flag) => flag = Some(scanner.integer()?.1),
+            Some(TopKey::ExtFields) if fields.is_some() => {
                 ext = Some(scanner.ext_object(fields.as_deref_mut()?)?)
             }
             // A remark or language the relay never reads, but must be well formed to skip.
@@ -822,20 +868,40 @@ fn scan_json_top(header: &[u8], mut fields: Option<&mut Vec<Field>>) -> Option<J
         flag: flag.unwrap_or(0),
         object_start,
         ext,
+        ascii: specials.ascii,
     })
 }
 
 /// The keys of a RemotingCommand's JSON header.
-const TOP_KEYS: [&[u8]; 8] = [
-    b"code",
-    b"opaque",
-    b"flag",
-    b"extFields",
-    b"language",
-    b"version",
-    b"remark",
-    b"serializeTypeCurrentRPC",
-];
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TopKey {
+    Code,
+    Opaque,
+    Flag,
+    ExtFields,
+    Language,
+    Version,
+    Remark,
+    SerializeType,
+}
+
+impl TopKey {
+    /// Told apart by length first: one comparison per key, not one per candidate.
+    fn of(name: &[u8]) -> Option<Self> {
+        let (key, text): (Self, &[u8]) = match name.len() {
+            4 if name.first() == Some(&b'c') => (Self::Code, b"code"),
+            4 => (Self::Flag, b"flag"),
+            6 if name.first() == Some(&b'o') => (Self::Opaque, b"opaque"),
+            6 => (Self::Remark, b"remark"),
+            7 => (Self::Version, b"version"),
+            8 => (Self::Language, b"language"),
+            9 => (Self::ExtFields, b"extFields"),
+            23 => (Self::SerializeType, b"serializeTypeCurrentRPC"),
+            _ => return None,
+        };
+        same_bytes(name, text).then_some(key)
+    }
+}
 
 struct ExtObject {
     /// Where its closing brace sits.
@@ -951,6 +1017,8 @@ struct Specials {
     /// control bytes), so a scan never runs off it unnoticed.
     words: [u64; INDEX_WORDS],
     indexed: bool,
+    /// No byte is above 0x7f.
+    ascii: bool,
 }
 
 impl Specials {
@@ -960,15 +1028,19 @@ impl Specials {
             return Self {
                 words,
                 indexed: false,
+                ascii: header.is_ascii(),
             };
         }
+        let mut high = 0;
         let mut chunks = header.chunks_exact(CHUNK);
         let mut at = 0;
         for chunk in chunks.by_ref() {
             let Ok(chunk) = <&[u8; CHUNK]>::try_from(chunk) else {
                 break;
             };
-            place_chunk(&mut words, at, special_mask(chunk));
+            let (specials, above) = special_mask(chunk);
+            place_chunk(&mut words, at, specials);
+            high |= above;
             at += CHUNK;
         }
         let tail = chunks.remainder();
@@ -978,7 +1050,9 @@ impl Specials {
             if let Some(start) = padded.get_mut(..tail.len()) {
                 start.copy_from_slice(tail);
             }
-            place_chunk(&mut words, at, special_mask(&padded));
+            let (specials, above) = special_mask(&padded);
+            place_chunk(&mut words, at, specials);
+            high |= above;
             at += CHUNK;
         }
         // Whole words past the end, so the scan stops there too.
@@ -988,6 +1062,7 @@ impl Specials {
         Self {
             words,
             indexed: true,
+            ascii: high == 0,
         }
     }
 
@@ -1005,9 +1080,26 @@ impl Specials {
         }
     }
 
-    /// [`string_end`], with the index when there is one.
-    #[inline]
+    /// [`string_end`], with the index when there is one. The common string (no escape, its
+    /// closing quote in the same word) is inline: a bit scan and two byte checks.
+    #[inline(always)]
     fn string_end(&self, bytes: &[u8], start: usize) -> Option<(usize, bool)> {
+        if self.indexed && bytes.get(start) == Some(&b'"') {
+            let after = start + 1;
+            let word =
+                self.words.get(after / 64).copied().unwrap_or(0) & (u64::MAX << (after % 64));
+            if word != 0 {
+                let at = (after / 64) * 64 + word.trailing_zeros() as usize;
+                if bytes.get(at) == Some(&b'"') {
+                    return Some((at + 1, false));
+                }
+            }
+        }
+        self.string_end_slow(bytes, start)
+    }
+
+    #[inline(never)]
+    fn string_end_slow(&self, bytes: &[u8], start: usize) -> Option<(usize, bool)> {
         if !self.indexed {
             return string_end(bytes, start);
         }
@@ -1037,9 +1129,10 @@ fn place_chunk(words: &mut [u64; INDEX_WORDS], at: usize, mask: u16) {
     }
 }
 
-/// Bit `i` set when byte `i` of `chunk` is a quote, a backslash or below 0x20.
+/// Bit `i` set when byte `i` of `chunk` is a quote, a backslash or below 0x20; and bit `i` set
+/// when it is above 0x7f.
 #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
-fn special_mask(chunk: &[u8; CHUNK]) -> u16 {
+fn special_mask(chunk: &[u8; CHUNK]) -> (u16, u16) {
     use std::arch::x86_64::{
         _mm_cmpeq_epi8, _mm_loadu_si128, _mm_max_epu8, _mm_movemask_epi8, _mm_or_si128,
         _mm_set1_epi8,
@@ -1053,18 +1146,26 @@ fn special_mask(chunk: &[u8; CHUNK]) -> u16 {
         // Unsigned `byte <= 0x1f` is `max(byte, 0x1f) == 0x1f`.
         let below = _mm_set1_epi8(0x1f);
         let control = _mm_cmpeq_epi8(_mm_max_epu8(bytes, below), below);
-        _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(quote, backslash), control)) as u16
+        let specials = _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(quote, backslash), control));
+        // The sign bit of each byte is its bit 7.
+        (specials as u16, _mm_movemask_epi8(bytes) as u16)
     }
 }
 
-/// Bit `i` set when byte `i` of `chunk` is a quote, a backslash or below 0x20.
+/// Bit `i` set when byte `i` of `chunk` is a quote, a backslash or below 0x20; and bit `i` set
+/// when it is above 0x7f.
 #[cfg(not(all(target_arch = "x86_64", target_feature = "sse2")))]
-fn special_mask(chunk: &[u8; CHUNK]) -> u16 {
+fn special_mask(chunk: &[u8; CHUNK]) -> (u16, u16) {
     chunk
         .iter()
         .enumerate()
-        .filter(|(_, &byte)| byte == b'"' || byte == b'\\' || byte < 0x20)
-        .fold(0, |mask, (index, _)| mask | 1 << index)
+        .fold((0, 0), |(specials, high), (index, &byte)| {
+            let special = byte == b'"' || byte == b'\\' || byte < 0x20;
+            (
+                specials | u16::from(special) << index,
+                high | u16::from(byte > 0x7f) << index,
+            )
+        })
 }
 
 /// Past the escape sequence whose backslash is at `at`; `None` when it is not a valid one.

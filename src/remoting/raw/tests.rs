@@ -173,6 +173,7 @@ proptest! {
         let raw = RawCommand::scan(&frame_of(&command), &limits()).expect("an encoded command scans");
         prop_assert_eq!((raw.code, raw.opaque, raw.flag), (command.code, command.opaque, command.flag));
         for (key, value) in &command.ext_fields {
+            prop_assert_eq!(raw.ext_is_text(key), raw.ext(key).is_ok());
             match raw.ext(key) {
                 Ok(Some(read)) => prop_assert_eq!(read, value.as_str()),
                 Ok(None) => prop_assert!(value.is_empty()),
@@ -254,7 +255,9 @@ proptest! {
             prop_assert_eq!((head.code, head.opaque, head.flag), (decoded.code, decoded.opaque, decoded.flag));
         }
         if let Some(raw) = RawCommand::scan(&frame, &limits()) {
-            let _ = raw.ext("topic");
+            for key in ["topic", "a", "b"] {
+                prop_assert_eq!(raw.ext_is_text(key), raw.ext(key).is_ok());
+            }
             let _ = raw.rewritten(1, &[("topic", "t")]);
             if let Ok(decoded) = frame::decode_frame(frame, &limits()) {
                 prop_assert_eq!((raw.code, raw.opaque, raw.flag), (decoded.code, decoded.opaque, decoded.flag));
@@ -316,4 +319,49 @@ fn keys_given_twice_are_caught_short_or_long() {
         .collect::<Vec<_>>();
     assert!(fits[..LONGER_KEYS].iter().all(|&fresh| fresh));
     assert!(!fits[LONGER_KEYS], "past the room left, a key is declined");
+}
+
+#[test]
+fn the_header_keys_are_told_apart_exactly() {
+    let keys = [
+        ("code", TopKey::Code),
+        ("opaque", TopKey::Opaque),
+        ("flag", TopKey::Flag),
+        ("extFields", TopKey::ExtFields),
+        ("language", TopKey::Language),
+        ("version", TopKey::Version),
+        ("remark", TopKey::Remark),
+        ("serializeTypeCurrentRPC", TopKey::SerializeType),
+    ];
+    for (name, key) in keys {
+        assert_eq!(TopKey::of(name.as_bytes()), Some(key), "{name}");
+    }
+    for other in [
+        "",
+        "cod",
+        "codE",
+        "flat",
+        "opaquE",
+        "remarks",
+        "Version",
+        "extfields",
+        "x",
+    ] {
+        assert_eq!(TopKey::of(other.as_bytes()), None, "{other}");
+    }
+}
+
+#[test]
+fn bytes_compare_equal_exactly_at_every_length() {
+    let text: Vec<u8> = (0..40u8).collect();
+    for len in 0..30 {
+        let a = &text[..len];
+        assert!(same_bytes(a, &text[..len]), "{len}");
+        assert!(!same_bytes(a, &text[..len + 1]), "{len}: lengths differ");
+        for flip in 0..len {
+            let mut b = a.to_vec();
+            b[flip] ^= 1;
+            assert!(!same_bytes(a, &b), "{len}: byte {flip} differs");
+        }
+    }
 }
