@@ -286,7 +286,8 @@ impl DirectSends {
             &action.cluster,
             &action,
             |endpoint| action.writable(endpoint),
-            |address| self.proxy.upstreams.connectable(address),
+            // An open lane proves its endpoint reachable without a look at the shared pools.
+            |address| self.has_open_lane(address) || self.proxy.upstreams.connectable(address),
             &[],
         )?;
         // An open lane knows its pool (no lookup) and proves the endpoint reachable (no backoff
@@ -315,6 +316,12 @@ impl DirectSends {
             keys,
             queues,
         })
+    }
+
+    fn has_open_lane(&self, address: SocketAddr) -> bool {
+        self.lanes
+            .iter()
+            .any(|lane| lane.address == address && matches!(lane.state, LaneState::Open(_)))
     }
 
     /// The lane to `pool`'s endpoint, opened if there is none. `None` while an older lane to the
@@ -600,8 +607,9 @@ impl DirectSends {
         if code == ResponseCode::SUCCESS.0
             && let Ok(Some(topic)) = pending.request.ext(pending.topic_key)
         {
-            self.proxy.stats.messages_in(topic, pending.messages);
-            self.proxy.stats.send_cost(topic, elapsed);
+            self.proxy
+                .stats
+                .messages_sent(topic, pending.messages, elapsed);
         }
         self.proxy.stats.response(code);
         self.proxy.stats.request_ended();

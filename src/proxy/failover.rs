@@ -81,6 +81,15 @@ impl ClusterRuntime {
                 && !tried.contains(&endpoint.address)
                 && action.endpoints().any(|e| Arc::ptr_eq(e, endpoint))
         };
+        // The common case: every endpoint may take it, and nothing is to be excluded.
+        if cluster
+            .endpoints
+            .iter()
+            .all(|endpoint| allowed(endpoint) && connectable(endpoint.address))
+        {
+            let picked = self.balancer.pick_excluding(&mut ThreadRandom, &[])?;
+            return self.endpoint_for(cluster, picked);
+        }
         let mut exclude: Vec<SocketAddr> = cluster
             .endpoints
             .iter()
@@ -107,6 +116,16 @@ impl ClusterRuntime {
                     })
                     .flatten()
             })?;
+        self.endpoint_for(cluster, picked)
+    }
+
+    /// The endpoint the balancer picked; `None` (and the pick given back) if the cluster no
+    /// longer has it.
+    fn endpoint_for(
+        &self,
+        cluster: &Cluster,
+        picked: Picked<SocketAddr>,
+    ) -> Option<(Arc<Endpoint>, Picked<SocketAddr>)> {
         let endpoint = cluster
             .endpoints
             .iter()
