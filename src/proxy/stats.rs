@@ -302,6 +302,12 @@ impl ByTopicAndGroup {
     }
 }
 
+#[derive(Default)]
+struct TopicSends {
+    messages: AtomicU64,
+    cost: Histogram,
+}
+
 /// Everything the sidecar counts.
 pub struct ProxyStats {
     requests: ByCode,
@@ -311,9 +317,9 @@ pub struct ProxyStats {
     connections_active: AtomicI64,
     requests_active: AtomicI64,
     requests_pending: AtomicI64,
-    messages_in: ByTopic<AtomicU64>,
+    /// `rocketmq_messages_in_total` and `rocketmq_send_cost_time`: one lookup per send.
+    sends: ByTopic<TopicSends>,
     messages_out: ByTopicAndGroup,
-    send_cost: ByTopic<Histogram>,
     hosts: DashMap<SocketAddr, Arc<HostStats>, foldhash::fast::RandomState>,
 }
 
@@ -413,9 +419,11 @@ impl ProxyStats {
             connections_active: AtomicI64::new(0),
             requests_active: AtomicI64::new(0),
             requests_pending: AtomicI64::new(0),
-            messages_in: ByTopic::new("rocketmq_messages_in_total", max_topic_series),
+            sends: ByTopic::new(
+                "rocketmq_messages_in_total and rocketmq_send_cost_time",
+                max_topic_series,
+            ),
             messages_out: ByTopicAndGroup::new("rocketmq_messages_out_total", max_topic_series),
-            send_cost: ByTopic::new("rocketmq_send_cost_time", max_topic_series),
             hosts: DashMap::default(),
         }
     }
@@ -458,30 +466,25 @@ impl ProxyStats {
 
     /// Hands back table space left by forgotten topics (hash tables keep their peak size).
     pub fn shrink(&self) {
-        self.messages_in.shrink();
-        self.send_cost.shrink();
+        self.sends.shrink();
         self.messages_out.shrink();
     }
 
     /// Drops a topic's series (its route was given up): stats follow the topics in use.
     pub fn forget_topic(&self, topic: &str) {
-        self.messages_in.forget(topic);
+        self.sends.forget(topic);
         self.messages_out.forget(topic);
-        self.send_cost.forget(topic);
     }
 
-    pub fn messages_in(&self, topic: &str, count: u64) {
-        self.messages_in
-            .get(topic)
-            .fetch_add(count, Ordering::Relaxed);
+    /// A send of `count` messages to `topic` was stored, `elapsed` after it arrived.
+    pub fn messages_sent(&self, topic: &str, count: u64, elapsed: Duration) {
+        let sends = self.sends.get(topic);
+        sends.messages.fetch_add(count, Ordering::Relaxed);
+        sends.cost.record(elapsed);
     }
 
     pub fn messages_out(&self, topic: &str, group: &str, count: u64) {
         self.messages_out.add(topic, group, count);
-    }
-
-    pub fn send_cost(&self, topic: &str, elapsed: Duration) {
-        self.send_cost.get(topic).record(elapsed);
     }
 
     /// The stats of one endpoint, created on first use.
@@ -521,8 +524,8 @@ impl ProxyStats {
     }
 
     pub fn messages_in_by_topic(&self) -> Vec<(String, u64)> {
-        self.messages_in
-            .read(|counter| counter.load(Ordering::Relaxed))
+        self.sends
+            .read(|sends| sends.messages.load(Ordering::Relaxed))
     }
 
     pub fn messages_out_by_topic_group(&self) -> Vec<((String, String), u64)> {
@@ -530,7 +533,7 @@ impl ProxyStats {
     }
 
     pub fn send_cost_by_topic(&self) -> Vec<(String, HistogramSnapshot)> {
-        self.send_cost.read(Histogram::snapshot)
+        self.sends.read(|sends| sends.cost.snapshot())
     }
 
     pub fn hosts(&self) -> Vec<Arc<HostStats>> {
@@ -582,8 +585,7 @@ mod tests {
     fn topics_past_the_series_limit_count_as_other() {
         let stats = ProxyStats::new(2);
         for topic in ["a", "b", "c", "d", "a"] {
-            stats.messages_in(topic, 1);
-            stats.send_cost(topic, Duration::from_millis(1));
+            stats.messages_sent(topic, 1, Duration::from_millis(1));
             stats.messages_out(topic, "g", 2);
         }
         stats.messages_out("a", "h", 2);
