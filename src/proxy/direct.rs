@@ -42,7 +42,9 @@ use crate::remoting::{FLAG_ONEWAY, RequestCode, ResponseCode};
 /// (or `COALESCE_BYTES` gather): a deep pipeline is clocked by its answers, so sends go out in
 /// batches, as they do from an L4 proxy that reads late. A shallow one writes at once.
 const COALESCE_DEPTH: usize = 8;
-const COALESCE_BYTES: usize = 32 * 1024;
+/// Measured (same-run A/B, send 4×64): 16 KiB spent ~4% less CPU per send than 32 KiB, 64 KiB
+/// ~10% more; holding sends longer idles the broker between batches.
+const COALESCE_BYTES: usize = 16 * 1024;
 /// Bytes a lane reads per turn before it lets the connection's other work run.
 const READ_TURN: usize = 256 * 1024;
 const READ_CHUNK: usize = 16 * 1024;
