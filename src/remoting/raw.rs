@@ -238,8 +238,8 @@ impl RawCommand {
         }
     }
 
-    /// The rewritten request's whole frame appended to `dst`, with no copy of the header in
-    /// between: what a relay that owns its upstream buffer writes. `scratch` is reused space.
+    /// The rewritten request's whole frame appended to `dst`: [`RawCommand::write_relayed_head`]
+    /// and the body after it.
     pub fn write_relayed(
         &self,
         opaque: i32,
@@ -248,12 +248,14 @@ impl RawCommand {
         scratch: &mut Vec<u8>,
         dst: &mut BytesMut,
     ) -> Result<(), CodecError> {
-        self.rewrite_into(opaque, changes, scratch);
-        write_frame(self.serialize_type, scratch, &self.body, limits, dst)
+        self.write_relayed_head(opaque, changes, limits, scratch, dst)?;
+        dst.extend_from_slice(&self.body);
+        Ok(())
     }
 
-    /// As [`RawCommand::write_relayed`], up to the body: for a writer that queues the body by
-    /// reference.
+    /// The rewritten request's frame up to its body, appended to `dst` with no copy of the
+    /// header in between: for a writer that queues the body by reference. `scratch` is reused
+    /// space.
     pub fn write_relayed_head(
         &self,
         opaque: i32,
