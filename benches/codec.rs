@@ -190,5 +190,32 @@ fn codec(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, codec);
+/// The headers the load tool's sends and the bundled broker's answers carry, as captured on the
+/// wire: the sidecar scans one of each per message.
+const SEND_HEADER: &str = r#"{"code":310,"extFields":{"a":"bench_producer","b":"AbTopic","c":"TBW102","d":"4","e":"1","f":"0","g":"1796586999283","h":"0","i":"WAIT\u0001true\u0002"},"flag":0,"language":"JAVA","opaque":2,"serializeTypeCurrentRPC":"JSON","version":479}"#;
+const ANSWER_HEADER: &str = r#"{"code":0,"extFields":{"MSG_REGION":"DefaultRegion","TRACE_ON":"true","msgId":"7F00000100004D620000000000000000","queueId":"1","queueOffset":"0","transactionId":"7F0000015C28304D23671E075DF40001"},"flag":1,"language":"JAVA","opaque":2,"serializeTypeCurrentRPC":"JSON","version":479}"#;
+
+fn json_frame(header: &str) -> Bytes {
+    let mut frame = (header.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(header.as_bytes());
+    frame.extend_from_slice(&[b'x'; 1024]);
+    Bytes::from(frame)
+}
+
+fn scans(c: &mut Criterion) {
+    let mut group = c.benchmark_group("scan_captured_headers");
+    group.throughput(Throughput::Elements(1));
+    let limits = FrameLimits::default();
+    let send = json_frame(SEND_HEADER);
+    let answer = json_frame(ANSWER_HEADER);
+    group.bench_function("send_request_scan", |b| {
+        b.iter(|| black_box(RawCommand::scan(black_box(&send), &limits).expect("scan")))
+    });
+    group.bench_function("send_answer_head_scan", |b| {
+        b.iter(|| black_box(RawHead::scan(black_box(&answer), &limits).expect("scan")))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, codec, scans);
 criterion_main!(benches);

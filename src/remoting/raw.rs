@@ -82,6 +82,41 @@ fn index_letters(header: &[u8], fields: &[Field]) -> Option<[u16; LETTERS]> {
     Some(letters)
 }
 
+/// As [`index_letters`], and `None` as well when a key is given twice (it decodes as its last
+/// value: not worth following here) or more than [`LONGER_KEYS`] keys are longer than a letter.
+fn index_json_keys(header: &[u8], fields: &[Field]) -> Option<[u16; LETTERS]> {
+    let mut letters = [0u16; LETTERS];
+    let mut singles = [0u64; 4];
+    let mut longer_count = 0;
+    for (index, field) in fields.iter().enumerate() {
+        match header.get(field.key.clone())? {
+            &[byte] => {
+                let (word, bit) = (
+                    singles.get_mut(usize::from(byte / 64))?,
+                    1u64 << (byte % 64),
+                );
+                if *word & bit != 0 {
+                    return None;
+                }
+                *word |= bit;
+                if let Some(slot) = letters.get_mut(usize::from(byte.wrapping_sub(b'a'))) {
+                    *slot = u16::try_from(index + 1).ok()?;
+                }
+            }
+            name => {
+                longer_count += 1;
+                let earlier = fields.get(..index)?;
+                if longer_count > LONGER_KEYS
+                    || earlier.iter().any(|other| is_key(header, &other.key, name))
+                {
+                    return None;
+                }
+            }
+        }
+    }
+    Some(letters)
+}
+
 /// Where a new ext field is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ExtPlace {
@@ -760,7 +795,7 @@ fn scan_json(header: Bytes, body: Bytes) -> Option<RawCommand> {
         Some(ExtObject { close, .. }) => ExtPlace::JsonEmpty(close),
         None => ExtPlace::JsonMissing(top.object_start),
     };
-    let letters = index_letters(&header, &fields)?;
+    let letters = index_json_keys(&header, &fields)?;
     Some(RawCommand {
         serialize_type: SerializeType::Json,
         code: top.code,
@@ -794,10 +829,98 @@ struct JsonTop {
 /// into it; without, the ext object is only checked to be well formed and skipped.
 fn scan_json_top(header: &[u8], mut fields: Option<&mut Vec<Field>>) -> Option<JsonTop> {
     let specials = Specials::index(header);
+    if let Some(top) = scan_sorted_top(header, fields.as_deref_mut(), &specials) {
+        return Some(top);
+    }
+    if let Some(fields) = fields.as_deref_mut() {
+        fields.clear();
+    }
+    scan_any_top(header, fields, &specials)
+}
+
+/// The top level as our encoder, Java's fastjson, jsoncpp and serde write it: no whitespace, and
+/// each key once, in sorted order. A key then is known by its first letter and one comparison,
+/// and order alone proves it unique. `None` when the header is not written so (or is malformed):
+/// [`scan_any_top`] reads it then.
+fn scan_sorted_top(
+    header: &[u8],
+    mut fields: Option<&mut Vec<Field>>,
+    specials: &Specials,
+) -> Option<JsonTop> {
     let mut scanner = Json {
         bytes: header,
         at: 0,
-        specials: &specials,
+        specials,
+    };
+    if header.first() != Some(&b'{') {
+        return None;
+    }
+    let (mut code, mut opaque, mut flag) = (None, None, None);
+    let mut ext = None;
+    let mut at = 1;
+    let mut next_rank = 0;
+    loop {
+        let key = match *header.get(at + 1)? {
+            b'c' => TopKey::Code,
+            b'e' => TopKey::ExtFields,
+            b'f' => TopKey::Flag,
+            b'l' => TopKey::Language,
+            b'o' => TopKey::Opaque,
+            b'r' => TopKey::Remark,
+            b's' => TopKey::SerializeType,
+            b'v' => TopKey::Version,
+            _ => return None,
+        };
+        let rank = key.sorted_rank();
+        let literal = key.quoted_with_colon();
+        if rank < next_rank || !same_bytes(header.get(at..at + literal.len())?, literal) {
+            return None;
+        }
+        next_rank = rank + 1;
+        scanner.at = at + literal.len();
+        match key {
+            TopKey::Code => code = Some(scanner.integer()?.1),
+            TopKey::Opaque => opaque = Some(scanner.integer()?),
+            TopKey::Flag => flag = Some(scanner.integer()?.1),
+            TopKey::ExtFields if fields.is_some() => {
+                ext = Some(scanner.ext_object(fields.as_deref_mut()?)?)
+            }
+            _ => {
+                scanner.value()?;
+            }
+        }
+        at = scanner.at;
+        match *header.get(at)? {
+            b',' => at += 1,
+            b'}' => break,
+            _ => return None,
+        }
+    }
+    if at + 1 != header.len() {
+        return None;
+    }
+    let (opaque_at, opaque) = opaque?;
+    Some(JsonTop {
+        code: code?,
+        opaque,
+        opaque_at,
+        flag: flag.unwrap_or(0),
+        object_start: 1,
+        ext,
+        ascii: specials.ascii,
+    })
+}
+
+/// Reads a JSON header's top level strictly, keys in any order and with any whitespace.
+fn scan_any_top(
+    header: &[u8],
+    mut fields: Option<&mut Vec<Field>>,
+    specials: &Specials,
+) -> Option<JsonTop> {
+    let mut scanner = Json {
+        bytes: header,
+        at: 0,
+        specials,
     };
     let mut at = skip_space_at(header, 0);
     if *header.get(at)? != b'{' {
@@ -902,6 +1025,34 @@ impl TopKey {
             _ => return None,
         };
         same_bytes(name, text).then_some(key)
+    }
+
+    /// Where the key comes in a header whose keys are sorted.
+    fn sorted_rank(self) -> usize {
+        match self {
+            Self::Code => 0,
+            Self::ExtFields => 1,
+            Self::Flag => 2,
+            Self::Language => 3,
+            Self::Opaque => 4,
+            Self::Remark => 5,
+            Self::SerializeType => 6,
+            Self::Version => 7,
+        }
+    }
+
+    /// The key as a member starts: quoted, then its colon.
+    fn quoted_with_colon(self) -> &'static [u8] {
+        match self {
+            Self::Code => b"\"code\":",
+            Self::ExtFields => b"\"extFields\":",
+            Self::Flag => b"\"flag\":",
+            Self::Language => b"\"language\":",
+            Self::Opaque => b"\"opaque\":",
+            Self::Remark => b"\"remark\":",
+            Self::SerializeType => b"\"serializeTypeCurrentRPC\":",
+            Self::Version => b"\"version\":",
+        }
     }
 }
 
@@ -1008,7 +1159,9 @@ fn string_end(bytes: &[u8], start: usize) -> Option<(usize, bool)> {
 /// Headers up to this long get a [`Specials`] index; longer ones (rare) are scanned string by
 /// string.
 const INDEXED_HEADER: usize = 1024;
-const INDEX_WORDS: usize = INDEXED_HEADER / 64;
+const BLOCK: usize = 64;
+const INDEX_WORDS: usize = INDEXED_HEADER / BLOCK;
+/// What one SSE2 compare covers.
 const CHUNK: usize = 16;
 
 /// One bit per header byte that is a quote, a backslash or a control byte, found 16 bytes at a
@@ -1025,41 +1178,37 @@ struct Specials {
 
 impl Specials {
     fn index(header: &[u8]) -> Self {
-        let mut words = [0u64; INDEX_WORDS];
         if header.len() > INDEXED_HEADER {
             return Self {
-                words,
+                words: [0; INDEX_WORDS],
                 indexed: false,
                 ascii: header.is_ascii(),
             };
         }
+        // Words past the header's end stay marked.
+        let mut words = [u64::MAX; INDEX_WORDS];
         let mut high = 0;
-        let mut chunks = header.chunks_exact(CHUNK);
-        let mut at = 0;
-        for chunk in chunks.by_ref() {
-            let Ok(chunk) = <&[u8; CHUNK]>::try_from(chunk) else {
+        let mut blocks = header.chunks_exact(BLOCK);
+        for (word, block) in words.iter_mut().zip(blocks.by_ref()) {
+            let Ok(block) = <&[u8; BLOCK]>::try_from(block) else {
                 break;
             };
-            let (specials, above) = special_mask(chunk);
-            place_chunk(&mut words, at, specials);
+            let (specials, above) = special_mask(block);
+            *word = specials;
             high |= above;
-            at += CHUNK;
         }
-        let tail = chunks.remainder();
+        let tail = blocks.remainder();
         if !tail.is_empty() {
             // Zero bytes are control bytes: the padding is marked.
-            let mut padded = [0u8; CHUNK];
+            let mut padded = [0u8; BLOCK];
             if let Some(start) = padded.get_mut(..tail.len()) {
                 start.copy_from_slice(tail);
             }
             let (specials, above) = special_mask(&padded);
-            place_chunk(&mut words, at, specials);
+            if let Some(word) = words.get_mut(header.len() / BLOCK) {
+                *word = specials;
+            }
             high |= above;
-            at += CHUNK;
-        }
-        // Whole words past the end, so the scan stops there too.
-        for word in words.iter_mut().skip(at.div_ceil(64)) {
-            *word = u64::MAX;
         }
         Self {
             words,
@@ -1124,48 +1273,53 @@ impl Specials {
     }
 }
 
-#[inline]
-fn place_chunk(words: &mut [u64; INDEX_WORDS], at: usize, mask: u16) {
-    if let Some(word) = words.get_mut(at / 64) {
-        *word |= u64::from(mask) << (at % 64);
-    }
-}
-
-/// Bit `i` set when byte `i` of `chunk` is a quote, a backslash or below 0x20; and bit `i` set
-/// when it is above 0x7f.
+/// Bit `i` set when byte `i` of `block` is a quote, a backslash or below 0x20; and a second mask
+/// that is not zero when any byte is above 0x7f.
 #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
-fn special_mask(chunk: &[u8; CHUNK]) -> (u16, u16) {
+#[inline]
+fn special_mask(block: &[u8; BLOCK]) -> (u64, u16) {
     use std::arch::x86_64::{
         _mm_cmpeq_epi8, _mm_loadu_si128, _mm_max_epu8, _mm_movemask_epi8, _mm_or_si128,
-        _mm_set1_epi8,
+        _mm_set1_epi8, _mm_setzero_si128,
     };
-    // SAFETY: the cfg above makes SSE2 present, and the unaligned load reads exactly the 16
-    // bytes `chunk` borrows.
+    let mut specials = 0u64;
+    // SAFETY: the cfg above makes SSE2 present, and each unaligned load reads 16 of the 64
+    // bytes `block` borrows.
     unsafe {
-        let bytes = _mm_loadu_si128(chunk.as_ptr().cast());
-        let quote = _mm_cmpeq_epi8(bytes, _mm_set1_epi8(b'"' as i8));
-        let backslash = _mm_cmpeq_epi8(bytes, _mm_set1_epi8(b'\\' as i8));
+        let quote = _mm_set1_epi8(b'"' as i8);
+        let backslash = _mm_set1_epi8(b'\\' as i8);
         // Unsigned `byte <= 0x1f` is `max(byte, 0x1f) == 0x1f`.
         let below = _mm_set1_epi8(0x1f);
-        let control = _mm_cmpeq_epi8(_mm_max_epu8(bytes, below), below);
-        let specials = _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(quote, backslash), control));
+        let mut high = _mm_setzero_si128();
+        for (index, chunk) in block.chunks_exact(CHUNK).enumerate() {
+            let bytes = _mm_loadu_si128(chunk.as_ptr().cast());
+            let marked = _mm_or_si128(
+                _mm_or_si128(
+                    _mm_cmpeq_epi8(bytes, quote),
+                    _mm_cmpeq_epi8(bytes, backslash),
+                ),
+                _mm_cmpeq_epi8(_mm_max_epu8(bytes, below), below),
+            );
+            specials |= u64::from(_mm_movemask_epi8(marked) as u16) << (index * CHUNK);
+            high = _mm_or_si128(high, bytes);
+        }
         // The sign bit of each byte is its bit 7.
-        (specials as u16, _mm_movemask_epi8(bytes) as u16)
+        (specials, _mm_movemask_epi8(high) as u16)
     }
 }
 
-/// Bit `i` set when byte `i` of `chunk` is a quote, a backslash or below 0x20; and bit `i` set
-/// when it is above 0x7f.
+/// Bit `i` set when byte `i` of `block` is a quote, a backslash or below 0x20; and a second mask
+/// that is not zero when any byte is above 0x7f.
 #[cfg(not(all(target_arch = "x86_64", target_feature = "sse2")))]
-fn special_mask(chunk: &[u8; CHUNK]) -> (u16, u16) {
-    chunk
+fn special_mask(block: &[u8; BLOCK]) -> (u64, u16) {
+    block
         .iter()
         .enumerate()
         .fold((0, 0), |(specials, high), (index, &byte)| {
             let special = byte == b'"' || byte == b'\\' || byte < 0x20;
             (
-                specials | u16::from(special) << index,
-                high | u16::from(byte > 0x7f) << index,
+                specials | u64::from(special) << index,
+                high | u16::from(byte > 0x7f),
             )
         })
 }
@@ -1315,8 +1469,8 @@ impl Json<'_> {
         }
     }
 
-    /// The ext object's members indexed into `fields`; a key given twice is refused (it decodes
-    /// as its last value: not worth following here). Members are nearly always `"k":"v"`: read
+    /// The ext object's members indexed into `fields` (keys given twice are looked for once
+    /// all are in: see [`index_json_keys`]). Members are nearly always `"k":"v"`: read
     /// with the position in a local, with one call per string.
     fn ext_object(&mut self, fields: &mut Vec<Field>) -> Option<ExtObject> {
         let bytes = self.bytes;
@@ -1333,7 +1487,6 @@ impl Json<'_> {
                 members: false,
             });
         }
-        let mut seen = SeenKeys::default();
         loop {
             at = skip_space_at(bytes, at);
             let (key_end, escaped) = self.specials.string_end(bytes, at)?;
@@ -1341,9 +1494,6 @@ impl Json<'_> {
                 return None;
             }
             let key = at + 1..key_end - 1;
-            if !seen.insert(bytes, key.clone()) {
-                return None;
-            }
             at = skip_space_at(bytes, key_end);
             if *bytes.get(at)? != b':' {
                 return None;

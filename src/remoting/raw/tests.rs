@@ -118,6 +118,8 @@ fn what_the_scanner_does_not_vouch_for_is_declined() {
         r#"{"code":10,"opaque":1.5}"#,
         r#"{"code":10}"#,
         r#"{"code":10,"opaque":1,"extFields":{"a":"1","a":"2"}}"#,
+        r#"{"code":10,"opaque":1,"extFields":{"topic":"1","a":"2","topic":"3"}}"#,
+        r#"{"code":10,"extFields":{"topic":"1","a":"2","topic":"3"},"opaque":1}"#,
         r#"{"code":10,"opaque":1,"extFields":null}"#,
         r#"{"code":10,"opaque":1,"extFields":{"a\"b":"1"}}"#,
         r#"{"code":10,"opaque":1} x"#,
@@ -181,6 +183,28 @@ proptest! {
             }
         }
         prop_assert_eq!(raw.decode().expect("decodes"), frame::decode_frame(frame_of(&command), &limits()).expect("decodes"));
+    }
+
+    /// What our encoder writes takes the sorted-keys path, and that path reads exactly what the
+    /// general one reads, for requests (ext fields indexed) and answers (skipped) alike.
+    #[test]
+    fn sorted_headers_read_as_the_general_scan_reads_them(command in command()) {
+        prop_assume!(command.serialize_type == SerializeType::Json);
+        let frame = frame_of(&command);
+        let (_, header, _) = split_header(&frame, &limits()).expect("splits");
+        let specials = Specials::index(&header);
+        for indexed in [false, true] {
+            let (mut sorted_fields, mut any_fields) = (Vec::new(), Vec::new());
+            let sorted = scan_sorted_top(&header, indexed.then_some(&mut sorted_fields), &specials)
+                .expect("our encoder sorts its keys");
+            let any = scan_any_top(&header, indexed.then_some(&mut any_fields), &specials).expect("scans");
+            prop_assert_eq!(
+                (sorted.code, sorted.opaque, sorted.opaque_at, sorted.flag, sorted.object_start, sorted.ascii),
+                (any.code, any.opaque, any.opaque_at, any.flag, any.object_start, any.ascii)
+            );
+            prop_assert_eq!(sorted.ext.map(|ext| (ext.close, ext.members)), any.ext.map(|ext| (ext.close, ext.members)));
+            prop_assert_eq!(sorted_fields, any_fields);
+        }
     }
 
     /// A rewrite decodes to the original with exactly the changes applied, and writing the old
@@ -299,6 +323,47 @@ proptest! {
             prop_assert_eq!(specials.string_end(&text, quote), string_end(&text, quote));
         }
     }
+}
+
+#[test]
+fn headers_not_written_sorted_are_read_by_the_general_scan() {
+    for (header, sorted) in [
+        (r#"{"code":1,"flag":0,"opaque":7}"#, true),
+        (r#"{"opaque":7,"code":1}"#, false),
+        (r#"{ "code":1,"opaque":7}"#, false),
+        (r#"{"code":1, "opaque":7}"#, false),
+        (r#"{"code":1,"opaque":7,"remark":null,"version":1}"#, true),
+        (r#"{"code":1,"opaque":7,"opaque":8}"#, false),
+        (r#"{"code":1,"opaque":7,"code":2}"#, false),
+        (r#"{"code":1,"opaque":7} "#, false),
+    ] {
+        let specials = Specials::index(header.as_bytes());
+        assert_eq!(
+            scan_sorted_top(header.as_bytes(), None, &specials).is_some(),
+            sorted,
+            "{header}"
+        );
+        let general = scan_any_top(header.as_bytes(), None, &specials);
+        let scanned = RawHead::scan(&json_frame(header, b""), &limits());
+        assert_eq!(
+            scanned.map(|head| head.opaque),
+            general.map(|top| top.opaque),
+            "{header}"
+        );
+    }
+}
+
+#[test]
+fn ext_objects_with_more_long_keys_than_indexed_are_declined() {
+    let ext = |count: usize| {
+        (0..count)
+            .map(|index| format!(r#""key{index}":"v""#))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let header = |count| format!(r#"{{"code":10,"extFields":{{{}}},"opaque":1}}"#, ext(count));
+    assert!(RawCommand::scan(&json_frame(&header(LONGER_KEYS), b""), &limits()).is_some());
+    assert!(RawCommand::scan(&json_frame(&header(LONGER_KEYS + 1), b""), &limits()).is_none());
 }
 
 #[test]
