@@ -381,26 +381,23 @@ impl RawCommand {
             self.opaque_at.clone(),
             JsonEdit::Bytes(digits.format(opaque).as_bytes()),
         ));
-        let mut added = Vec::new();
+        let mut missing = false;
         for (key, value) in changes {
             match self.field(key) {
                 Some(field) => push((field.value.clone(), JsonEdit::String(value))),
-                None => {
-                    if matches!(self.ext, ExtPlace::JsonMembers(_)) || !added.is_empty() {
-                        added.push(b',');
-                    }
-                    push_json_string(&mut added, key);
-                    added.push(b':');
-                    push_json_string(&mut added, value);
-                }
+                None => missing = true,
             }
         }
-        if !added.is_empty() {
+        if missing {
             match self.ext {
-                ExtPlace::JsonMembers(at) | ExtPlace::JsonEmpty(at) => {
-                    push((at..at, JsonEdit::Bytes(&added)))
-                }
-                ExtPlace::JsonMissing(at) => push((at..at, JsonEdit::ExtObject(&added))),
+                ExtPlace::JsonMembers(at) => push((at..at, JsonEdit::Added { after_member: true })),
+                ExtPlace::JsonEmpty(at) => push((
+                    at..at,
+                    JsonEdit::Added {
+                        after_member: false,
+                    },
+                )),
+                ExtPlace::JsonMissing(at) => push((at..at, JsonEdit::ExtObject)),
                 ExtPlace::Binary(_) => {}
             }
         }
@@ -409,7 +406,7 @@ impl RawCommand {
         } else {
             &mut spilled[..]
         };
-        edits.sort_unstable_by_key(|(range, _)| (range.start, range.end));
+        sort_edits(edits);
         out.reserve(old.len() + 64);
         let mut at = 0;
         for (range, edit) in edits.iter() {
@@ -421,15 +418,35 @@ impl RawCommand {
             match edit {
                 JsonEdit::Bytes(bytes) => out.extend_from_slice(bytes),
                 JsonEdit::String(value) => push_json_string(out, value),
-                JsonEdit::ExtObject(members) => {
+                JsonEdit::Added { after_member } => {
+                    self.write_added_members(changes, *after_member, out)
+                }
+                JsonEdit::ExtObject => {
                     out.extend_from_slice(b"\"extFields\":{");
-                    out.extend_from_slice(members);
+                    self.write_added_members(changes, false, out);
                     out.extend_from_slice(b"},");
                 }
             }
             at = range.end;
         }
         out.extend_from_slice(old.get(at..).unwrap_or_default());
+    }
+
+    /// The changes whose keys the header lacks, as JSON members, comma separated.
+    fn write_added_members(&self, changes: &[(&str, &str)], after_member: bool, out: &mut Vec<u8>) {
+        let mut comma = after_member;
+        for (key, value) in changes {
+            if self.field(key).is_some() {
+                continue;
+            }
+            if comma {
+                out.push(b',');
+            }
+            push_json_string(out, key);
+            out.push(b':');
+            push_json_string(out, value);
+            comma = true;
+        }
     }
 
     /// `out` must be empty: positions in it are the header's.
@@ -656,8 +673,26 @@ enum JsonEdit<'a> {
     Bytes(&'a [u8]),
     /// A value, written as a JSON string.
     String(&'a str),
-    /// Members for a header without an ext object: written as a whole `extFields` member.
-    ExtObject(&'a [u8]),
+    /// The changes whose keys are missing, as members of the ext object.
+    Added {
+        after_member: bool,
+    },
+    /// The same for a header without an ext object: written as a whole `extFields` member.
+    ExtObject,
+}
+
+/// Sorted by span: an insertion sort, as a relay makes two to four edits.
+fn sort_edits(edits: &mut [(Range<usize>, JsonEdit)]) {
+    for index in 1..edits.len() {
+        let mut at = index;
+        while at > 0
+            && edits.get(at - 1).map(|(range, _)| (range.start, range.end))
+                > edits.get(at).map(|(range, _)| (range.start, range.end))
+        {
+            edits.swap(at - 1, at);
+            at -= 1;
+        }
+    }
 }
 
 fn write_frame(
