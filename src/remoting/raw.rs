@@ -1505,9 +1505,65 @@ impl Json<'_> {
     }
 
     /// The ext object's members indexed into `fields` (keys given twice are looked for once
-    /// all are in: see [`index_json_keys`]). Members are nearly always `"k":"v"`: read
-    /// with the position in a local, with one call per string.
+    /// all are in: see [`index_json_keys`]).
     fn ext_object(&mut self, fields: &mut Vec<Field>) -> Option<ExtObject> {
+        if let Some(ext) = self.letter_ext_object(fields) {
+            return Some(ext);
+        }
+        fields.clear();
+        self.any_ext_object(fields)
+    }
+
+    /// An ext object as Java's compact send header (`SendMessageRequestHeaderV2`) is written:
+    /// one-letter keys in ascending order, string values, no whitespace. A key is then one
+    /// four-byte comparison (`"a":`), and its order proves it unique. `None` when the object is
+    /// written any other way, for [`Json::any_ext_object`] to read; `fields` may hold some
+    /// members then.
+    fn letter_ext_object(&mut self, fields: &mut Vec<Field>) -> Option<ExtObject> {
+        let bytes = self.bytes;
+        let mut at = self.at;
+        if bytes.get(at) != Some(&b'{') {
+            return None;
+        }
+        at += 1;
+        let mut last = 0;
+        loop {
+            let &[b'"', letter, b'"', b':', b'"'] = bytes.get(at..at + 5)? else {
+                return None;
+            };
+            if !letter.is_ascii_lowercase() || letter <= last {
+                return None;
+            }
+            last = letter;
+            let start = at + 4;
+            let (end, escaped) = self.specials.string_end(bytes, start)?;
+            fields.push(Field {
+                key: at + 1..at + 2,
+                value: start..end,
+                value_len_at: 0,
+                kind: if escaped {
+                    ValueKind::Opaque
+                } else {
+                    ValueKind::Plain
+                },
+            });
+            match bytes.get(end) {
+                Some(b',') => at = end + 1,
+                Some(b'}') => {
+                    self.at = end + 1;
+                    return Some(ExtObject {
+                        close: end,
+                        members: true,
+                    });
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// The ext object's members, written any way JSON allows: read with the position in a
+    /// local, with one call per string.
+    fn any_ext_object(&mut self, fields: &mut Vec<Field>) -> Option<ExtObject> {
         let bytes = self.bytes;
         let mut at = self.at;
         if *bytes.get(at)? != b'{' {

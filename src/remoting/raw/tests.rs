@@ -207,6 +207,30 @@ proptest! {
         }
     }
 
+    /// An ext object of one-letter keys, as Java's compact send header is written, takes the
+    /// letter path, and that path indexes exactly what the general walk indexes.
+    #[test]
+    fn letter_keyed_ext_objects_index_as_the_general_walk_does(
+        ext in proptest::collection::btree_map("[a-p]", text(), 1..12),
+        opaque in any::<i32>(),
+    ) {
+        let command = RemotingCommand {
+            ext_fields: ext.into_iter().collect::<ExtFields>(),
+            ..RemotingCommand::request(crate::remoting::RequestCode::SEND_MESSAGE_V2, opaque)
+        };
+        let frame = frame_of(&command);
+        let (_, header, _) = split_header(&frame, &limits()).expect("splits");
+        let at = header.windows(12).position(|window| window == b"\"extFields\":").expect("has ext") + 12;
+        let specials = Specials::index(&header);
+        let (mut letter_fields, mut any_fields) = (Vec::new(), Vec::new());
+        let mut letters = Json { bytes: &header, at, specials: &specials };
+        let letter_ext = letters.letter_ext_object(&mut letter_fields).expect("one-letter keys, sorted");
+        let mut any = Json { bytes: &header, at, specials: &specials };
+        let any_ext = any.any_ext_object(&mut any_fields).expect("scans");
+        prop_assert_eq!((letter_ext.close, letter_ext.members, letters.at), (any_ext.close, any_ext.members, any.at));
+        prop_assert_eq!(letter_fields, any_fields);
+    }
+
     /// A rewrite decodes to the original with exactly the changes applied, and writing the old
     /// values back gives the original bytes.
     #[test]
@@ -364,6 +388,36 @@ fn ext_objects_with_more_long_keys_than_indexed_are_declined() {
     let header = |count| format!(r#"{{"code":10,"extFields":{{{}}},"opaque":1}}"#, ext(count));
     assert!(RawCommand::scan(&json_frame(&header(LONGER_KEYS), b""), &limits()).is_some());
     assert!(RawCommand::scan(&json_frame(&header(LONGER_KEYS + 1), b""), &limits()).is_none());
+}
+
+#[test]
+fn ext_objects_not_written_with_sorted_letters_are_read_by_the_general_walk() {
+    for (ext, letters) in [
+        (r#"{"a":"1","b":"2"}"#, true),
+        (r#"{"b":"1","a":"2"}"#, false),
+        (r#"{"a":"1","a":"2"}"#, false),
+        (r#"{"a":1}"#, false),
+        (r#"{"ab":"1"}"#, false),
+        (r#"{"A":"1"}"#, false),
+        (r#"{ "a":"1"}"#, false),
+        (r#"{}"#, false),
+    ] {
+        let specials = Specials::index(ext.as_bytes());
+        let mut scanner = Json {
+            bytes: ext.as_bytes(),
+            at: 0,
+            specials: &specials,
+        };
+        assert_eq!(
+            scanner.letter_ext_object(&mut Vec::new()).is_some(),
+            letters,
+            "{ext}"
+        );
+        let header = format!(r#"{{"code":10,"extFields":{ext},"opaque":1}}"#);
+        let scanned = RawCommand::scan(&json_frame(&header, b""), &limits());
+        let duplicated = ext.contains(r#""a":"1","a""#);
+        assert_eq!(scanned.is_some(), !duplicated, "{ext}");
+    }
 }
 
 #[test]
