@@ -820,17 +820,21 @@ fn scan_json(header: Bytes, body: Bytes) -> Option<RawCommand> {
     // text is checked on its own (see `RawCommand::ext`).
     // Room for a SEND_MESSAGE_V2's fields (a to n) in one allocation.
     let mut fields = Vec::with_capacity(16);
-    // Keys given twice inside extFields are refused as they are read (see `Json::ext_object`).
     let top = scan_json_top(&header, Some(&mut fields))?;
-    let ext = match top.ext {
+    let (ext, letters) = match top.ext {
         Some(ExtObject {
             close,
             members: true,
-        }) => ExtPlace::JsonMembers(close),
-        Some(ExtObject { close, .. }) => ExtPlace::JsonEmpty(close),
-        None => ExtPlace::JsonMissing(top.object_start),
+            letters,
+        }) => (ExtPlace::JsonMembers(close), letters),
+        Some(ExtObject { close, .. }) => (ExtPlace::JsonEmpty(close), None),
+        None => (ExtPlace::JsonMissing(top.object_start), None),
     };
-    let letters = index_json_keys(&header, &fields)?;
+    // Keys given twice inside extFields are refused here, unless the walk proved them distinct.
+    let letters = match letters {
+        Some(letters) => letters,
+        None => index_json_keys(&header, &fields)?,
+    };
     Some(RawCommand {
         serialize_type: SerializeType::Json,
         code: top.code,
@@ -1095,6 +1099,8 @@ struct ExtObject {
     /// Where its closing brace sits.
     close: usize,
     members: bool,
+    /// The `letters` index, when the walk already proved every key a distinct letter.
+    letters: Option<[u16; LETTERS]>,
 }
 
 /// A strict JSON reader over a header: only what a value needs to be skipped or located.
@@ -1232,16 +1238,29 @@ impl Specials {
             *word = specials;
             high |= above;
         }
-        let tail = blocks.remainder();
-        if !tail.is_empty() {
-            // Zero bytes are control bytes: the padding is marked.
-            let mut padded = [0u8; BLOCK];
-            if let Some(start) = padded.get_mut(..tail.len()) {
-                start.copy_from_slice(tail);
-            }
-            let (specials, above) = special_mask(&padded);
+        let tail = blocks.remainder().len();
+        if tail > 0 {
+            // The last 64 bytes, read again where they overlap the block before: no copy. The
+            // bits past the header's end are marked.
+            let (specials, above) = match header
+                .len()
+                .checked_sub(BLOCK)
+                .and_then(|start| <&[u8; BLOCK]>::try_from(header.get(start..)?).ok())
+            {
+                Some(last) => {
+                    let (specials, above) = special_mask(last);
+                    (specials >> (BLOCK - tail), above)
+                }
+                None => {
+                    let mut padded = [0u8; BLOCK];
+                    if let Some(start) = padded.get_mut(..tail) {
+                        start.copy_from_slice(blocks.remainder());
+                    }
+                    special_mask(&padded)
+                }
+            };
             if let Some(word) = words.get_mut(header.len() / BLOCK) {
-                *word = specials;
+                *word = specials | (u64::MAX << tail);
             }
             high |= above;
         }
@@ -1527,6 +1546,7 @@ impl Json<'_> {
         }
         at += 1;
         let mut last = 0;
+        let mut letters = [0u16; LETTERS];
         loop {
             let &[b'"', letter, b'"', b':', b'"'] = bytes.get(at..at + 5)? else {
                 return None;
@@ -1547,6 +1567,9 @@ impl Json<'_> {
                     ValueKind::Plain
                 },
             });
+            if let Some(slot) = letters.get_mut(usize::from(letter - b'a')) {
+                *slot = u16::try_from(fields.len()).ok()?;
+            }
             match bytes.get(end) {
                 Some(b',') => at = end + 1,
                 Some(b'}') => {
@@ -1554,6 +1577,7 @@ impl Json<'_> {
                     return Some(ExtObject {
                         close: end,
                         members: true,
+                        letters: Some(letters),
                     });
                 }
                 _ => return None,
@@ -1576,6 +1600,7 @@ impl Json<'_> {
             return Some(ExtObject {
                 close: at,
                 members: false,
+                letters: None,
             });
         }
         loop {
@@ -1619,6 +1644,7 @@ impl Json<'_> {
                     return Some(ExtObject {
                         close: at,
                         members: true,
+                        letters: None,
                     });
                 }
                 _ => return None,

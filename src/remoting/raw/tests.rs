@@ -228,6 +228,8 @@ proptest! {
         let mut any = Json { bytes: &header, at, specials: &specials };
         let any_ext = any.any_ext_object(&mut any_fields).expect("scans");
         prop_assert_eq!((letter_ext.close, letter_ext.members, letters.at), (any_ext.close, any_ext.members, any.at));
+        prop_assert_eq!(letter_ext.letters, index_json_keys(&header, &any_fields));
+        prop_assert_eq!(any_ext.letters, None);
         prop_assert_eq!(letter_fields, any_fields);
     }
 
