@@ -27,12 +27,11 @@ use tracing::{debug, warn};
 
 use super::Proxy;
 use super::dispatch::{self, SendKeys};
-use super::failover::ClusterRuntime;
 use super::outbox::{Outbox, WRITE_PIECES};
 use super::routes::Endpoint;
+use super::topic_cache::{SendTopic, TopicCache};
 use super::upstream::{Pool, UpstreamError};
 use crate::balance::{Outcome, Picked};
-use crate::names;
 use crate::remoting::frame::{self, FrameLimits};
 use crate::remoting::message::sys_flag;
 use crate::remoting::raw::{Outgoing, RawCommand, RawHead};
@@ -80,6 +79,12 @@ pub struct DirectSends {
     handovers: Vec<Handover>,
     /// Reused space for a rewritten header.
     scratch: Vec<u8>,
+    topics: TopicCache,
+    /// The client connection's in-flight slots of the sends here.
+    connection_slots: HeldSlots,
+    /// Turns the queue choice: each connection rotates on its own (no counter shared between
+    /// threads), starting where the sidecar-wide rotation stood when it opened.
+    next_queue: usize,
 }
 
 struct Lane {
@@ -98,6 +103,8 @@ struct Lane {
     flushing: bool,
     /// Sends in `write` not yet taken by the socket.
     buffered: usize,
+    /// The endpoint's in-flight slots of the sends on this lane.
+    endpoint_slots: HeldSlots,
 }
 
 enum LaneState {
@@ -111,18 +118,15 @@ struct Pending {
     started: Instant,
     deadline: Instant,
     endpoint: Arc<Endpoint>,
-    cluster: Arc<ClusterRuntime>,
+    route: Arc<SendTopic>,
     picked: Picked<SocketAddr>,
-    topic_key: &'static str,
     messages: u64,
-    permit: OwnedSemaphorePermit,
-    _endpoint_slot: OwnedSemaphorePermit,
 }
 
 /// Where a send goes, once routing said it can travel here.
 struct Plan {
     endpoint: Arc<Endpoint>,
-    cluster: Arc<ClusterRuntime>,
+    route: Arc<SendTopic>,
     picked: Picked<SocketAddr>,
     pool: Arc<Pool>,
     endpoint_slot: OwnedSemaphorePermit,
@@ -132,6 +136,7 @@ struct Plan {
 
 impl DirectSends {
     pub fn new(proxy: Arc<Proxy>, limits: FrameLimits) -> Self {
+        let next_queue = proxy.next_queue.fetch_add(1, Ordering::Relaxed);
         Self {
             proxy,
             limits,
@@ -140,6 +145,9 @@ impl DirectSends {
             answers: Vec::new(),
             handovers: Vec::new(),
             scratch: Vec::new(),
+            topics: TopicCache::default(),
+            connection_slots: HeldSlots::default(),
+            next_queue,
         }
     }
 
@@ -167,7 +175,7 @@ impl DirectSends {
         };
         let Plan {
             endpoint,
-            cluster,
+            route,
             picked,
             pool,
             endpoint_slot,
@@ -175,20 +183,28 @@ impl DirectSends {
             queues,
         } = plan;
         let Some(index) = self.lane_for(&pool) else {
-            cluster.balancer.release(picked);
+            route.cluster.balancer.release(picked);
             return Some(Handover::untried(request, permit));
         };
-        let queue =
-            (self.proxy.next_queue.fetch_add(1, Ordering::Relaxed) % queues as usize) as i32;
+        let queue = (self.next_queue % queues as usize) as i32;
+        self.next_queue = self.next_queue.wrapping_add(1);
         let mut digits = itoa::Buffer::new();
         let changes = [
             (keys.queue, digits.format(queue)),
             (keys.bname, endpoint.metadata.broker_name.as_str()),
         ];
         let Some(lane) = self.lanes.get_mut(index) else {
-            cluster.balancer.release(picked);
+            route.cluster.balancer.release(picked);
             return Some(Handover::untried(request, permit));
         };
+        // Never refused in practice: a connection's permits share one semaphore, a lane's
+        // endpoint slots its pool's.
+        if !self.connection_slots.holds_same(&permit)
+            || !lane.endpoint_slots.holds_same(&endpoint_slot)
+        {
+            route.cluster.balancer.release(picked);
+            return Some(Handover::untried(request, permit));
+        }
         let opaque = lane
             .base
             .wrapping_add(i32::try_from(lane.waiting.len()).unwrap_or(i32::MAX));
@@ -201,13 +217,15 @@ impl DirectSends {
         );
         if let Err(error) = written {
             debug!(%error, "send not relayed on the client's lane");
-            cluster.balancer.release(picked);
+            route.cluster.balancer.release(picked);
             return Some(Handover::untried(request, permit));
         }
         lane.write.push_body(&request.body);
+        self.connection_slots.hold(permit);
+        lane.endpoint_slots.hold(endpoint_slot);
         self.proxy.stats.request(request.code);
         self.proxy.stats.request_began();
-        cluster.record_send();
+        route.cluster.record_send();
         let messages = if request.code == RequestCode::SEND_BATCH_MESSAGE.0 {
             dispatch::count_records(&request.body)
         } else {
@@ -220,12 +238,9 @@ impl DirectSends {
             started,
             deadline,
             endpoint,
-            cluster,
+            route,
             picked,
-            topic_key: keys.topic,
             messages,
-            permit,
-            _endpoint_slot: endpoint_slot,
         }));
         lane.live += 1;
         lane.buffered += 1;
@@ -252,13 +267,12 @@ impl DirectSends {
         }
     }
 
-    fn plan(&self, request: &RawCommand) -> Option<Plan> {
+    fn plan(&mut self, request: &RawCommand) -> Option<Plan> {
         if request.flag & FLAG_ONEWAY != 0 {
             return None;
         }
         let keys = SendKeys::choose(request.has_plain_ext("b"));
         let topic = request.ext(keys.topic).ok()??;
-        names::validate_client_topic(topic).ok()?;
         let max_message_size = self.proxy.config.limits.max_message_size;
         if max_message_size > 0 && request.body.len() > max_message_size {
             return None;
@@ -274,19 +288,14 @@ impl DirectSends {
         if half_message {
             return None;
         }
-        // Only a route known now: one still to be asked for or waited on takes the general path.
-        let table = self.proxy.routes.snapshot();
-        if self.proxy.ondemand().is_some() && !table.has_xds_topic(topic) {
-            return None;
-        }
-        let action = table.lookup(topic, request.code)?;
+        let route = self.topics.resolve(&self.proxy, topic, request.code)?;
+        let action = &route.action;
         if action.ordered {
             return None;
         }
-        let cluster = self.proxy.cluster(&action.cluster.name)?;
-        let (endpoint, picked) = cluster.pick(
+        let (endpoint, picked) = route.cluster.pick(
             &action.cluster,
-            &action,
+            action,
             |endpoint| action.writable(endpoint),
             // An open lane proves its endpoint reachable without a look at the shared pools.
             |address| self.has_open_lane(address) || self.proxy.upstreams.connectable(address),
@@ -305,13 +314,13 @@ impl DirectSends {
         };
         let usable = open_lane.is_some() || (!pool.is_retired() && pool.backoff_error().is_none());
         let Some(endpoint_slot) = pool.try_ordinary_slot().filter(|_| usable) else {
-            cluster.balancer.release(picked);
+            route.cluster.balancer.release(picked);
             return None;
         };
         let queues = action.write_queues(&endpoint).max(1);
         Some(Plan {
             endpoint,
-            cluster,
+            route,
             picked,
             pool,
             endpoint_slot,
@@ -353,6 +362,7 @@ impl DirectSends {
             live: 0,
             flushing: false,
             buffered: 0,
+            endpoint_slots: HeldSlots::default(),
         });
         Some(self.lanes.len() - 1)
     }
@@ -403,6 +413,7 @@ impl DirectSends {
         lane.flushed_if_empty();
         if let Some(error) = failed {
             self.close_lane(index, &error.to_string());
+            self.release_settled_slots();
         }
     }
 
@@ -438,6 +449,7 @@ impl DirectSends {
             !(spent && lane.live == 0)
         });
         progressed |= self.lanes.len() != before;
+        self.release_settled_slots();
         if progressed {
             Poll::Ready(())
         } else {
@@ -581,6 +593,7 @@ impl DirectSends {
                 continue;
             };
             lane.live -= 1;
+            lane.endpoint_slots.finish_one();
             lane.forget_answered();
             // One clock read serves every answer of this read.
             let now = *answered_at.get_or_insert_with(Instant::now);
@@ -600,18 +613,21 @@ impl DirectSends {
         } else {
             Outcome::Success
         };
-        pending.cluster.balancer.report(pending.picked, outcome);
-        if busy && now < pending.deadline && pending.cluster.may_retry(1) {
+        pending
+            .route
+            .cluster
+            .balancer
+            .report(pending.picked, outcome);
+        if busy && now < pending.deadline && pending.route.cluster.may_retry(1) {
             debug!(%address, "send failed, retrying on another broker");
-            self.hand_over(pending.request, pending.permit, address);
+            self.hand_over(pending.request, address, pending.endpoint);
             return;
         }
-        if code == ResponseCode::SUCCESS.0
-            && let Ok(Some(topic)) = pending.request.ext(pending.topic_key)
-        {
-            self.proxy
-                .stats
-                .messages_sent(topic, pending.messages, elapsed);
+        self.connection_slots.finish_one();
+        if code == ResponseCode::SUCCESS.0 {
+            pending
+                .route
+                .record_sent(&self.proxy.stats, pending.messages, elapsed);
         }
         self.proxy.stats.response(code);
         self.proxy.stats.request_ended();
@@ -626,14 +642,16 @@ impl DirectSends {
             lane.pool.stats.record(pending.started.elapsed(), false);
         }
         pending
+            .route
             .cluster
             .balancer
             .report(pending.picked, Outcome::Failure);
-        if Instant::now() < pending.deadline && pending.cluster.may_retry(1) {
+        if Instant::now() < pending.deadline && pending.route.cluster.may_retry(1) {
             debug!(%address, %error, "send failed, retrying on another broker");
-            self.hand_over(pending.request, pending.permit, address);
+            self.hand_over(pending.request, address, pending.endpoint);
             return;
         }
+        self.connection_slots.finish_one();
         let answer = dispatch::answer(
             Err(error.clone()),
             pending.request.opaque,
@@ -646,14 +664,33 @@ impl DirectSends {
         }
     }
 
-    fn hand_over(&mut self, request: RawCommand, permit: OwnedSemaphorePermit, failed: SocketAddr) {
+    fn hand_over(&mut self, request: RawCommand, failed: SocketAddr, endpoint: Arc<Endpoint>) {
         // The general path counts the request active again while it runs.
         self.proxy.stats.request_ended();
+        // The send's own slot moves with it: one is held for each send in flight here.
+        let Some(permit) = self.connection_slots.take_one() else {
+            warn!(%failed, "no connection slot held for a send to retry; answered as failed");
+            let error = UpstreamError::Closed { address: failed };
+            if let Some(answer) = dispatch::answer(Err(error), request.opaque, &endpoint) {
+                self.proxy.stats.response(answer.code);
+                self.answers.push(answer.into());
+            }
+            return;
+        };
         self.handovers.push(Handover {
             request,
             permit,
             failed: Some(failed),
         });
+    }
+
+    /// Gives back the in-flight slots of the sends settled since the last call: one release per
+    /// batch of answers, not one per answer (each locks the semaphore's waiter list).
+    fn release_settled_slots(&mut self) {
+        self.connection_slots.release_finished();
+        for lane in &mut self.lanes {
+            lane.endpoint_slots.release_finished();
+        }
     }
 
     /// Fails the sends whose deadline passed, and sets the timer for the next one.
@@ -679,6 +716,7 @@ impl DirectSends {
                 };
                 lane.base = lane.base.wrapping_add(1);
                 lane.live -= 1;
+                lane.endpoint_slots.finish_one();
                 let address = lane.address;
                 let error = UpstreamError::Timeout {
                     address,
@@ -716,6 +754,7 @@ impl DirectSends {
         let address = lane.address;
         let waiting: Vec<Pending> = lane.waiting.drain(..).flatten().collect();
         lane.live = 0;
+        lane.endpoint_slots.release_all();
         for pending in waiting {
             self.failed(address, pending, error);
         }
@@ -745,13 +784,64 @@ impl Lane {
     }
 }
 
+/// In-flight slots of one semaphore, held together for the sends in flight and given back in
+/// batches (see [`DirectSends::release_settled_slots`]).
+#[derive(Default)]
+struct HeldSlots {
+    held: Option<OwnedSemaphorePermit>,
+    /// Of `held`, the slots of sends that have ended.
+    finished: usize,
+}
+
+impl HeldSlots {
+    /// Whether `permit` can join the slots held (it is of the same semaphore).
+    fn holds_same(&self, permit: &OwnedSemaphorePermit) -> bool {
+        self.held
+            .as_ref()
+            .is_none_or(|held| Arc::ptr_eq(held.semaphore(), permit.semaphore()))
+    }
+
+    /// Holds `permit`; the caller checked [`HeldSlots::holds_same`].
+    fn hold(&mut self, permit: OwnedSemaphorePermit) {
+        match &mut self.held {
+            Some(held) if Arc::ptr_eq(held.semaphore(), permit.semaphore()) => held.merge(permit),
+            Some(_) => debug_assert!(false, "slots of two semaphores held together"),
+            None => self.held = Some(permit),
+        }
+    }
+
+    /// A send's slot is free: given back at the next [`HeldSlots::release_finished`].
+    fn finish_one(&mut self) {
+        self.finished += 1;
+    }
+
+    /// A send's slot, moving with the send to another holder.
+    fn take_one(&mut self) -> Option<OwnedSemaphorePermit> {
+        self.held.as_mut()?.split(1)
+    }
+
+    fn release_finished(&mut self) {
+        if self.finished > 0 {
+            if let Some(held) = &mut self.held {
+                drop(held.split(self.finished));
+            }
+            self.finished = 0;
+        }
+    }
+
+    fn release_all(&mut self) {
+        self.held = None;
+        self.finished = 0;
+    }
+}
+
 impl Drop for DirectSends {
     /// A connection task aborted at the shutdown deadline: its sends' balancer slots and gauge
     /// are given back.
     fn drop(&mut self) {
         for lane in &mut self.lanes {
             for pending in lane.waiting.drain(..).flatten() {
-                pending.cluster.balancer.release(pending.picked);
+                pending.route.cluster.balancer.release(pending.picked);
                 self.proxy.stats.request_ended();
             }
         }

@@ -11,6 +11,7 @@ use tracing::{debug, info};
 use super::Proxy;
 use super::config::BalancerSettings;
 use super::routes::{Cluster, Endpoint, RouteAction};
+use super::striped::Striped;
 use super::upstream::UpstreamError;
 use crate::balance::{Balancer, EndpointSpec, Outcome, Picked, SystemClock, ThreadRandom};
 use crate::remoting::body::{HeartbeatData, JsonBody};
@@ -23,7 +24,8 @@ pub struct ClusterRuntime {
     pub name: String,
     pub balancer: Balancer<SocketAddr>,
     pub settings: BalancerSettings,
-    sends: AtomicU64,
+    /// Sends begun, per serving thread (each send counts one; only a retry reads them).
+    sends: Striped<AtomicU64>,
     retries: AtomicU64,
 }
 
@@ -52,7 +54,7 @@ impl ClusterRuntime {
             name: cluster.name.clone(),
             balancer,
             settings: cluster.balancer.clone(),
-            sends: AtomicU64::new(0),
+            sends: Striped::default(),
             retries: AtomicU64::new(0),
         }
     }
@@ -141,7 +143,7 @@ impl ClusterRuntime {
     }
 
     pub fn record_send(&self) {
-        self.sends.fetch_add(1, Ordering::Relaxed);
+        self.sends.local().fetch_add(1, Ordering::Relaxed);
     }
 
     /// Whether retry number `attempt` (1 for the first retry) fits the per-request cap and the
@@ -150,7 +152,11 @@ impl ClusterRuntime {
         if attempt > self.settings.max_retries {
             return false;
         }
-        let sends = self.sends.load(Ordering::Relaxed);
+        let sends: u64 = self
+            .sends
+            .all()
+            .map(|sends| sends.load(Ordering::Relaxed))
+            .sum();
         let allowed = (sends as f64 * self.settings.retry_budget) as u64 + RETRY_FLOOR;
         self.retries
             .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |retries| {

@@ -27,6 +27,8 @@ pub mod relay;
 pub mod routes;
 pub mod server;
 pub mod stats;
+pub mod striped;
+pub mod topic_cache;
 pub mod upstream;
 pub mod workers;
 

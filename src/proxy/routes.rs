@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -400,10 +400,21 @@ impl RouteTable {
     /// The route for `topic` and request `code`: the topic's xDS route, else the first static
     /// route that matches. Marks an xDS topic used.
     pub fn lookup(&self, topic: &str, code: i32) -> Option<Arc<RouteAction>> {
+        self.lookup_with_usage(topic, code)
+            .map(|(action, _)| action)
+    }
+
+    /// As [`RouteTable::lookup`], with the xDS topic's usage mark when xDS gave the route: one
+    /// that keeps the route marks it used on each request.
+    pub fn lookup_with_usage(
+        &self,
+        topic: &str,
+        code: i32,
+    ) -> Option<(Arc<RouteAction>, Option<Arc<TopicUsage>>)> {
         if let Some(routes) = self.topics.get(topic) {
             routes.usage.touch();
             if let Some(action) = routes.for_code(code) {
-                return Some(action.clone());
+                return Some((action.clone(), Some(routes.usage.clone())));
             }
         }
         self.routes
@@ -415,7 +426,7 @@ impl RouteTable {
                     .is_none_or(|codes| codes.contains(&code))
                     && route.topic.matches(topic)
             })
-            .map(|route| route.action.clone())
+            .map(|route| (route.action.clone(), None))
     }
 
     /// Marks an xDS topic used (requests that reach a broker by name, such as pulls, keep their
@@ -518,6 +529,9 @@ impl RouteTable {
 pub struct Routes {
     current: ArcSwap<RouteTable>,
     version: watch::Sender<u64>,
+    /// Moves after each new table: what was looked up in an older one may be stale. A plain
+    /// counter, so that checking it is one load of a line nobody writes between tables.
+    generation: AtomicU64,
 }
 
 impl Routes {
@@ -525,7 +539,14 @@ impl Routes {
         Self {
             current: ArcSwap::from_pointee(table),
             version: watch::Sender::new(0),
+            generation: AtomicU64::new(0),
         }
+    }
+
+    /// Which table is live: read it before a lookup whose result is kept, and the result is
+    /// current while this still reads the same.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     pub fn snapshot(&self) -> Arc<RouteTable> {
@@ -535,6 +556,7 @@ impl Routes {
     /// Installs a new table; requests waiting for a route look again.
     pub fn replace(&self, table: RouteTable) {
         self.current.store(Arc::new(table));
+        self.generation.fetch_add(1, Ordering::Release);
         self.version.send_modify(|version| *version += 1);
     }
 

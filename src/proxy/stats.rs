@@ -7,8 +7,9 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering}
 use std::time::Duration;
 
 use dashmap::DashMap;
-use dashmap::mapref::one::Ref;
 use tracing::warn;
+
+use super::striped::Striped;
 
 /// The topic (and group) label of everything counted past a family's series limit.
 pub const OTHER_LABEL: &str = "_other";
@@ -17,9 +18,14 @@ pub const OTHER_LABEL: &str = "_other";
 /// 800 ms (a common "slow send" rule) and 5 s.
 pub const LATENCY_BOUNDS_MS: [u64; 9] = [1, 5, 10, 20, 50, 200, 500, 800, 5000];
 
-/// A fixed-bucket latency histogram.
+/// A fixed-bucket latency histogram, kept per serving thread.
 #[derive(Default)]
 pub struct Histogram {
+    cells: Striped<HistogramCells>,
+}
+
+#[derive(Default)]
+struct HistogramCells {
     /// One count per bound, plus the overflow bucket.
     buckets: [AtomicU64; LATENCY_BOUNDS_MS.len() + 1],
     sum_micros: AtomicU64,
@@ -53,34 +59,43 @@ impl HistogramSnapshot {
 
 impl Histogram {
     pub fn record(&self, elapsed: Duration) {
-        let millis = elapsed.as_secs_f64() * 1000.0;
+        let nanos = elapsed.as_nanos();
         let index = LATENCY_BOUNDS_MS
             .iter()
-            .position(|bound| millis <= *bound as f64)
+            .position(|bound| nanos <= u128::from(*bound) * 1_000_000)
             .unwrap_or(LATENCY_BOUNDS_MS.len());
-        if let Some(bucket) = self.buckets.get(index) {
+        let cells = self.cells.local();
+        if let Some(bucket) = cells.buckets.get(index) {
             bucket.fetch_add(1, Ordering::Relaxed);
         }
-        self.sum_micros
+        cells
+            .sum_micros
             .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
+        cells.count.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn snapshot(&self) -> HistogramSnapshot {
+        let mut buckets = [0u64; LATENCY_BOUNDS_MS.len()];
+        let (mut count, mut sum_micros) = (0, 0);
+        for cells in self.cells.all() {
+            for (total, bucket) in buckets.iter_mut().zip(&cells.buckets) {
+                *total += bucket.load(Ordering::Relaxed);
+            }
+            count += cells.count.load(Ordering::Relaxed);
+            sum_micros += cells.sum_micros.load(Ordering::Relaxed);
+        }
         let mut running = 0;
-        let cumulative = self
-            .buckets
+        let cumulative = buckets
             .iter()
-            .take(LATENCY_BOUNDS_MS.len())
             .map(|bucket| {
-                running += bucket.load(Ordering::Relaxed);
+                running += bucket;
                 running
             })
             .collect();
         HistogramSnapshot {
             cumulative,
-            count: self.count.load(Ordering::Relaxed),
-            sum_ms: self.sum_micros.load(Ordering::Relaxed) as f64 / 1000.0,
+            count,
+            sum_ms: sum_micros as f64 / 1000.0,
         }
     }
 }
@@ -90,8 +105,8 @@ pub struct HostStats {
     pub cluster: String,
     pub broker_name: String,
     pub address: SocketAddr,
-    requests: AtomicU64,
-    errors: AtomicU64,
+    /// Requests and errors.
+    counts: Striped<[AtomicU64; 2]>,
     latency: Histogram,
 }
 
@@ -101,26 +116,32 @@ impl HostStats {
             cluster: cluster.to_owned(),
             broker_name: broker_name.to_owned(),
             address,
-            requests: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
+            counts: Striped::default(),
             latency: Histogram::default(),
         }
     }
 
     pub fn record(&self, elapsed: Duration, ok: bool) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
+        let [requests, errors] = self.counts.local();
+        requests.fetch_add(1, Ordering::Relaxed);
         if !ok {
-            self.errors.fetch_add(1, Ordering::Relaxed);
+            errors.fetch_add(1, Ordering::Relaxed);
         }
         self.latency.record(elapsed);
     }
 
     pub fn requests(&self) -> u64 {
-        self.requests.load(Ordering::Relaxed)
+        self.counts
+            .all()
+            .map(|[requests, _]| requests.load(Ordering::Relaxed))
+            .sum()
     }
 
     pub fn errors(&self) -> u64 {
-        self.errors.load(Ordering::Relaxed)
+        self.counts
+            .all()
+            .map(|[_, errors]| errors.load(Ordering::Relaxed))
+            .sum()
     }
 
     pub fn latency(&self) -> HistogramSnapshot {
@@ -176,10 +197,13 @@ pub(crate) fn is_sparse(len: usize, capacity: usize) -> bool {
 }
 
 /// Values by topic with a capped number of topics. Lookups of known topics borrow the name;
-/// only a new topic allocates.
+/// only a new topic allocates. Values are shared, so a connection can keep the one of a topic it
+/// sends to and skip the lookup while [`ByTopic::generation`] stays the same.
 struct ByTopic<V> {
-    map: DashMap<String, V, foldhash::fast::RandomState>,
+    map: DashMap<String, Arc<V>, foldhash::fast::RandomState>,
     limit: SeriesLimit,
+    /// Moves whenever a topic is forgotten: a kept value may then count for nobody.
+    generation: AtomicU64,
 }
 
 impl<V: Default> ByTopic<V> {
@@ -187,12 +211,13 @@ impl<V: Default> ByTopic<V> {
         Self {
             map: DashMap::default(),
             limit: SeriesLimit::new(family, max),
+            generation: AtomicU64::new(0),
         }
     }
 
-    fn get(&self, topic: &str) -> Ref<'_, String, V> {
+    fn get(&self, topic: &str) -> Arc<V> {
         if let Some(value) = self.map.get(topic) {
-            return value;
+            return value.clone();
         }
         let topic = if self.limit.has_room() {
             topic
@@ -203,14 +228,19 @@ impl<V: Default> ByTopic<V> {
             .entry(topic.to_owned())
             .or_insert_with(|| {
                 self.limit.added();
-                V::default()
+                Arc::default()
             })
-            .downgrade()
+            .clone()
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     fn forget(&self, topic: &str) {
         if self.map.remove(topic).is_some() {
             self.limit.removed(1);
+            self.generation.fetch_add(1, Ordering::Release);
         }
     }
 
@@ -302,10 +332,33 @@ impl ByTopicAndGroup {
     }
 }
 
+/// `rocketmq_messages_in_total` and `rocketmq_send_cost_time` of one topic.
 #[derive(Default)]
-struct TopicSends {
-    messages: AtomicU64,
+pub struct TopicSends {
+    messages: Striped<AtomicU64>,
     cost: Histogram,
+}
+
+impl TopicSends {
+    /// A send of `count` messages was stored, `elapsed` after it arrived.
+    pub fn record(&self, count: u64, elapsed: Duration) {
+        self.messages.local().fetch_add(count, Ordering::Relaxed);
+        self.cost.record(elapsed);
+    }
+
+    fn messages(&self) -> u64 {
+        self.messages
+            .all()
+            .map(|messages| messages.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// A topic's send counters as a connection keeps them: valid while the stats' topic generation is
+/// still `generation` (see [`ProxyStats::topic_sends`]).
+pub struct KeptTopicSends {
+    pub sends: Arc<TopicSends>,
+    pub generation: u64,
 }
 
 /// Everything the sidecar counts.
@@ -315,7 +368,7 @@ pub struct ProxyStats {
     decode_errors: AtomicU64,
     connections_total: AtomicU64,
     connections_active: AtomicI64,
-    requests_active: AtomicI64,
+    requests_active: Striped<AtomicI64>,
     requests_pending: AtomicI64,
     /// `rocketmq_messages_in_total` and `rocketmq_send_cost_time`: one lookup per send.
     sends: ByTopic<TopicSends>,
@@ -333,7 +386,7 @@ impl Default for ProxyStats {
 /// array of atomics, so the hot path takes no lock; the rest (the POP family's 200000s, unknown
 /// codes) in a map.
 struct ByCode {
-    direct: Box<[AtomicU64]>,
+    direct: Striped<Box<[AtomicU64]>>,
     others: DashMap<i32, AtomicU64>,
 }
 
@@ -342,7 +395,7 @@ const DIRECT_CODES: usize = 512;
 impl Default for ByCode {
     fn default() -> Self {
         Self {
-            direct: (0..DIRECT_CODES).map(|_| AtomicU64::new(0)).collect(),
+            direct: Striped::from_fn(|| (0..DIRECT_CODES).map(|_| AtomicU64::new(0)).collect()),
             others: DashMap::new(),
         }
     }
@@ -352,7 +405,7 @@ impl ByCode {
     fn bump(&self, code: i32) {
         match usize::try_from(code)
             .ok()
-            .and_then(|index| self.direct.get(index))
+            .and_then(|index| self.direct.local().get(index))
         {
             Some(counter) => {
                 counter.fetch_add(1, Ordering::Relaxed);
@@ -362,14 +415,17 @@ impl ByCode {
     }
 
     fn read(&self) -> Vec<(i32, u64)> {
-        let mut values: Vec<(i32, u64)> = self
-            .direct
-            .iter()
+        let mut totals = vec![0u64; DIRECT_CODES];
+        for stripe in self.direct.all() {
+            for (total, counter) in totals.iter_mut().zip(stripe.iter()) {
+                *total += counter.load(Ordering::Relaxed);
+            }
+        }
+        let mut values: Vec<(i32, u64)> = totals
+            .into_iter()
             .enumerate()
-            .filter_map(|(code, counter)| {
-                let count = counter.load(Ordering::Relaxed);
-                (count > 0).then(|| (i32::try_from(code).unwrap_or(i32::MAX), count))
-            })
+            .filter(|&(_, count)| count > 0)
+            .map(|(code, count)| (i32::try_from(code).unwrap_or(i32::MAX), count))
             .collect();
         values.extend(read(&self.others));
         values.sort_unstable();
@@ -417,7 +473,7 @@ impl ProxyStats {
             decode_errors: AtomicU64::new(0),
             connections_total: AtomicU64::new(0),
             connections_active: AtomicI64::new(0),
-            requests_active: AtomicI64::new(0),
+            requests_active: Striped::default(),
             requests_pending: AtomicI64::new(0),
             sends: ByTopic::new(
                 "rocketmq_messages_in_total and rocketmq_send_cost_time",
@@ -446,17 +502,17 @@ impl ProxyStats {
     }
 
     pub fn active_request(&self) -> GaugeGuard<'_> {
-        raise(&self.requests_active)
+        raise(self.requests_active.local())
     }
 
     /// As [`ProxyStats::active_request`], for a request whose end is not a scope: each call is
     /// matched by one [`ProxyStats::request_ended`].
     pub fn request_began(&self) {
-        self.requests_active.fetch_add(1, Ordering::Relaxed);
+        self.requests_active.local().fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn request_ended(&self) {
-        self.requests_active.fetch_sub(1, Ordering::Relaxed);
+        self.requests_active.local().fetch_sub(1, Ordering::Relaxed);
     }
 
     /// A request waiting for a route or an upstream slot.
@@ -478,9 +534,22 @@ impl ProxyStats {
 
     /// A send of `count` messages to `topic` was stored, `elapsed` after it arrived.
     pub fn messages_sent(&self, topic: &str, count: u64, elapsed: Duration) {
-        let sends = self.sends.get(topic);
-        sends.messages.fetch_add(count, Ordering::Relaxed);
-        sends.cost.record(elapsed);
+        self.sends.get(topic).record(count, elapsed);
+    }
+
+    /// `topic`'s send counters, to record into without a lookup while
+    /// [`ProxyStats::topic_sends_generation`] still equals the one they came with.
+    pub fn topic_sends(&self, topic: &str) -> KeptTopicSends {
+        // Read first: a topic forgotten after this read moves the generation past it.
+        let generation = self.sends.generation();
+        KeptTopicSends {
+            sends: self.sends.get(topic),
+            generation,
+        }
+    }
+
+    pub fn topic_sends_generation(&self) -> u64 {
+        self.sends.generation()
     }
 
     pub fn messages_out(&self, topic: &str, group: &str, count: u64) {
@@ -516,7 +585,10 @@ impl ProxyStats {
     }
 
     pub fn requests_active(&self) -> i64 {
-        self.requests_active.load(Ordering::Relaxed)
+        self.requests_active
+            .all()
+            .map(|active| active.load(Ordering::Relaxed))
+            .sum()
     }
 
     pub fn requests_pending(&self) -> i64 {
@@ -524,8 +596,7 @@ impl ProxyStats {
     }
 
     pub fn messages_in_by_topic(&self) -> Vec<(String, u64)> {
-        self.sends
-            .read(|sends| sends.messages.load(Ordering::Relaxed))
+        self.sends.read(TopicSends::messages)
     }
 
     pub fn messages_out_by_topic_group(&self) -> Vec<((String, String), u64)> {
