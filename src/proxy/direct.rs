@@ -103,8 +103,10 @@ struct Lane {
     flushing: bool,
     /// Sends in `write` not yet taken by the socket.
     buffered: usize,
-    /// The endpoint's in-flight slots of the sends on this lane.
-    endpoint_slots: HeldSlots,
+    /// The pool's in-flight slots taken for the sends on this lane, and of those, how many
+    /// belong to sends that have ended (given back at the next `release_settled_slots`).
+    endpoint_slots: usize,
+    endpoint_slots_finished: usize,
 }
 
 enum LaneState {
@@ -129,7 +131,6 @@ struct Plan {
     route: Arc<SendTopic>,
     picked: Picked<SocketAddr>,
     pool: Arc<Pool>,
-    endpoint_slot: OwnedSemaphorePermit,
     keys: SendKeys,
     queues: i32,
 }
@@ -178,7 +179,6 @@ impl DirectSends {
             route,
             picked,
             pool,
-            endpoint_slot,
             keys,
             queues,
         } = plan;
@@ -197,11 +197,8 @@ impl DirectSends {
             route.cluster.balancer.release(picked);
             return Some(Handover::untried(request, permit));
         };
-        // Never refused in practice: a connection's permits share one semaphore, a lane's
-        // endpoint slots its pool's.
-        if !self.connection_slots.holds_same(&permit)
-            || !lane.endpoint_slots.holds_same(&endpoint_slot)
-        {
+        // Never refused in practice: a connection's permits share one semaphore.
+        if !self.connection_slots.holds_same(&permit) || !lane.pool.try_take_ordinary_slot() {
             route.cluster.balancer.release(picked);
             return Some(Handover::untried(request, permit));
         }
@@ -218,11 +215,12 @@ impl DirectSends {
         if let Err(error) = written {
             debug!(%error, "send not relayed on the client's lane");
             route.cluster.balancer.release(picked);
+            lane.pool.give_back_ordinary_slots(1);
             return Some(Handover::untried(request, permit));
         }
         lane.write.push_body(&request.body);
         self.connection_slots.hold(permit);
-        lane.endpoint_slots.hold(endpoint_slot);
+        lane.endpoint_slots += 1;
         self.proxy.stats.request(request.code);
         self.proxy.stats.request_began();
         route.cluster.record_send();
@@ -313,17 +311,16 @@ impl DirectSends {
             None => self.proxy.pool(&endpoint),
         };
         let usable = open_lane.is_some() || (!pool.is_retired() && pool.backoff_error().is_none());
-        let Some(endpoint_slot) = pool.try_ordinary_slot().filter(|_| usable) else {
+        if !usable {
             route.cluster.balancer.release(picked);
             return None;
-        };
+        }
         let queues = action.write_queues(&endpoint).max(1);
         Some(Plan {
             endpoint,
             route,
             picked,
             pool,
-            endpoint_slot,
             keys,
             queues,
         })
@@ -362,7 +359,8 @@ impl DirectSends {
             live: 0,
             flushing: false,
             buffered: 0,
-            endpoint_slots: HeldSlots::default(),
+            endpoint_slots: 0,
+            endpoint_slots_finished: 0,
         });
         Some(self.lanes.len() - 1)
     }
@@ -593,7 +591,7 @@ impl DirectSends {
                 continue;
             };
             lane.live -= 1;
-            lane.endpoint_slots.finish_one();
+            lane.endpoint_slots_finished += 1;
             lane.forget_answered();
             // One clock read serves every answer of this read.
             let now = *answered_at.get_or_insert_with(Instant::now);
@@ -689,7 +687,7 @@ impl DirectSends {
     fn release_settled_slots(&mut self) {
         self.connection_slots.release_finished();
         for lane in &mut self.lanes {
-            lane.endpoint_slots.release_finished();
+            lane.release_finished_slots();
         }
     }
 
@@ -716,7 +714,7 @@ impl DirectSends {
                 };
                 lane.base = lane.base.wrapping_add(1);
                 lane.live -= 1;
-                lane.endpoint_slots.finish_one();
+                lane.endpoint_slots_finished += 1;
                 let address = lane.address;
                 let error = UpstreamError::Timeout {
                     address,
@@ -754,7 +752,9 @@ impl DirectSends {
         let address = lane.address;
         let waiting: Vec<Pending> = lane.waiting.drain(..).flatten().collect();
         lane.live = 0;
-        lane.endpoint_slots.release_all();
+        lane.pool.give_back_ordinary_slots(lane.endpoint_slots);
+        lane.endpoint_slots = 0;
+        lane.endpoint_slots_finished = 0;
         for pending in waiting {
             self.failed(address, pending, error);
         }
@@ -762,6 +762,13 @@ impl DirectSends {
 }
 
 impl Lane {
+    fn release_finished_slots(&mut self) {
+        let finished = self.endpoint_slots_finished.min(self.endpoint_slots);
+        self.pool.give_back_ordinary_slots(finished);
+        self.endpoint_slots -= finished;
+        self.endpoint_slots_finished = 0;
+    }
+
     /// Whether new sends wait for an answer to make room (see `COALESCE_DEPTH`).
     fn holds(&self) -> bool {
         self.live.saturating_sub(self.buffered) >= COALESCE_DEPTH
@@ -828,10 +835,12 @@ impl HeldSlots {
             self.finished = 0;
         }
     }
+}
 
-    fn release_all(&mut self) {
-        self.held = None;
-        self.finished = 0;
+impl Drop for Lane {
+    /// The slots of sends still in flight go back with the lane (the connection task ended).
+    fn drop(&mut self) {
+        self.pool.give_back_ordinary_slots(self.endpoint_slots);
     }
 }
 

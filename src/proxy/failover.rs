@@ -143,7 +143,8 @@ impl ClusterRuntime {
     }
 
     pub fn record_send(&self) {
-        self.sends.local().fetch_add(1, Ordering::Relaxed);
+        let stripe = self.sends.local();
+        stripe.add(stripe.value, 1);
     }
 
     /// Whether retry number `attempt` (1 for the first retry) fits the per-request cap and the

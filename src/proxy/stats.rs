@@ -64,14 +64,13 @@ impl Histogram {
             .iter()
             .position(|bound| nanos <= u128::from(*bound) * 1_000_000)
             .unwrap_or(LATENCY_BOUNDS_MS.len());
-        let cells = self.cells.local();
+        let stripe = self.cells.local();
+        let cells = stripe.value;
         if let Some(bucket) = cells.buckets.get(index) {
-            bucket.fetch_add(1, Ordering::Relaxed);
+            stripe.add(bucket, 1);
         }
-        cells
-            .sum_micros
-            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
-        cells.count.fetch_add(1, Ordering::Relaxed);
+        stripe.add(&cells.sum_micros, elapsed.as_micros() as u64);
+        stripe.add(&cells.count, 1);
     }
 
     pub fn snapshot(&self) -> HistogramSnapshot {
@@ -122,10 +121,11 @@ impl HostStats {
     }
 
     pub fn record(&self, elapsed: Duration, ok: bool) {
-        let [requests, errors] = self.counts.local();
-        requests.fetch_add(1, Ordering::Relaxed);
+        let stripe = self.counts.local();
+        let [requests, errors] = stripe.value;
+        stripe.add(requests, 1);
         if !ok {
-            errors.fetch_add(1, Ordering::Relaxed);
+            stripe.add(errors, 1);
         }
         self.latency.record(elapsed);
     }
@@ -342,7 +342,8 @@ pub struct TopicSends {
 impl TopicSends {
     /// A send of `count` messages was stored, `elapsed` after it arrived.
     pub fn record(&self, count: u64, elapsed: Duration) {
-        self.messages.local().fetch_add(count, Ordering::Relaxed);
+        let stripe = self.messages.local();
+        stripe.add(stripe.value, count);
         self.cost.record(elapsed);
     }
 
@@ -403,13 +404,12 @@ impl Default for ByCode {
 
 impl ByCode {
     fn bump(&self, code: i32) {
+        let stripe = self.direct.local();
         match usize::try_from(code)
             .ok()
-            .and_then(|index| self.direct.local().get(index))
+            .and_then(|index| stripe.value.get(index))
         {
-            Some(counter) => {
-                counter.fetch_add(1, Ordering::Relaxed);
-            }
+            Some(counter) => stripe.add(counter, 1),
             None => bump(&self.others, code, 1),
         }
     }
@@ -459,6 +459,16 @@ impl Drop for GaugeGuard<'_> {
     }
 }
 
+/// A request counted active until dropped. Each end counts on the thread it happens on, so that
+/// a serving thread's stripe is written by that thread alone.
+pub struct ActiveRequest<'a>(&'a ProxyStats);
+
+impl Drop for ActiveRequest<'_> {
+    fn drop(&mut self) {
+        self.0.request_ended();
+    }
+}
+
 fn raise(gauge: &AtomicI64) -> GaugeGuard<'_> {
     gauge.fetch_add(1, Ordering::Relaxed);
     GaugeGuard(gauge)
@@ -501,18 +511,21 @@ impl ProxyStats {
         raise(&self.connections_active)
     }
 
-    pub fn active_request(&self) -> GaugeGuard<'_> {
-        raise(self.requests_active.local())
+    pub fn active_request(&self) -> ActiveRequest<'_> {
+        self.request_began();
+        ActiveRequest(self)
     }
 
     /// As [`ProxyStats::active_request`], for a request whose end is not a scope: each call is
     /// matched by one [`ProxyStats::request_ended`].
     pub fn request_began(&self) {
-        self.requests_active.local().fetch_add(1, Ordering::Relaxed);
+        let stripe = self.requests_active.local();
+        stripe.add_signed(stripe.value, 1);
     }
 
     pub fn request_ended(&self) {
-        self.requests_active.local().fetch_sub(1, Ordering::Relaxed);
+        let stripe = self.requests_active.local();
+        stripe.add_signed(stripe.value, -1);
     }
 
     /// A request waiting for a route or an upstream slot.

@@ -2,6 +2,8 @@
 //! same cache line: a counter both threads bump on every message would otherwise move between
 //! their cores each time. Writers touch their own thread's stripe; readers combine all of them.
 
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
 use super::workers;
 
 /// Stripes per value: the threads off the serving set share stripe 0, serving thread `i` uses
@@ -35,13 +37,17 @@ impl<T> Striped<T> {
 
     /// This thread's stripe.
     #[inline]
-    pub fn local(&self) -> &T {
-        let stripe = workers::current().map_or(0, |(index, _)| 1 + index % (STRIPES - 1));
+    pub fn local(&self) -> Stripe<'_, T> {
+        let (stripe, exclusive) = match workers::current() {
+            Some((index, _)) => (1 + index % (STRIPES - 1), index < STRIPES - 1),
+            None => (0, false),
+        };
         // `stripe < STRIPES` by construction; the fallback is never taken.
-        match self.stripes.get(stripe) {
+        let value = match self.stripes.get(stripe) {
             Some(padded) => &padded.0,
             None => &self.stripes[0].0,
-        }
+        };
+        Stripe { value, exclusive }
     }
 
     /// Every stripe, to combine.
@@ -50,10 +56,44 @@ impl<T> Striped<T> {
     }
 }
 
+/// One thread's stripe of a value.
+pub struct Stripe<'a, T> {
+    pub value: &'a T,
+    /// Only this thread writes the stripe (a serving thread with a stripe of its own), so a
+    /// counter in it can be bumped with a plain load and store instead of a locked add.
+    exclusive: bool,
+}
+
+impl<T> Stripe<'_, T> {
+    /// Adds `by` to `counter`, a counter of this stripe.
+    #[inline]
+    pub fn add(&self, counter: &AtomicU64, by: u64) {
+        if self.exclusive {
+            counter.store(
+                counter.load(Ordering::Relaxed).wrapping_add(by),
+                Ordering::Relaxed,
+            );
+        } else {
+            counter.fetch_add(by, Ordering::Relaxed);
+        }
+    }
+
+    /// As [`Stripe::add`], for a gauge.
+    #[inline]
+    pub fn add_signed(&self, gauge: &AtomicI64, by: i64) {
+        if self.exclusive {
+            gauge.store(
+                gauge.load(Ordering::Relaxed).wrapping_add(by),
+                Ordering::Relaxed,
+            );
+        } else {
+            gauge.fetch_add(by, Ordering::Relaxed);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicU64, Ordering};
-
     use super::*;
 
     #[test]
@@ -66,7 +106,8 @@ mod tests {
             let done = done.clone();
             drop(workers.next().spawn(async move {
                 for _ in 0..1000 {
-                    counter.local().fetch_add(1, Ordering::Relaxed);
+                    let stripe = counter.local();
+                    stripe.add(stripe.value, 1);
                 }
                 let _ = done.send(());
             }));
@@ -76,7 +117,8 @@ mod tests {
                 .recv_timeout(std::time::Duration::from_secs(5))
                 .unwrap();
         }
-        counter.local().fetch_add(1, Ordering::Relaxed);
+        let stripe = counter.local();
+        stripe.add(stripe.value, 1);
         let total: u64 = counter.all().map(|c| c.load(Ordering::Relaxed)).sum();
         assert_eq!(total, 4001);
         let used = counter

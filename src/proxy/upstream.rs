@@ -23,7 +23,7 @@ use dashmap::DashMap;
 use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::runtime::Handle;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::codec::Framed;
 use tracing::{debug, warn};
 
@@ -538,9 +538,21 @@ impl Pool {
         Ok(socket)
     }
 
-    /// An ordinary in-flight slot, if one is free now.
-    pub fn try_ordinary_slot(&self) -> Option<OwnedSemaphorePermit> {
-        self.in_flight.clone().try_acquire_owned().ok()
+    /// Takes an ordinary in-flight slot if one is free now. The taker keeps count and gives it
+    /// back with [`Pool::give_back_ordinary_slots`]: no permit object, so no reference count on
+    /// the semaphore that the threads sharing this pool would write in turn.
+    pub fn try_take_ordinary_slot(&self) -> bool {
+        self.in_flight
+            .try_acquire()
+            .map(|slot| slot.forget())
+            .is_ok()
+    }
+
+    /// Gives back `count` slots taken with [`Pool::try_take_ordinary_slot`].
+    pub fn give_back_ordinary_slots(&self, count: usize) {
+        if count > 0 {
+            self.in_flight.add_permits(count);
+        }
     }
 
     /// Whether the endpoint left the route table (its connections drain and close).
