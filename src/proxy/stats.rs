@@ -369,7 +369,8 @@ pub struct ProxyStats {
     decode_errors: AtomicU64,
     connections_total: AtomicU64,
     connections_active: AtomicI64,
-    requests_active: Striped<AtomicI64>,
+    /// Signed, as two's complement (see [`Stripe::add`](super::striped::Stripe::add)).
+    requests_active: Striped<AtomicU64>,
     requests_pending: AtomicI64,
     /// `rocketmq_messages_in_total` and `rocketmq_send_cost_time`: one lookup per send.
     sends: ByTopic<TopicSends>,
@@ -520,12 +521,12 @@ impl ProxyStats {
     /// matched by one [`ProxyStats::request_ended`].
     pub fn request_began(&self) {
         let stripe = self.requests_active.local();
-        stripe.add_signed(stripe.value, 1);
+        stripe.add(stripe.value, 1);
     }
 
     pub fn request_ended(&self) {
         let stripe = self.requests_active.local();
-        stripe.add_signed(stripe.value, -1);
+        stripe.add(stripe.value, -1i64 as u64);
     }
 
     /// A request waiting for a route or an upstream slot.
@@ -598,10 +599,9 @@ impl ProxyStats {
     }
 
     pub fn requests_active(&self) -> i64 {
-        self.requests_active
-            .all()
-            .map(|active| active.load(Ordering::Relaxed))
-            .sum()
+        self.requests_active.all().fold(0u64, |sum, active| {
+            sum.wrapping_add(active.load(Ordering::Relaxed))
+        }) as i64
     }
 
     pub fn requests_pending(&self) -> i64 {

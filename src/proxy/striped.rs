@@ -2,7 +2,7 @@
 //! same cache line: a counter both threads bump on every message would otherwise move between
 //! their cores each time. Writers touch their own thread's stripe; readers combine all of them.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::workers;
 
@@ -65,7 +65,9 @@ pub struct Stripe<'a, T> {
 }
 
 impl<T> Stripe<'_, T> {
-    /// Adds `by` to `counter`, a counter of this stripe.
+    /// Adds `by` to `counter`, a counter of this stripe. Wrapping: a gauge keeps its signed
+    /// value as two's complement (`by` of `-1i64 as u64` lowers it), and its stripes' wrapping
+    /// sum is its value (one thread may end what another began).
     #[inline]
     pub fn add(&self, counter: &AtomicU64, by: u64) {
         if self.exclusive {
@@ -75,19 +77,6 @@ impl<T> Stripe<'_, T> {
             );
         } else {
             counter.fetch_add(by, Ordering::Relaxed);
-        }
-    }
-
-    /// As [`Stripe::add`], for a gauge.
-    #[inline]
-    pub fn add_signed(&self, gauge: &AtomicI64, by: i64) {
-        if self.exclusive {
-            gauge.store(
-                gauge.load(Ordering::Relaxed).wrapping_add(by),
-                Ordering::Relaxed,
-            );
-        } else {
-            gauge.fetch_add(by, Ordering::Relaxed);
         }
     }
 }

@@ -945,11 +945,7 @@ fn scan_sorted_top(
     mut fields: Option<&mut Vec<Field>>,
     specials: &Specials,
 ) -> Option<JsonTop> {
-    let mut scanner = Json {
-        bytes: header,
-        at: 0,
-        specials,
-    };
+    let mut scanner = Json::at_start(header, specials);
     if header.first() != Some(&b'{') {
         return None;
     }
@@ -995,11 +991,7 @@ fn scan_any_top(
     mut fields: Option<&mut Vec<Field>>,
     specials: &Specials,
 ) -> Option<JsonTop> {
-    let mut scanner = Json {
-        bytes: header,
-        at: 0,
-        specials,
-    };
+    let mut scanner = Json::at_start(header, specials);
     let mut at = skip_space_at(header, 0);
     if *header.get(at)? != b'{' {
         return None;
@@ -1475,7 +1467,15 @@ struct Json<'a> {
     specials: &'a Specials,
 }
 
-impl Json<'_> {
+impl<'a> Json<'a> {
+    fn at_start(bytes: &'a [u8], specials: &'a Specials) -> Self {
+        Self {
+            bytes,
+            at: 0,
+            specials,
+        }
+    }
+
     fn peek(&self) -> Option<u8> {
         self.bytes.get(self.at).copied()
     }
